@@ -1,0 +1,277 @@
+"""Strict configuration: TOML file -> frozen dataclasses.
+
+Precedence is defaults < file < command-line overrides. Every key the file may hold is declared once in
+`_SCHEMA` with its type and default; an unknown key or a value of the wrong type is a `ConfigError` naming
+the dotted key, never a silent default. No I/O other than reading the one file; no sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG_FILE = "fastgate.toml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamURL:
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/prefix" without trailing slash
+
+    @property
+    def host_header(self) -> str:
+        """What Ollama must see as Host: its own host:port (wire doc section 1)."""
+        return str(HostPort(self.host, self.port))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.base_path}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: HostPort = HostPort("127.0.0.1", 8000)
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_connections: int = 1024
+    header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 60.0
+    max_header_bytes: int = 65536
+    shutdown_grace: float = 30.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: UpstreamURL = UpstreamURL("http", "127.0.0.1", 11434, "")
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    max_idle_connections: int = 64
+    pool_idle_timeout: float = 60.0
+    forward_origin: bool = False
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    session_ttl: int = 3600
+    max_trusted_ips: int = 10000
+    max_body_bytes: int = 20 * 1024 * 1024
+    allow_account_endpoints: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    keys: dict[str, str] = field(default_factory=dict)  # key -> user name
+    source: str = ""  # path of the file it came from, "" for defaults
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value parsers: each takes (dotted_key, raw value) and returns the typed value or raises ConfigError.
+
+def _int(minimum: int = 0) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        return value
+    return parse
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}: expected a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def parse_host_port(key: str, value: Any) -> HostPort:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\" (e.g. 127.0.0.1:8000), got {value!r}")
+    return HostPort(host, int(port_text))
+
+
+def parse_upstream_url(key: str, value: Any) -> UpstreamURL:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a URL like http://127.0.0.1:11434, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: expected http://HOST[:PORT][/PATH] (Ollama speaks plain HTTP), got {value!r}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {value!r}") from None
+    return UpstreamURL("http", parts.hostname, port, parts.path.rstrip("/"))
+
+
+def _log_level(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()
+
+
+def _networks(key: str, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of IP addresses or CIDR ranges, got {value!r}")
+    nets = []
+    for item in value:
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {item!r} is not an IP address or CIDR range") from None
+    return tuple(nets)
+
+
+_SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
+    "server": (ServerConfig, {
+        "listen": parse_host_port,
+        "tls_cert": _str,
+        "tls_key": _str,
+        "max_connections": _int(1),
+        "header_timeout": _seconds,
+        "keepalive_timeout": _seconds,
+        "body_timeout": _seconds,
+        "max_header_bytes": _int(1024),
+        "shutdown_grace": _seconds,
+        "trusted_proxies": _networks,
+    }),
+    "upstream": (UpstreamConfig, {
+        "url": parse_upstream_url,
+        "connect_timeout": _seconds,
+        "read_timeout": _seconds,
+        "max_idle_connections": _int(0),
+        "pool_idle_timeout": _seconds,
+        "forward_origin": _bool,
+    }),
+    "auth": (AuthConfig, {
+        "session_ttl": _int(0),
+        "max_trusted_ips": _int(1),
+        "max_body_bytes": _int(0),
+        "allow_account_endpoints": _bool,
+    }),
+    "log": (LogConfig, {
+        "level": _log_level,
+    }),
+}
+
+
+def _parse_keys(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("keys: expected a table of \"key\" = \"user name\"")
+    keys: dict[str, str] = {}
+    for key, user in raw.items():
+        # Never echo the key itself: error messages end up in logs and terminals.
+        if isinstance(user, dict):
+            raise ConfigError("keys: expected \"key\" = \"user name\" pairs, found a sub-table")
+        if not key:
+            raise ConfigError("keys: an empty key is not allowed")
+        if not isinstance(user, str) or not user:
+            raise ConfigError(f"keys: the user name for the key ending in ...{key[-2:]} must be a non-empty string")
+        keys[key] = user
+    return keys
+
+
+def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") -> Config:
+    """Validate a parsed TOML document into a Config. Relative TLS paths resolve against base_dir."""
+    sections: dict[str, Any] = {}
+    for section_name, section_value in data.items():
+        if section_name == "keys":
+            continue
+        if section_name not in _SCHEMA:
+            raise ConfigError(f"{section_name}: unknown section (known: {', '.join([*_SCHEMA, 'keys'])})")
+        if not isinstance(section_value, dict):
+            raise ConfigError(f"{section_name}: expected a table")
+        cls, fields = _SCHEMA[section_name]
+        values = {}
+        for name, raw in section_value.items():
+            dotted = f"{section_name}.{name}"
+            if name not in fields:
+                raise ConfigError(f"{dotted}: unknown key")
+            values[name] = fields[name](dotted, raw)
+        sections[section_name] = cls(**values)
+
+    server = sections.get("server", ServerConfig())
+    if bool(server.tls_cert) != bool(server.tls_key):
+        missing = "server.tls_key" if server.tls_cert else "server.tls_cert"
+        raise ConfigError(f"{missing}: tls_cert and tls_key must be set together")
+    if server.tls_cert and base_dir:
+        server = replace(server, tls_cert=os.path.join(base_dir, server.tls_cert),
+                          tls_key=os.path.join(base_dir, server.tls_key))
+        sections["server"] = server
+    return Config(keys=_parse_keys(data.get("keys", {})), source=source, **sections)
+
+
+def load_config(path: str | None) -> Config:
+    """Read `path`, or ./fastgate.toml when path is None and that file exists, else defaults."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_FILE):
+            return Config()
+        path = DEFAULT_CONFIG_FILE
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return build_config(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def with_overrides(config: Config, *, listen: str | None = None, upstream: str | None = None) -> Config:
+    """Apply command-line overrides (they win over the file)."""
+    if listen is not None:
+        config = replace(config, server=replace(config.server, listen=parse_host_port("--listen", listen)))
+    if upstream is not None:
+        config = replace(config, upstream=replace(config.upstream,
+                                                    url=parse_upstream_url("--upstream", upstream)))
+    return config

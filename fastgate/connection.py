@@ -1,0 +1,274 @@
+"""The client side of one TCP (or TLS) connection: asyncio streams + h11, one request at a time, in order.
+
+h11 parses requests (heads and bodies, keep-alive, pipelining); responses are written as raw bytes
+because relayed bodies must stay byte for byte, so each request cycle gets a fresh h11 connection seeded
+with whatever the client already sent after the previous request.
+
+`ClientProtocol` adds to the stream protocol the hooks the relay needs: write-buffer pause/resume
+(backpressure into the Ollama connection) and EOF/connection loss (close the Ollama connection at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+from typing import TYPE_CHECKING
+
+import h11
+
+from .errors import BadRequest, BodyTooLarge, GateError, HeadersTooLarge, RequestTimeout
+
+if TYPE_CHECKING:
+    from .upstream import UpstreamConnection
+
+READ_SIZE = 256 * 1024
+# Unread request bodies up to this size are drained so the connection can stay alive after an early answer.
+DRAIN_LIMIT_BYTES = 64 * 1024
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ClientState(enum.Enum):
+    IDLE = "idle"  # between requests: may be closed at shutdown
+    READING_HEAD = "reading-head"
+    ACTIVE = "active"  # a request is being handled
+    CLOSED = "closed"
+
+
+class ClientClosed(Exception):
+    """The client closed (or reset) the connection."""
+
+
+class ReadTimeout(Exception):
+    pass
+
+
+class ClientProtocol(asyncio.StreamReaderProtocol):
+    """Stream protocol that also tells the current upstream exchange about the client's state."""
+
+    exchange: UpstreamConnection | None = None
+    gone = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.pause_relay()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.resume_relay()
+
+    def eof_received(self) -> bool | None:
+        # A client that closes its side while its request is with Ollama has gone away (as nginx judges
+        # it): stop the upstream at once rather than generate for nobody.
+        self.gone = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client_gone()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client_gone()
+        super().connection_lost(exc)
+
+
+def _map_h11_error(exc: h11.RemoteProtocolError) -> GateError:
+    if exc.error_status_hint == 431:
+        return HeadersTooLarge()
+    error = BadRequest("malformed request")
+    if exc.error_status_hint == 501:
+        error.status = 501
+        error.message = "unsupported transfer coding"
+    return error
+
+
+class ClientConnection:
+    """Reads requests from one client with h11 and writes raw responses back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: ClientProtocol,
+                 *, max_header_bytes: int, header_timeout: float, keepalive_timeout: float,
+                 body_timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        self.protocol = protocol
+        self.loop = asyncio.get_running_loop()
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.body_timeout = body_timeout
+        self.state = ClientState.IDLE
+        self.h11: h11.Connection = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        peer = self.transport.get_extra_info("peername")
+        self.peer_ip: str = _plain_ip(peer[0]) if peer else "unknown"
+        self.tls = self.transport.get_extra_info("sslcontext") is not None
+        self.requests = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and not self.tls:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.peer_ip} {self.state.value} requests={self.requests}>"
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    async def _read(self, timeout: float) -> bytes:
+        """One read with a deadline. The timer poisons the reader instead of wrapping the read in a task."""
+        reader = self.reader
+        handle = self.loop.call_later(timeout, reader.set_exception, ReadTimeout())
+        try:
+            data = await reader.read(READ_SIZE)
+        except (ConnectionError, OSError) as exc:
+            raise ClientClosed() from exc
+        finally:
+            handle.cancel()
+        if isinstance(reader.exception(), ReadTimeout):
+            # The timer fired after the data had arrived but before this task resumed: not a timeout.
+            reader._exception = None  # noqa: SLF001 - StreamReader has no public way to clear it
+        return data
+
+    async def next_request(self) -> h11.Request | None:
+        """The next request head, or None when the client closed cleanly between requests."""
+        conn = self.h11
+        if self.requests:
+            # A new cycle gets a fresh parser fed with what the client already sent (pipelining). The
+            # caller only asks for another request once the previous body was read to its end.
+            leftover, closed = conn.trailing_data
+            conn = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+            if leftover:
+                conn.receive_data(leftover)
+            if closed:
+                conn.receive_data(b"")
+        self.state = ClientState.IDLE
+        deadline: float | None = None
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _map_h11_error(exc) from None
+            if type(event) is h11.Request:
+                self.state = ClientState.ACTIVE
+                self.requests += 1
+                if not _has_body(event):
+                    # h11 still holds the (empty) end of this message; take it so the cycle is complete.
+                    conn.next_event()
+                return event
+            if event is h11.NEED_DATA:
+                if deadline is None and conn.trailing_data[0]:
+                    deadline = self.loop.time() + self.header_timeout
+                    self.state = ClientState.READING_HEAD
+                try:
+                    if deadline is None:
+                        data = await self._read(self.keepalive_timeout)
+                    else:
+                        data = await self._read(max(deadline - self.loop.time(), 0.001))
+                except ReadTimeout:
+                    if deadline is None:
+                        return None  # idle keep-alive connection: just close it
+                    raise RequestTimeout() from None
+                except ClientClosed:
+                    return None
+                if data and deadline is None:
+                    deadline = self.loop.time() + self.header_timeout
+                    self.state = ClientState.READING_HEAD
+                conn.receive_data(data)
+                continue
+            if type(event) is h11.ConnectionClosed:
+                return None
+            raise BadRequest("unexpected data")  # pragma: no cover - h11 yields nothing else here
+
+    async def body_events(self):  # type: ignore[no-untyped-def]
+        """Yield the request body piece by piece (h11 Data payloads) until its end."""
+        conn = self.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _map_h11_error(exc) from None
+            if type(event) is h11.Data:
+                yield event.data
+            elif type(event) is h11.EndOfMessage:
+                return
+            elif event is h11.NEED_DATA:
+                try:
+                    data = await self._read(self.body_timeout)
+                except ReadTimeout:
+                    raise RequestTimeout("timed out reading the request body") from None
+                conn.receive_data(data)
+            elif type(event) is h11.ConnectionClosed:
+                raise ClientClosed()
+            else:  # pragma: no cover
+                raise BadRequest("unexpected data")
+
+    async def read_body(self, limit: int) -> bytes:
+        """Buffer the whole body, refusing more than `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        async for data in self.body_events():
+            size += len(data)
+            if size > limit:
+                raise BodyTooLarge(f"request body larger than {limit} bytes")
+            parts.append(data)
+        return b"".join(parts)
+
+    @property
+    def body_complete(self) -> bool:
+        return self.h11.their_state is h11.DONE
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return self.h11.they_are_waiting_for_100_continue
+
+    async def drain_small_body(self, content_length: int | None) -> bool:
+        """Read and discard a small unread body so the connection can be kept. False: close instead."""
+        if self.body_complete:
+            return True
+        if content_length is None or content_length > DRAIN_LIMIT_BYTES or self.waiting_for_100_continue:
+            return False
+        try:
+            async for _ in self.body_events():
+                pass
+        except (GateError, ClientClosed):
+            return False
+        return True
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            raise ClientClosed() from None
+
+    def close(self) -> None:
+        self.state = ClientState.CLOSED
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.state = ClientState.CLOSED
+        self.transport.abort()
+
+
+def _has_body(request: h11.Request) -> bool:
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and int(value) != 0):
+            return True
+    return False
+
+
+def _plain_ip(ip: str) -> str:
+    # Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d; trust and logs want the IPv4 form.
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

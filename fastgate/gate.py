@@ -1,0 +1,238 @@
+"""The policy for one request: answer it here, read its body first, or forward it (and how).
+
+Pure: no sockets, no logging, no awaiting. The I/O layer hands in a parsed request head (and, when asked
+for it, the buffered body) and gets back a decision or a `GateError` to answer with. Shared state (the
+IP-trust table) changes only in these plain methods; time comes from injected clocks.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import unquote_to_bytes
+
+from . import __version__
+from .config import Config
+from .errors import Forbidden, MethodNotAllowed, Unauthorized
+from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
+from .messages import forwardable_headers, json_body, upstream_request_head
+from .trust import TrustTable, _in_networks, client_ip
+
+AUTH_BODY_LIMIT_BYTES = 64 * 1024
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+# Ollama endpoints that act on the server owner's ollama.com identity (wire doc section 5).
+ACCOUNT_PATHS = (b"/api/me", b"/api/signout")
+ACCOUNT_PREFIXES = (b"/api/user/keys",)
+BLOB_PREFIX = b"/api/blobs/"
+
+
+@dataclass(slots=True)
+class IncomingRequest:
+    """What the gate needs to know about a parsed request head."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # lowercase names, as h11 gives them
+    raw_headers: list[tuple[bytes, bytes]]  # original case, forwarded
+    http_version: bytes
+    peer_ip: str
+    tls: bool
+    content_length: int | None  # None: chunked, or no body
+    chunked: bool
+
+    @property
+    def path(self) -> bytes:
+        return self.target.partition(b"?")[0]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decisions
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    status: int
+    body: bytes
+    head_only: bool = False
+    note: str = ""  # for the log line; never holds a full key
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeHealth:
+    head_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    """Buffer the request body (at most `limit` bytes, else 413) and ask again with `decide_with_body`."""
+
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    head: bytes  # the complete request head for Ollama
+    body: bytes | None  # rewritten, buffered body; None: relay the client's body as it comes
+    user: str
+    key_label: str  # "x-api-key:api-****0101" or "ip-trust:api-****0101"; never a full key
+    url: str  # forwarded URL for logs (query without api_key)
+    client_ip: str
+
+
+Decision = LocalReply | ProbeHealth | ReadBody | Forward
+
+
+def normalize_path(path: bytes) -> bytes:
+    """The path as Ollama's router will match it: percent-decoded, dot segments and `//` resolved.
+
+    Only used for policy checks, so `/api/%6de` or `/api//me/` cannot slip past a block.
+    """
+    decoded = unquote_to_bytes(path)
+    if not decoded.startswith(b"/"):
+        decoded = b"/" + decoded
+    return posixpath.normpath(decoded).replace(b"//", b"/")
+
+
+class Gate:
+    def __init__(self, config: Config, *, trust: TrustTable | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.keyring = KeyRing(config.keys)
+        self.trust = trust if trust is not None else TrustTable(config.auth.max_trusted_ips)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        upstream = config.upstream.url
+        self._host_header = upstream.host_header.encode()
+        self._base_path = upstream.base_path.encode()
+        self._url_prefix = f"http://{upstream.host_header}{upstream.base_path}"
+        self._trusted_proxies = config.server.trusted_proxies
+        self._info = json_body({"name": "fastgate", "version": __version__, "status": "running"})
+
+    # -- entry points ------------------------------------------------------------------------------------
+
+    def decide(self, req: IncomingRequest, request_id: bytes) -> Decision:
+        """Decide on the head alone. Raises GateError for requests to refuse."""
+        path = req.path
+        if path == b"/":
+            self._allow(req, (b"GET", b"HEAD"))
+            return LocalReply(200, self._info, head_only=req.method == b"HEAD")
+        if path == b"/health":
+            self._allow(req, (b"GET", b"HEAD"))
+            return ProbeHealth(head_only=req.method == b"HEAD")
+        if path == b"/auth":
+            self._allow(req, (b"POST",))
+            return ReadBody(AUTH_BODY_LIMIT_BYTES)
+
+        query = req.target.partition(b"?")[2]
+        key = key_from_headers(req.headers)
+        query_key, query = split_query_key(query)
+        key = key or query_key
+        if key is not None:
+            return self._forward(req, request_id, self._user_for(key), key.source.value, key.masked, query, None)
+        if self._body_may_carry_key(req):
+            return ReadBody(self.config.auth.max_body_bytes)
+        return self._forward_trusted(req, request_id, query, None)
+
+    def decide_with_body(self, req: IncomingRequest, body: bytes, request_id: bytes) -> Decision:
+        """Decide once the body asked for by `ReadBody` is in."""
+        if req.path == b"/auth":
+            return self._authenticate(req, body)
+        query = split_query_key(req.target.partition(b"?")[2])[1]
+        key, stripped = split_body_key(body)
+        if key is not None:
+            return self._forward(req, request_id, self._user_for(key), key.source.value, key.masked, query,
+                                 stripped)
+        return self._forward_trusted(req, request_id, query, body)
+
+    def client_ip(self, req: IncomingRequest) -> str:
+        if not self._trusted_proxies:
+            return req.peer_ip
+        return client_ip(req.peer_ip, (v for n, v in req.headers if n == b"x-forwarded-for"),
+                         self._trusted_proxies)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _allow(req: IncomingRequest, methods: tuple[bytes, ...]) -> None:
+        if req.method not in methods:
+            raise MethodNotAllowed(headers=((b"Allow", b", ".join(methods)),))
+
+    def _body_may_carry_key(self, req: IncomingRequest) -> bool:
+        # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
+        return req.has_body and req.method in BODY_METHODS and not req.path.startswith(BLOB_PREFIX)
+
+    def _user_for(self, key: PresentedKey) -> str:
+        user = self.keyring.user_for(key.secret)
+        if user is None:
+            error = Unauthorized("invalid API key")
+            error.detail = f"{key.source.value}:{key.masked}"
+            raise error
+        return user
+
+    def _forward_trusted(self, req: IncomingRequest, request_id: bytes, query: bytes,
+                         body: bytes | None) -> Forward:
+        ip = self.client_ip(req)
+        grant = self.trust.lookup(ip, self.clock()) if self.config.auth.session_ttl else None
+        if grant is None:
+            raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer, "
+                               "or POST /auth from this address first")
+        return self._forward(req, request_id, grant.user, "ip-trust", grant.key_label, query, body, ip)
+
+    def _authenticate(self, req: IncomingRequest, body: bytes) -> LocalReply:
+        key = key_from_headers(req.headers) or split_body_key(body)[0]
+        if key is None:
+            raise Unauthorized('expected a JSON body {"api_key": "..."}')
+        user = self._user_for(key)
+        ip = self.client_ip(req)
+        ttl = self.config.auth.session_ttl
+        if not ttl:
+            return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": False, "expires_at": None,
+                                              "expires_in": 0}))
+        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, self.clock())
+        expires = datetime.fromtimestamp(self.wall_clock() + ttl, tz=timezone.utc)
+        return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": True,
+                                          "expires_at": expires.isoformat(timespec="seconds"),
+                                          "expires_in": ttl}),
+                          note=f"trusted {ip} as {user} ({key.source.value}:{key.masked}) for {ttl} s")
+
+    def _forward(self, req: IncomingRequest, request_id: bytes, user: str, source: str, masked: str,
+                 query: bytes, body: bytes | None, ip: str | None = None) -> Forward:
+        path = req.path
+        if not self.config.auth.allow_account_endpoints and _is_account_path(path):
+            raise Forbidden("Ollama account endpoints are disabled on this gateway")
+        if ip is None:
+            ip = self.client_ip(req)
+        target = self._base_path + path + (b"?" + query if query else b"")
+        trusted_peer = bool(self._trusted_proxies) and _in_networks(req.peer_ip, self._trusted_proxies)
+        forwarded_for = ip.encode()
+        forwarded_proto = b"https" if req.tls else b"http"
+        if trusted_peer:
+            prior = b", ".join(v for n, v in req.headers if n == b"x-forwarded-for")
+            forwarded_for = prior + b", " + req.peer_ip.encode() if prior else req.peer_ip.encode()
+            forwarded_proto = next((v for n, v in req.headers if n == b"x-forwarded-proto"), forwarded_proto)
+        host = next((v for n, v in req.headers if n == b"host"), None)
+        if body is not None:
+            content_length: int | None = len(body)
+            chunked = False
+        else:
+            content_length, chunked = req.content_length, req.chunked
+        head = upstream_request_head(
+            method=req.method, target=target,
+            headers=forwardable_headers(req.raw_headers, forward_origin=self.config.upstream.forward_origin),
+            host_header=self._host_header, forwarded_for=forwarded_for, forwarded_proto=forwarded_proto,
+            forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
+            http10=req.http_version == b"1.0")
+        return Forward(head, body, user, f"{source}:{masked}", self._url_prefix + target.decode("latin-1"), ip)
+
+
+def _is_account_path(path: bytes) -> bool:
+    normal = normalize_path(path)
+    return normal in ACCOUNT_PATHS or any(normal == p or normal.startswith(p + b"/") for p in ACCOUNT_PREFIXES)
+

@@ -1,0 +1,223 @@
+"""API keys: where a request carries one, how it is removed before forwarding, how it is checked.
+
+Pure functions over bytes and strings; no I/O. Keys are secrets: `PresentedKey.__repr__` masks them so an
+accidental log or traceback never shows one, and the key ring looks keys up by digest so checking a key
+takes the same time however many of its characters are right.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from json.decoder import scanstring
+from urllib.parse import unquote_plus
+
+QUERY_KEY_NAME = "api_key"
+BODY_KEY_NAME = "api_key"
+# Headers that carry keys: removed from every forwarded request, whichever of them held the key,
+# so a second (perhaps different) key never reaches Ollama either.
+KEY_HEADERS = (b"x-api-key", b"authorization")
+
+
+class KeySource(enum.Enum):
+    X_API_KEY = "x-api-key"
+    BEARER = "bearer"
+    BASIC = "basic"
+    AUTHORIZATION = "authorization"
+    QUERY = "query"
+    BODY = "body"
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedKey:
+    source: KeySource
+    secret: str
+
+    @property
+    def masked(self) -> str:
+        return mask(self.secret)
+
+    def __repr__(self) -> str:
+        return f"PresentedKey({self.source.value}, {self.masked})"
+
+    __str__ = __repr__
+
+
+def mask(secret: str) -> str:
+    """`api-20250312000101` -> `api-****0101`; short keys reveal less, tiny ones nothing."""
+    if len(secret) >= 12:
+        return f"{secret[:4]}****{secret[-4:]}"
+    if len(secret) >= 8:
+        return f"****{secret[-2:]}"
+    return "****"
+
+
+def key_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> PresentedKey | None:
+    """First key found in X-API-Key, then Authorization (Bearer, Basic password, or the bare value).
+
+    `headers` are (lowercase name, value) pairs as h11 gives them.
+    """
+    authorization: bytes | None = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            secret = value.decode("latin-1").strip()
+            if secret:
+                return PresentedKey(KeySource.X_API_KEY, secret)
+        elif name == b"authorization" and authorization is None:
+            authorization = value
+    if authorization is None:
+        return None
+    return _key_from_authorization(authorization.decode("latin-1").strip())
+
+
+def _key_from_authorization(value: str) -> PresentedKey | None:
+    if not value:
+        return None
+    scheme, _, rest = value.partition(" ")
+    rest = rest.strip()
+    lowered = scheme.lower()
+    if lowered == "bearer" and rest:
+        return PresentedKey(KeySource.BEARER, rest)
+    if lowered == "basic" and rest:
+        # `http://user:KEY@host` URLs (LangChain's base_url) arrive as Basic: the password is the key.
+        try:
+            user, _, password = base64.b64decode(rest, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        secret = password or user
+        return PresentedKey(KeySource.BASIC, secret) if secret else None
+    return PresentedKey(KeySource.AUTHORIZATION, value)
+
+
+def split_query_key(query: bytes) -> tuple[PresentedKey | None, bytes]:
+    """Find `api_key=` in a raw query string; return it and the query without every api_key parameter.
+
+    Other parameters are kept byte for byte, in order.
+    """
+    if b"api_key" not in query and b"%" not in query:
+        return None, query
+    found: PresentedKey | None = None
+    kept: list[bytes] = []
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if unquote_plus(name.decode("latin-1")) == QUERY_KEY_NAME:
+            secret = unquote_plus(value.decode("latin-1"))
+            if found is None and secret:
+                found = PresentedKey(KeySource.QUERY, secret)
+            continue
+        kept.append(part)
+    if len(kept) == query.count(b"&") + 1:
+        return None, query
+    return found, b"&".join(kept)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    name: str
+    value: object
+    start: int  # index of the opening quote of the name
+    end: int  # index just past the value
+
+
+def _top_level_members(text: str) -> list[_Member] | None:
+    """Members of a top-level JSON object with their spans in `text`; None if `text` is not one.
+
+    Built on the json module's own (C) scanners so the spans are exact and parsing stays fast on
+    multi-megabyte bodies (base64 images).
+    """
+    idx = _WS.match(text, 0).end()  # type: ignore[union-attr]
+    if text[idx:idx + 1] != "{":
+        return None
+    idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
+    members: list[_Member] = []
+    try:
+        if text[idx:idx + 1] == "}":
+            idx += 1
+        else:
+            while True:
+                if text[idx:idx + 1] != '"':
+                    return None
+                start = idx
+                name, idx = scanstring(text, idx + 1, True)
+                idx = _WS.match(text, idx).end()  # type: ignore[union-attr]
+                if text[idx:idx + 1] != ":":
+                    return None
+                idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
+                value, idx = _DECODER.raw_decode(text, idx)
+                members.append(_Member(name, value, start, idx))
+                idx = _WS.match(text, idx).end()  # type: ignore[union-attr]
+                sep = text[idx:idx + 1]
+                idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
+                if sep == "}":
+                    break
+                if sep != ",":
+                    return None
+    except (ValueError, IndexError):
+        return None
+    if _WS.match(text, idx).end() != len(text):  # type: ignore[union-attr]
+        return None
+    return members
+
+
+def split_body_key(body: bytes) -> tuple[PresentedKey | None, bytes]:
+    """Find a top-level `"api_key"` string in a JSON object body; return it and the body without it.
+
+    Every other byte of the body stays as it was (members and their formatting), so only the member and
+    one adjacent separator disappear. Bodies that are not a JSON object are returned unchanged.
+    """
+    if b'"api_key"' not in body:
+        return None, body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, body
+    found: PresentedKey | None = None
+    while True:
+        members = _top_level_members(text)
+        if members is None:
+            return found, text.encode("utf-8") if found else body
+        idx = next((i for i in range(len(members) - 1, -1, -1) if members[i].name == BODY_KEY_NAME), None)
+        if idx is None:
+            return found, text.encode("utf-8")
+        member = members[idx]
+        # JSON decoders keep the last duplicate, so the last api_key is the one the client meant.
+        if found is None and isinstance(member.value, str) and member.value:
+            found = PresentedKey(KeySource.BODY, member.value)
+        if idx + 1 < len(members):
+            text = text[:member.start] + text[members[idx + 1].start:]
+        elif idx > 0:
+            text = text[:members[idx - 1].end] + text[member.end:]
+        else:
+            text = text[:member.start] + text[member.end:]
+
+
+class KeyRing:
+    """The valid keys, indexed by SHA-256 digest so lookups never compare secrets character by character."""
+
+    __slots__ = ("_users",)
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._users = {_digest(secret): user for secret, user in keys.items()}
+
+    def user_for(self, secret: str) -> str | None:
+        return self._users.get(_digest(secret))
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __repr__(self) -> str:
+        return f"KeyRing({len(self._users)} keys)"
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()

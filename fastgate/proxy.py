@@ -1,0 +1,312 @@
+"""Glue for one request: parsed head -> gate decision -> local reply or upstream exchange -> relay -> log.
+
+Owns the order of things that must happen in order: authorisation before `100 Continue`, the request body
+pumped to Ollama while its answer is awaited (Ollama may answer a blob upload before reading it), an error
+answered only while nothing of the response has been sent, and the upstream connection closed at once when
+the client leaves. All GateErrors become bytes in `_refuse`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import h11
+
+from . import __version__
+from .config import Config
+from .connection import CONTINUE_100, ClientClosed, ClientConnection, ClientProtocol, ClientState
+from .errors import BadRequest, GateError, ServiceUnavailable
+from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody
+from .logs import log, log_path, new_request_id
+from .messages import client_response_head, error_response, json_body, local_response
+from .upstream import (
+    BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
+)
+
+# Methods safe to send again when a pooled connection turned out closed before any answer.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+# Errors after which the rest of the client's bytes cannot be trusted to be a next request.
+CLOSE_AFTER = frozenset({400, 408, 413, 431, 501})
+HEALTH_TIMEOUT_S = 5.0
+STREAM_READER_LIMIT = 512 * 1024
+
+
+class Proxy:
+    """Shared state of one fastgate process: config, gate, upstream pool, live connections."""
+
+    def __init__(self, config: Config, *, gate: Gate | None = None) -> None:
+        self.config = config
+        self.gate = gate or Gate(config)
+        self.pool: UpstreamPool | None = None
+        self.connections: set[ClientConnection] = set()
+        self.in_flight = 0
+        self.requests_total = 0
+        self.closing = False
+        self.started = time.monotonic()
+        self._idle_event: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self.pool = UpstreamPool(self.config.upstream)
+        self._idle_event = asyncio.Event()
+
+    def protocol_factory(self) -> ClientProtocol:
+        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_connection)
+
+    # -- connections -------------------------------------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol: ClientProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
+        server = self.config.server
+        conn = ClientConnection(reader, writer, protocol, max_header_bytes=server.max_header_bytes,
+                                header_timeout=server.header_timeout, keepalive_timeout=server.keepalive_timeout,
+                                body_timeout=server.body_timeout)
+        if len(self.connections) >= server.max_connections or self.closing:
+            conn.write(error_response(ServiceUnavailable("too many connections"), path=b"/", request_id=b"",
+                                      close=True))
+            conn.close()
+            return
+        self.connections.add(conn)
+        try:
+            while not self.closing:
+                try:
+                    request = await conn.next_request()
+                except GateError as err:
+                    rid = new_request_id()
+                    log.info("[%s] Refused unreadable request from %s: %d %s", rid.decode(), conn.peer_ip,
+                             err.status, err.message)
+                    conn.write(error_response(err, path=b"/", request_id=rid, close=True))
+                    break
+                if request is None:
+                    break
+                if not await self.handle(conn, request):
+                    break
+        except Exception:  # a bug must cost one connection, never the process
+            log.exception("unexpected error on a connection from %s", conn.peer_ip)
+            conn.abort()
+        finally:
+            protocol.exchange = None
+            conn.close()
+            self.connections.discard(conn)
+            if not self.connections and self._idle_event is not None:
+                self._idle_event.set()
+
+    # -- one request -------------------------------------------------------------------------------------
+
+    async def handle(self, conn: ClientConnection, request: h11.Request) -> bool:
+        """Answer one request. Returns whether the connection may carry another."""
+        rid = new_request_id()
+        self.requests_total += 1
+        log.info("[%s] Processing request: %s %s", rid.decode(), request.method.decode("latin-1"),
+                 log_path(request.target))
+        headers = list(request.headers)
+        content_length: int | None = None
+        chunked = False
+        close_after = request.http_version != b"1.1"
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close_after = True
+        req = IncomingRequest(request.method, request.target, headers, list(request.headers.raw_items()),
+                              request.http_version, conn.peer_ip, conn.tls, content_length, chunked)
+        try:
+            if chunked and content_length is not None:
+                # RFC 9112 section 6.1: a smuggling attempt more often than not; refuse and close.
+                raise BadRequest("both Content-Length and Transfer-Encoding")
+            decision = self.gate.decide(req, rid)
+            if isinstance(decision, ReadBody):
+                if conn.waiting_for_100_continue:
+                    conn.write(CONTINUE_100)  # the key may be in the body: authorisation needs it
+                body = await conn.read_body(decision.limit)
+                decision = self.gate.decide_with_body(req, body, rid)
+        except GateError as err:
+            return await self._refuse(conn, req, rid, err, close_after)
+        except ClientClosed:
+            return False
+
+        if isinstance(decision, Forward):
+            return await self._forward(conn, req, rid, decision, close_after)
+        if isinstance(decision, ProbeHealth):
+            decision = await self._health(decision.head_only)
+        return await self._reply(conn, req, rid, decision, close_after)
+
+    async def _reply(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, reply: LocalReply,
+                     close_after: bool) -> bool:
+        close = close_after or self.closing or not await conn.drain_small_body(req.content_length)
+        conn.write(local_response(reply.status, reply.body, request_id=rid, close=close, head_only=reply.head_only))
+        log.info("[%s] Answered %d%s", rid.decode(), reply.status, f": {reply.note}" if reply.note else "")
+        return not close
+
+    async def _refuse(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, err: GateError,
+                      close_after: bool, *, force_close: bool = False) -> bool:
+        log.info("[%s] Refused %d: %s%s", rid.decode(), err.status, err.message,
+                 f" ({err.detail})" if err.detail else "")
+        close = force_close or close_after or self.closing or err.status in CLOSE_AFTER
+        if not close:
+            close = not await conn.drain_small_body(req.content_length)
+        conn.write(error_response(err, path=req.path, request_id=rid, close=close,
+                                  head_only=req.method == b"HEAD"))
+        return not close
+
+    # -- forwarding --------------------------------------------------------------------------------------
+
+    async def _forward(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
+                       close_after: bool) -> bool:
+        assert self.pool is not None
+        loop = conn.loop
+        started = loop.time()
+        protocol = conn.protocol
+        upstream: UpstreamConnection | None = None
+        body_task: asyncio.Task[None] | None = None
+        self.in_flight += 1
+        try:
+            for attempt in (1, 2):
+                upstream, reused = await self.pool.acquire()
+                if protocol.gone:
+                    self.pool.release(upstream)
+                    return False
+                protocol.exchange = upstream
+                upstream.send_head(fwd.head, req.method)
+                if fwd.body:
+                    upstream.write(fwd.body)
+                elif fwd.body is None and req.has_body:
+                    if conn.waiting_for_100_continue:
+                        conn.write(CONTINUE_100)
+                    body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
+                try:
+                    head = await upstream.response_head()
+                    break
+                except UpstreamClosed as exc:
+                    # A pooled connection Ollama closed while it sat idle: nothing was processed, so an
+                    # idempotent request may go again on a new connection. Anything else is a 502.
+                    if (attempt == 1 and reused and exc.nothing_received and body_task is None
+                            and req.method in IDEMPOTENT):
+                        log.info("[%s] Pooled upstream connection was closed; retrying once", rid.decode())
+                        continue
+                    raise
+            else:  # pragma: no cover - the loop always breaks or raises
+                raise AssertionError("unreachable")
+        except ClientGone:
+            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
+            return False
+        except GateError as err:
+            if upstream is not None:
+                upstream.abort()
+            protocol.exchange = None
+            body_unfinished = body_task is not None and not body_task.done()
+            if body_task is not None:
+                body_task.cancel()
+            return await self._refuse(conn, req, rid, err, close_after,
+                                      force_close=body_unfinished or not conn.body_complete)
+        finally:
+            self.in_flight -= 1
+
+        # From here on the response has begun: a failure can only end it by closing the connection.
+        early_answer = body_task is not None and not body_task.done()
+        if early_answer:
+            # Ollama answered before reading the whole body (an existing blob): stop uploading. The client's
+            # unread body makes its connection unusable for another request.
+            body_task.cancel()  # type: ignore[union-attr]
+            upstream.reusable = False
+        close = close_after or early_answer or self.closing
+        conn.write(client_response_head(head, request_id=rid, close=close))
+        log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
+                 head.status, (loop.time() - started) * 1000)
+        self.in_flight += 1
+        try:
+            outcome = await upstream.start_relay(head, conn.transport)
+        finally:
+            self.in_flight -= 1
+            protocol.exchange = None
+        elapsed = loop.time() - started
+        if outcome is RelayOutcome.COMPLETE:
+            self.pool.release(upstream)
+            log.info("[%s] Completed %d: %d bytes in %.3f s", rid.decode(), head.status, upstream.body_bytes,
+                     elapsed)
+            if not close and protocol.gone:
+                return False
+            return not close
+        log.info("[%s] Response %s after %d bytes in %.3f s", rid.decode(),
+                 "ended (close-delimited)" if outcome is RelayOutcome.COMPLETE_CLOSE else f"cut off: {outcome.value}",
+                 upstream.body_bytes, elapsed)
+        if outcome is RelayOutcome.CLIENT_GONE:
+            conn.abort()
+        else:
+            conn.close()  # flushes what was relayed, then FIN: the client sees the response end early
+        return False
+
+    async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
+        """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""
+        try:
+            async for data in conn.body_events():
+                if chunked:
+                    upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+                else:
+                    upstream.write(data)
+                await upstream.drain()
+            if chunked:
+                upstream.write(b"0\r\n\r\n")
+        except ClientClosed:
+            upstream.abort(ClientGone())
+        except GateError as err:
+            upstream.abort(err)
+
+    # -- health ------------------------------------------------------------------------------------------
+
+    async def _health(self, head_only: bool) -> LocalReply:
+        assert self.pool is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        upstream_info: dict[str, object] = {"reachable": False}
+        conn: UpstreamConnection | None = None
+        try:
+            conn = await self.pool.connect()
+            url = self.config.upstream.url
+            conn.send_head(b"GET %s/api/version HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastgate/%s\r\n\r\n"
+                           % (url.base_path.encode(), url.host_header.encode(), __version__.encode()), b"GET")
+            head = await asyncio.wait_for(conn.response_head(), HEALTH_TIMEOUT_S)
+            sink = BufferSink()
+            await asyncio.wait_for(conn.start_relay(head, sink), HEALTH_TIMEOUT_S)
+            upstream_info = {"reachable": True, "status": head.status}
+            try:
+                upstream_info["version"] = json.loads(bytes(sink.data)).get("version")
+            except (ValueError, AttributeError):
+                upstream_info["version"] = None
+        except (GateError, asyncio.TimeoutError) as exc:
+            upstream_info["error"] = exc.message if isinstance(exc, GateError) else "timed out"
+        finally:
+            if conn is not None:
+                conn.close()
+        upstream_info["latency_ms"] = round((loop.time() - started) * 1000, 3)
+        reachable = bool(upstream_info["reachable"])
+        body = {
+            "status": "ok" if reachable else "degraded",
+            "fastgate": {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
+                         "connections": len(self.connections), "in_flight": self.in_flight,
+                         "requests_total": self.requests_total},
+            "upstream": upstream_info,
+        }
+        return LocalReply(200 if reachable else 503, json_body(body), head_only=head_only)
+
+    # -- shutdown ----------------------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking requests, let in-flight ones finish for `grace` seconds, then cut the rest."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.state is ClientState.IDLE:
+                conn.close()
+        if self.connections and self._idle_event is not None:
+            self._idle_event.clear()
+            try:
+                await asyncio.wait_for(self._idle_event.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("Shutdown grace period over; cutting %d connection(s)", len(self.connections))
+        for conn in list(self.connections):
+            conn.abort()
+        if self.pool is not None:
+            self.pool.close()

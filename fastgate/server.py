@@ -1,0 +1,87 @@
+"""Process level: the event loop (uvloop when installed), the listener, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import __version__
+from .config import Config
+from .logs import log
+from .proxy import Proxy
+from .tls import server_context
+
+LISTEN_BACKLOG = 1024
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, the standard one otherwise: the only place that chooses."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+@dataclass
+class RunningServer:
+    proxy: Proxy
+    server: asyncio.AbstractServer
+    host: str
+    port: int
+    scheme: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.server.close()
+        await self.proxy.shutdown(self.proxy.config.server.shutdown_grace if grace is None else grace)
+        await self.server.wait_closed()
+
+
+async def start(config: Config) -> RunningServer:
+    """Bind the listener and start serving; returns once it accepts connections."""
+    listen = config.server.listen
+    ssl_context = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls else None
+    proxy = Proxy(config)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        proxy.protocol_factory, listen.host, listen.port, ssl=ssl_context, backlog=LISTEN_BACKLOG,
+        reuse_address=True, ssl_handshake_timeout=config.server.header_timeout if ssl_context else None)
+    sock: socket.socket = server.sockets[0]
+    host, port = sock.getsockname()[:2]
+    return RunningServer(proxy, server, host, port, "https" if ssl_context else "http")
+
+
+async def serve(config: Config, *, on_ready: Callable[[RunningServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("fastgate %s listening on %s, forwarding to %s (%d keys, IP trust %s)", __version__, running.url,
+             config.upstream.url, len(config.keys),
+             f"{config.auth.session_ttl} s" if config.auth.session_ttl else "off")
+    if on_ready is not None:
+        on_ready(running)
+    await stop.wait()
+    log.info("Shutting down: no new connections; waiting up to %.0f s for requests in flight",
+             config.server.shutdown_grace)
+    await running.stop()
+    log.info("Stopped")
+
+
+def run(config: Config, on_ready: Callable[[RunningServer], None] | None = None) -> None:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(serve(config, on_ready=on_ready))
+    finally:
+        loop.close()

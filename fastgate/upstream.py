@@ -1,0 +1,441 @@
+"""The Ollama side: a pool of keep-alive connections and the per-chunk response relay.
+
+Each `UpstreamConnection` is an asyncio Protocol rather than a stream: once a response head is parsed, every
+`data_received` call writes the bytes straight into the client's transport and advances a framing tracker
+(only chunk-size lines are read). That keeps the per-token path to one read, one write and no task
+switch; with streams each chunk would cost a future, a task wake-up and a buffer copy. Backpressure goes
+the other way through `pause_relay`/`resume_relay`, which the client protocol calls when its write buffer
+fills or drains, so a slow client stops reads from Ollama instead of growing memory.
+
+Invariants: a connection is in the pool only while idle and open; a connection whose client went away, whose
+response did not end cleanly, or that sent bytes past the end of a response, is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+from typing import Protocol
+
+from .config import UpstreamConfig
+from .errors import BadGateway, GateError, UpstreamTimeout, UpstreamUnreachable
+from .messages import (
+    MAX_RESPONSE_HEAD_BYTES, ChunkedFraming, FramingError, LengthFraming, ResponseHead, UntilCloseFraming,
+    find_head_end, framing_for, parse_response_head,
+)
+
+EARLY_BODY_PAUSE_BYTES = 256 * 1024
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class RelayOutcome(enum.Enum):
+    COMPLETE = "complete"  # the whole response reached the client
+    COMPLETE_CLOSE = "complete, close-delimited"  # complete, and the client connection must close too
+    UPSTREAM_CLOSED = "upstream closed mid-response"
+    UPSTREAM_TIMEOUT = "upstream idle timeout"
+    CLIENT_GONE = "client went away"
+    FRAMING_ERROR = "upstream sent broken framing"
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"
+    AWAITING_HEAD = "awaiting-head"
+    HEAD_READY = "head-ready"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+class UpstreamClosed(BadGateway):
+    """The connection closed before a complete response head arrived."""
+
+    def __init__(self, *, nothing_received: bool) -> None:
+        super().__init__("upstream closed the connection")
+        self.nothing_received = nothing_received
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was with Ollama."""
+
+
+Framing = LengthFraming | ChunkedFraming | UntilCloseFraming
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.state = ConnState.IDLE
+        self.requests = 0
+        self.idle_since = 0.0
+        self.reusable = True
+        self._method = b"GET"
+        self._head_buf = bytearray()
+        self._head_waiter: asyncio.Future[ResponseHead] | None = None
+        self._early: list[bytes] = []
+        self._sink: Sink | None = None
+        self._framing: Framing | None = None
+        self._done: asyncio.Future[RelayOutcome] | None = None
+        self.body_bytes = 0
+        self._progress = 0
+        self._seen_progress = -1
+        self._stalled_ticks = 0
+        self._paused_by_client = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.state.value} requests={self.requests}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        # The per-chunk relay path: keep it to a write, a counter and the framing tracker.
+        sink = self._sink
+        if sink is not None:
+            sink.write(data)
+            self._progress += 1
+            try:
+                end = self._framing.feed(data)  # type: ignore[union-attr]
+            except FramingError:
+                self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
+                return
+            if end >= 0:
+                self.body_bytes += end
+                if end != len(data):
+                    self.reusable = False  # bytes beyond the response: never trust this connection again
+                self._finish(RelayOutcome.COMPLETE)
+            else:
+                self.body_bytes += len(data)
+            return
+        self._progress += 1
+        self._head_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # Ollama never half-closes; let the transport close and report connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        until_close = isinstance(self._framing, UntilCloseFraming)
+        self._terminate(UpstreamClosed(nothing_received=not self._head_buf and self._progress == 0),
+                        RelayOutcome.COMPLETE_CLOSE if until_close else RelayOutcome.UPSTREAM_CLOSED)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamClosed(nothing_received=False))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- request side ---------------------------------------------------------------------------------------
+
+    def send_head(self, head: bytes, method: bytes) -> None:
+        """Start an exchange: write the request head, expect a response head."""
+        self.state = ConnState.AWAITING_HEAD
+        self.requests += 1
+        self._method = method
+        self._head_waiter = self._loop.create_future()
+        self.body_bytes = 0
+        self._progress = 0
+        self.transport.write(head)  # type: ignore[union-attr]
+        self._start_timer()
+
+    def write(self, data: bytes) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        """Wait while Ollama is slower than the client uploading to it."""
+        if self._write_paused and self.state is not ConnState.CLOSED:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    async def response_head(self) -> ResponseHead:
+        assert self._head_waiter is not None
+        return await self._head_waiter
+
+    # -- response side -------------------------------------------------------------------------------------
+
+    def _head_data(self, data: bytes) -> None:
+        if self.state is ConnState.HEAD_READY:
+            self._early.append(data)
+            if sum(map(len, self._early)) > EARLY_BODY_PAUSE_BYTES:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        if self.state is not ConnState.AWAITING_HEAD:
+            # Bytes nobody asked for (an idle connection talking): the connection cannot be trusted.
+            self.reusable = False
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        buf = self._head_buf
+        buf += data
+        while True:
+            end = find_head_end(buf)
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+                    self._protocol_error(BadGateway("upstream response head too large"))
+                return
+            try:
+                head = parse_response_head(bytes(buf[:end]), self._method)
+            except GateError as exc:
+                self._protocol_error(exc)
+                return
+            del buf[:end]
+            if head.informational:
+                if head.status == 101:
+                    self._protocol_error(BadGateway("upstream switched protocols"))
+                    return
+                continue  # 100 Continue and friends: not for the client, it got ours
+            break
+        if buf:
+            self._early.append(bytes(buf))
+            buf.clear()
+        if not head.keep_alive:
+            self.reusable = False
+        self.state = ConnState.HEAD_READY
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(head)
+
+    def start_relay(self, head: ResponseHead, sink: Sink) -> asyncio.Future[RelayOutcome]:
+        """Relay the body that follows `head` into `sink`, byte for byte. The future tells how it ended."""
+        self._done = done = self._loop.create_future()
+        early, self._early = self._early, []
+        already_closed = self.state is ConnState.CLOSED
+        framing = framing_for(head)
+        if framing is None:
+            if early:
+                self.reusable = False
+            self._finish(RelayOutcome.COMPLETE)
+            return done
+        self._framing = framing
+        self._sink = sink
+        if not already_closed:
+            self.state = ConnState.RELAYING
+            if early:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+        for chunk in early:
+            self.data_received(chunk)
+            if self._sink is None:
+                break
+        if already_closed and not done.done():
+            # Ollama closed before the relay began: what it sent is all there is.
+            until_close = isinstance(framing, UntilCloseFraming)
+            self._finish(RelayOutcome.COMPLETE_CLOSE if until_close else RelayOutcome.UPSTREAM_CLOSED)
+        return done
+
+    def _finish(self, outcome: RelayOutcome) -> None:
+        """The relay is over: settle its future. The connection goes back to IDLE only on COMPLETE."""
+        self._sink = None
+        self._framing = None
+        self._cancel_timer()
+        if self.state is not ConnState.CLOSED:
+            if outcome is RelayOutcome.COMPLETE:
+                self.state = ConnState.IDLE
+                if self._paused_by_client:
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+            else:
+                self._terminate(BadGateway(), outcome)
+        self._paused_by_client = False
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(outcome)
+
+    def _fail_head(self, exc: BaseException) -> None:
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _terminate(self, head_exc: BaseException, outcome: RelayOutcome, *, graceful: bool = False) -> None:
+        """Close the connection and settle whatever was waiting on it, exactly once."""
+        state = self.state
+        if state is ConnState.CLOSED:
+            return
+        self.state = ConnState.CLOSED
+        self.reusable = False
+        self._pool._forget(self)
+        self._cancel_timer()
+        if self.transport is not None:
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
+        if state is ConnState.AWAITING_HEAD:
+            self._fail_head(head_exc)
+        elif state is ConnState.RELAYING:
+            self._finish(outcome)
+
+    # -- hooks called by the client side --------------------------------------------------------------------
+
+    def pause_relay(self) -> None:
+        if self.state is ConnState.RELAYING and not self._paused_by_client:
+            self._paused_by_client = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_relay(self) -> None:
+        if self._paused_by_client:
+            self._paused_by_client = False
+            if self.state is not ConnState.CLOSED:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def client_gone(self) -> None:
+        """Close at once: that is how Ollama learns to stop generating and free the GPU."""
+        self._terminate(ClientGone(), RelayOutcome.CLIENT_GONE)
+
+    # -- idle-read timeout: a tick counter instead of re-arming a timer on every chunk ------------------------
+
+    def _start_timer(self) -> None:
+        self._cancel_timer()
+        self._seen_progress = -1
+        self._stalled_ticks = 0
+        self._timer = self._loop.call_later(self._pool.tick_s, self._tick)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        if self._progress != self._seen_progress:
+            self._seen_progress = self._progress
+            self._stalled_ticks = 0
+        else:
+            self._stalled_ticks += 1
+            if self._stalled_ticks >= self._pool.ticks_per_timeout:
+                self._timed_out()
+                return
+        self._timer = self._loop.call_later(self._pool.tick_s, self._tick)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._terminate(UpstreamTimeout("upstream did not answer in time"), RelayOutcome.UPSTREAM_TIMEOUT)
+
+    # -- closing ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Graceful close (FIN), for idle connections leaving the pool."""
+        self._terminate(UpstreamClosed(nothing_received=False), RelayOutcome.UPSTREAM_CLOSED, graceful=True)
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Reset the connection, failing a pending response head with `exc`."""
+        self._terminate(exc or UpstreamClosed(nothing_received=False), RelayOutcome.UPSTREAM_CLOSED)
+
+
+class UpstreamPool:
+    """Keep-alive connections to one Ollama, reused most-recently-used first."""
+
+    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.host = config.url.host
+        self.port = config.url.port
+        self.connect_timeout = config.connect_timeout
+        self.max_idle = config.max_idle_connections
+        self.idle_ttl = config.pool_idle_timeout
+        # The idle-read timeout fires after 4 to 5 ticks without progress (between T and 1.25 T).
+        self.ticks_per_timeout = 4
+        self.tick_s = config.read_timeout / self.ticks_per_timeout
+        self._idle: list[UpstreamConnection] = []
+        self._all: set[UpstreamConnection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.connects = 0
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {self.host}:{self.port} idle={len(self._idle)} open={len(self._all)}>"
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._all)
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for a request, and whether it was reused from the pool."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.state is ConnState.IDLE and conn.reusable and not conn.transport.is_closing():  # type: ignore[union-attr]
+                return conn, True
+        return await self.connect(), False
+
+    async def connect(self) -> UpstreamConnection:
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("timed out connecting to upstream") from None
+        except OSError as exc:
+            raise UpstreamUnreachable(f"upstream unreachable ({exc.strerror or type(exc).__name__})") from None
+        self.connects += 1
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection after a complete exchange; anything not clean is closed instead."""
+        if conn.state is not ConnState.IDLE or not conn.reusable or len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle_ttl, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = self.loop.time() - self.idle_ttl
+        for conn in [c for c in self._idle if c.idle_since <= cutoff]:
+            conn.close()
+        if self._idle:
+            self._sweeper = self.loop.call_later(self.idle_ttl, self._sweep)
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._all):
+            conn.abort()
+
+
+
+class BufferSink:
+    """A sink that keeps what it is given (for small answers fastgate reads itself, like /health)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
