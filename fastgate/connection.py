@@ -26,6 +26,8 @@ READ_SIZE = 256 * 1024
 # Unread request bodies up to this size are drained so the connection can stay alive after an early answer.
 DRAIN_LIMIT_BYTES = 64 * 1024
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
 
 
 class ClientState(enum.Enum):
@@ -109,6 +111,7 @@ class ClientConnection:
         self.peer_ip: str = _plain_ip(peer[0]) if peer else "unknown"
         self.tls = self.transport.get_extra_info("sslcontext") is not None
         self.requests = 0
+        self.linger = False  # close with linger_close(): an error answer may race the client's bytes
         sock = self.transport.get_extra_info("socket")
         if sock is not None and not self.tls:
             try:
@@ -149,7 +152,9 @@ class ClientConnection:
             if closed:
                 conn.receive_data(b"")
         self.state = ClientState.IDLE
-        deadline: float | None = None
+        # A new connection must send its first request within the header timeout (a silent connection is a
+        # slowloris); between requests of a kept-alive one the longer keep-alive timeout applies.
+        deadline: float | None = None if self.requests else self.loop.time() + self.header_timeout
         while True:
             try:
                 event = conn.next_event()
@@ -158,6 +163,10 @@ class ClientConnection:
             if type(event) is h11.Request:
                 self.state = ClientState.ACTIVE
                 self.requests += 1
+                # h11 bounds only heads that arrive in pieces; one that came whole in a single read is
+                # measured here so the limit holds either way.
+                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.max_header_bytes:
+                    raise HeadersTooLarge()
                 if not _has_body(event):
                     # h11 still holds the (empty) end of this message; take it so the cycle is complete.
                     conn.next_event()
@@ -165,21 +174,18 @@ class ClientConnection:
             if event is h11.NEED_DATA:
                 if deadline is None and conn.trailing_data[0]:
                     deadline = self.loop.time() + self.header_timeout
-                    self.state = ClientState.READING_HEAD
+                timeout = self.keepalive_timeout if deadline is None else max(deadline - self.loop.time(), 0.001)
                 try:
-                    if deadline is None:
-                        data = await self._read(self.keepalive_timeout)
-                    else:
-                        data = await self._read(max(deadline - self.loop.time(), 0.001))
+                    data = await self._read(timeout)
                 except ReadTimeout:
-                    if deadline is None:
-                        return None  # idle keep-alive connection: just close it
-                    raise RequestTimeout() from None
+                    if conn.trailing_data[0]:
+                        raise RequestTimeout() from None  # part of a head, too slowly
+                    return None  # nothing of a request arrived: close quietly
                 except ClientClosed:
                     return None
-                if data and deadline is None:
+                if deadline is None:
                     deadline = self.loop.time() + self.header_timeout
-                    self.state = ClientState.READING_HEAD
+                self.state = ClientState.READING_HEAD
                 conn.receive_data(data)
                 continue
             if type(event) is h11.ConnectionClosed:
@@ -251,6 +257,29 @@ class ClientConnection:
             await self.writer.drain()
         except (ConnectionError, OSError):
             raise ClientClosed() from None
+
+    async def linger_close(self) -> None:
+        """Close after an error answer without destroying it (RFC 9112 section 9.6).
+
+        A client may still be sending (a body we refused, the rest of an oversized head); closing at once
+        would make the kernel answer those bytes with a reset, which can discard our answer before the
+        client reads it. So: send FIN, read and drop what still comes for a short while, then close.
+        """
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+                deadline = self.loop.time() + LINGER_S
+                drained = 0
+                while drained < LINGER_MAX_BYTES and (left := deadline - self.loop.time()) > 0:
+                    data = await self._read(left)
+                    if not data:
+                        break
+                    drained += len(data)
+            except (ClientClosed, ReadTimeout, OSError):
+                pass
+        self.close()
 
     def close(self) -> None:
         self.state = ClientState.CLOSED

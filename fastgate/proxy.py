@@ -77,6 +77,7 @@ class Proxy:
                     log.info("[%s] Refused unreadable request from %s: %d %s", rid.decode(), conn.peer_ip,
                              err.status, err.message)
                     conn.write(error_response(err, path=b"/", request_id=rid, close=True))
+                    conn.linger = True
                     break
                 if request is None:
                     break
@@ -87,6 +88,8 @@ class Proxy:
             conn.abort()
         finally:
             protocol.exchange = None
+            if conn.linger:
+                await conn.linger_close()
             conn.close()
             self.connections.discard(conn)
             if not self.connections and self._idle_event is not None:
@@ -150,6 +153,8 @@ class Proxy:
             close = not await conn.drain_small_body(req.content_length)
         conn.write(error_response(err, path=req.path, request_id=rid, close=close,
                                   head_only=req.method == b"HEAD"))
+        if close and not conn.body_complete:
+            conn.linger = True
         return not close
 
     # -- forwarding --------------------------------------------------------------------------------------

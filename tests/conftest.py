@@ -1,0 +1,75 @@
+"""Shared fixtures: a fake Ollama on a free loopback port and fastgate instances in front of it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from fastgate.config import build_config
+from fastgate.logs import LOGGER_NAME
+from fastgate.server import RunningServer, start
+from tests.fake_ollama import FakeOllama
+from tests.rawhttp import Client
+
+KEY1 = "api-20250312000101"
+KEY2 = "api-20250312000202"
+KEYS = {KEY1: "user1", KEY2: "user2"}
+MASKED1 = "api-****0101"
+
+MakeGateway = Callable[..., Awaitable[RunningServer]]
+
+
+def gateway_config(upstream_url: str, **sections: dict[str, Any]):  # type: ignore[no-untyped-def]
+    data: dict[str, Any] = {"server": {"listen": "127.0.0.1:0"}, "upstream": {"url": upstream_url},
+                            "keys": dict(KEYS)}
+    for section, values in sections.items():
+        if section == "keys":
+            data["keys"] = values
+        else:
+            data.setdefault(section, {}).update(values)
+    return build_config(data)
+
+
+@pytest.fixture
+async def ollama() -> AsyncIterator[FakeOllama]:
+    fake = FakeOllama()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def make_gateway(ollama: FakeOllama) -> AsyncIterator[MakeGateway]:
+    running: list[RunningServer] = []
+
+    async def make(upstream_url: str | None = None, **sections: dict[str, Any]) -> RunningServer:
+        server = await start(gateway_config(upstream_url or ollama.url, **sections))
+        running.append(server)
+        return server
+
+    yield make
+    for server in running:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def gateway(make_gateway: MakeGateway) -> RunningServer:
+    return await make_gateway()
+
+
+@pytest.fixture
+async def client(gateway: RunningServer) -> AsyncIterator[Client]:
+    c = await Client.connect(gateway.port)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def gate_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    return caplog
