@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from collections.abc import Callable
@@ -67,7 +68,9 @@ async def serve(config: Config, *, on_ready: Callable[[RunningServer], None] | N
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("fastgate %s listening on %s, forwarding to %s (%d keys, IP trust %s)", __version__, running.url,
+    # Where it listens is announced whatever the log level: operators and scripts wait for this line.
+    log.log(max(logging.INFO, log.getEffectiveLevel()),
+            "fastgate %s listening on %s, forwarding to %s (%d keys, IP trust %s)", __version__, running.url,
              config.upstream.url, len(config.keys),
              f"{config.auth.session_ttl} s" if config.auth.session_ttl else "off")
     if on_ready is not None:

@@ -59,15 +59,26 @@ class Client:
     async def response(self, *, head_only: bool = False, timeout: float = 10.0) -> RawResponse:
         return await asyncio.wait_for(read_response(self.reader, head_only=head_only), timeout)
 
+    async def response_head(self, timeout: float = 10.0) -> RawResponse:
+        """Only the head; `body()` reads the rest (to act between the two)."""
+        return await asyncio.wait_for(read_head(self.reader), timeout)
+
+    async def body(self, response: RawResponse, timeout: float = 10.0) -> RawResponse:
+        return await asyncio.wait_for(read_body(self.reader, response), timeout)
+
     async def closed(self, timeout: float = 5.0) -> bool:
-        """True when the server closed the connection (EOF or reset) within `timeout`."""
+        """True when the server closes the connection (EOF or reset) within `timeout`; data is discarded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            while (left := deadline - loop.time()) > 0:
+                if not await asyncio.wait_for(self.reader.read(65536), left):
+                    return True
         except (ConnectionError, OSError):
             return True
         except asyncio.TimeoutError:
-            return False
-        return data == b""
+            pass
+        return False
 
     async def close(self) -> None:
         self.writer.close()
@@ -91,6 +102,13 @@ def build_request(method: str, target: str, *, headers: dict[str, str] | list[tu
 
 async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False) -> RawResponse:
     """Read one response; 1xx interim responses are skipped."""
+    response = await read_head(reader)
+    if head_only or response.status in (204, 304):
+        return response
+    return await read_body(reader, response)
+
+
+async def read_head(reader: asyncio.StreamReader) -> RawResponse:
     while True:
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -99,10 +117,12 @@ async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False
         headers = [(n.strip(), v.strip()) for n, _, v in (ln.partition(":") for ln in header_lines if ln)]
         if not 100 <= status < 200:
             break
-    response = RawResponse(status, reason[0] if reason else "", headers, raw=head)
-    lowered = {n.lower(): v for n, v in headers}
-    if head_only or status in (204, 304):
-        return response
+    return RawResponse(status, reason[0] if reason else "", headers, raw=head)
+
+
+async def read_body(reader: asyncio.StreamReader, response: RawResponse) -> RawResponse:
+    head = response.raw
+    lowered = {n.lower(): v for n, v in response.headers}
     raw = bytearray()
     body = bytearray()
     try:

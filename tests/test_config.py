@@ -71,8 +71,10 @@ def test_empty_document_is_the_defaults() -> None:
     assert build_config({}) == Config()
 
 
-@pytest.mark.parametrize("instance", [ServerConfig(), UpstreamConfig(), AuthConfig(), LogConfig(), Config(),
-                                      HostPort("h", 1), UpstreamURL("http", "h", 1, "")], ids=lambda i: type(i).__name__)
+@pytest.mark.parametrize("instance", [
+    ServerConfig(), UpstreamConfig(), AuthConfig(), LogConfig(), Config(), HostPort("h", 1),
+    UpstreamURL("http", "h", 1, ""),
+], ids=lambda i: type(i).__name__)
 def test_config_classes_are_frozen(instance: object) -> None:
     field_name = dataclasses.fields(instance)[0].name  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -225,8 +227,9 @@ def test_upstream_base_path_is_kept_in_config() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Errors name the dotted key
 
-INT_KEYS = [("server", "max_connections"), ("server", "max_header_bytes"), ("upstream", "max_idle_connections"),
-            ("auth", "session_ttl"), ("auth", "max_trusted_ips"), ("auth", "max_body_bytes")]
+INT_KEYS = [("server", "max_connections"), ("server", "max_header_bytes"),
+            ("upstream", "max_idle_connections"), ("auth", "session_ttl"), ("auth", "max_trusted_ips"),
+            ("auth", "max_body_bytes")]
 SECONDS_KEYS = [("server", "header_timeout"), ("server", "keepalive_timeout"), ("server", "body_timeout"),
                 ("server", "shutdown_grace"), ("upstream", "connect_timeout"), ("upstream", "read_timeout"),
                 ("upstream", "pool_idle_timeout")]
@@ -244,11 +247,12 @@ BAD_VALUES = (
         8000, True, "localhost", "localhost:", ":8000", "localhost:65536", "localhost:-1", "localhost:http",
         "localhost:80x", "[::1]", "::1", "", "localhost:\u00b2", "[::1:8000")]
     + [("upstream", "url", v) for v in (
-        11434, "https://127.0.0.1:11434", "ftp://h", "http://", "http:///api", "http://:80", "127.0.0.1:11434",
-        "localhost:11434", "http://h:11434?x=1", "http://h:11434#frag", "http://h:abc", "http://h:99999",
-        "http://h:0", "")]
+        11434, "https://127.0.0.1:11434", "ftp://h", "http://", "http:///api", "http://:80",
+        "127.0.0.1:11434", "localhost:11434", "http://h:11434?x=1", "http://h:11434#frag", "http://h:abc",
+        "http://h:99999", "http://h:0", "")]
     + [("log", "level", v) for v in ("TRACE", "", 10, True)]
-    + [("server", "trusted_proxies", v) for v in ("10.0.0.0/8", ["not-an-ip"], ["10.0.0.0/33"], [None], [1], 5)]
+    + [("server", "trusted_proxies", v)
+       for v in ("10.0.0.0/8", ["not-an-ip"], ["10.0.0.0/33"], [None], [1], 5)]
 )
 
 
@@ -355,7 +359,8 @@ def test_load_none_without_file_gives_defaults(tmp_path: Path, monkeypatch: pyte
     assert load_config(None) == Config()
 
 
-def test_load_none_with_broken_default_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_none_with_broken_default_file_is_an_error(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path / "fastgate.toml", "[auth]\nsession_ttl = -1\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"^auth\.session_ttl:"):
@@ -369,8 +374,9 @@ def test_missing_explicit_file(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: cannot read config file")
 
 
-@pytest.mark.parametrize("text", ["[server\nlisten = 1", "a = = 1", "[auth]\nsession_ttl = 1\nsession_ttl = 2\n",
-                                  'x = "unterminated'])
+@pytest.mark.parametrize("text", [
+    "[server\nlisten = 1", "a = = 1", "[auth]\nsession_ttl = 1\nsession_ttl = 2\n", 'x = "unterminated',
+])
 def test_invalid_toml(tmp_path: Path, text: str) -> None:
     path = str(tmp_path / "bad.toml")
     Path(path).write_text(text, encoding="utf-8")

@@ -46,7 +46,8 @@ def basic(userpass: str) -> bytes:
     # http://KEY@host: no password, the user part is the key
     ([(b"authorization", basic(KEY))], PresentedKey(KeySource.BASIC, KEY)),
     ([(b"authorization", basic(f"{KEY}:"))], PresentedKey(KeySource.BASIC, KEY)),
-    ([(b"authorization", b"basic " + base64.b64encode(f"u:{KEY}".encode()))], PresentedKey(KeySource.BASIC, KEY)),
+    ([(b"authorization", b"basic " + base64.b64encode(f"u:{KEY}".encode()))],
+     PresentedKey(KeySource.BASIC, KEY)),
 ])
 def test_key_sources(headers: list[tuple[bytes, bytes]], expected: PresentedKey) -> None:
     assert key_from_headers(headers) == expected
@@ -140,7 +141,7 @@ def test_empty_query_key_is_removed_but_not_a_key(query: bytes, rest: bytes) -> 
 def test_query_without_key_unchanged(query: bytes) -> None:
     key, stripped = split_query_key(query)
     assert key is None
-    assert stripped is query or stripped == query
+    assert stripped == query
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_bodies_that_are_not_a_json_object_stay_unchanged(body: bytes) -> None:
 
 
 def test_big_base64_body() -> None:
-    image = base64.b64encode(bytes(range(256)) * 40000).decode()  # ~13.6 MB of base64
+    image = base64.b64encode(bytes(range(256)) * 16000).decode()  # ~5.5 MB of base64
     prefix = '{"model":"llava","prompt":"what is this?","images":["' + image + '"],'
     body = (prefix + '"api_key":"' + KEY + '","stream":false}').encode()
     key, stripped = split_body_key(body)

@@ -1,0 +1,469 @@
+"""Turn per-round results into medians, ratios, goal checks and a noise figure; write Markdown and a chart."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .analysis import median, spread
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    phase: str
+    field: str
+    label: str
+    unit: str
+    minus_direct: bool = False  # "added": the target's value minus direct's in the same round
+    proxies_only: bool = False  # meaningless for direct (CPU and memory of a proxy process)
+    higher_is_better: bool = False
+
+
+FIGURES = [
+    Figure("latency_p50", "paced", "latency_p50_us", "added latency/token p50", "us", minus_direct=True),
+    Figure("latency_p99", "paced", "latency_p99_us", "added latency/token p99", "us", minus_direct=True),
+    Figure("cpu_token_paced", "paced", "cpu_per_token_us", "CPU/token paced", "us", proxies_only=True),
+    Figure("cpu_token_full", "full_speed", "cpu_per_token_us", "CPU/token full speed", "us", proxies_only=True),
+    Figure("tokens_per_s", "full_speed", "tokens_per_s", "tokens/s full speed", "/s", higher_is_better=True),
+    Figure("requests_per_s", "small", "requests_per_s", "small requests/s", "/s", higher_is_better=True),
+    Figure("request_p99", "small", "p99_us", "small request p99", "us"),
+    Figure("cpu_request", "small", "cpu_per_request_us", "CPU/request", "us", proxies_only=True),
+    Figure("ttfb_p50", "ttfb", "p50_us", "TTFB p50", "us"),
+    Figure("ttfb_added", "ttfb", "p50_us", "added TTFB p50", "us", minus_direct=True),
+    Figure("mem_idle", "mem_idle", "per_idle_conn_kib", "memory/idle conn", "KiB", proxies_only=True),
+    Figure("mem_active", "mem_active", "per_active_stream_kib", "memory/active stream", "KiB", proxies_only=True),
+]
+FIG = {f.key: f for f in FIGURES}
+# The figures whose round-to-round movement makes up the run's noise figure.
+NOISE_FIGURES = ("latency_p50", "cpu_token_paced", "cpu_token_full", "cpu_request", "ttfb_p50")
+
+GOALS = [
+    # (figure, kind, limit, text)
+    ("cpu_token_paced", "ratio", 1.25, "CPU/token paced <= 1.25x nginx"),
+    ("cpu_token_full", "ratio", 2.0, "CPU/token full speed <= 2x nginx"),
+    ("latency_p50", "plus", 20.0, "added latency p50 <= nginx + 20 us"),
+    ("cpu_request", "ratio", 5.0, "CPU/request <= 5x nginx"),
+    ("mem_idle", "abs", 20.0, "memory/idle keep-alive conn < 20 KiB"),
+    ("mem_active", "abs", 64.0, "memory/active stream < 64 KiB"),
+]
+
+
+def _value(results: dict[str, Any], fig: Figure) -> float:
+    phase = results.get(fig.phase) or {}
+    v = phase.get(fig.field)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def per_round(rounds: list[dict[str, Any]], names: list[str], fig: Figure) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in rounds:
+        res = rnd["results"]
+        direct = _value(res.get("direct", {}), fig) if fig.minus_direct else 0.0
+        for n in names:
+            if fig.proxies_only and n == "direct":
+                continue
+            v = _value(res.get(n, {}), fig)
+            if fig.minus_direct:
+                v = v - direct
+            out[n].append(v)
+    return out
+
+
+def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for fig in FIGURES:
+        pr = per_round(rounds, names, fig)
+        figures[fig.key] = {
+            "label": fig.label, "unit": fig.unit,
+            "median": {n: median(v) for n, v in pr.items() if v},
+            "spread": {n: spread(v) for n, v in pr.items() if v},
+            "rounds": pr,
+        }
+    ratios: dict[str, Any] = {}
+    for base in ("nginx", "seed"):
+        if base not in names:
+            continue
+        for fig in FIGURES:
+            med = figures[fig.key]["median"]
+            b = med.get(base, math.nan)
+            for n in names:
+                if n == base or n not in med:
+                    continue
+                ratios.setdefault(f"vs_{base}", {}).setdefault(fig.key, {})[n] = _ratio(med[n], b)
+    # per-round ratios fastgate/nginx: how stable is the comparison itself?
+    ratio_spread: dict[str, float] = {}
+    if "fastgate" in names and "nginx" in names:
+        for key in NOISE_FIGURES:
+            pr = figures[key]["rounds"]
+            rr = [_ratio(a, b) for a, b in zip(pr.get("fastgate", []), pr.get("nginx", []))]
+            ratio_spread[key] = spread(rr)
+    noise_values = [s for key in NOISE_FIGURES for n, s in figures[key]["spread"].items() if s == s]
+    noise = {
+        "median_spread": median(noise_values),
+        "max_spread": max(noise_values) if noise_values else math.nan,
+        "fastgate_over_nginx_ratio_spread": ratio_spread,
+        "direct_latency_p50_us_rounds": [
+            _value(r["results"].get("direct", {}), FIG["latency_p50"]) for r in rounds],
+        "calibration_ms_rounds": [r["calibration_ms"] for r in rounds],
+        "calibration_spread": spread([r["calibration_ms"] for r in rounds]),
+        "steal_pct": env.get("system", {}).get("steal_pct", math.nan),
+        "busy_pct": env.get("system", {}).get("busy_pct", math.nan),
+    }
+    return {
+        "environment": env,
+        "targets": names,
+        "figures": figures,
+        "ratios": ratios,
+        "goals": goals(figures, names),
+        "correctness": correctness(rounds, names),
+        "noise": noise,
+        "harness_cost": harness_cost(rounds, names),
+        "rounds": [_strip_samples(r) for r in rounds],
+    }
+
+
+def _strip_samples(rnd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(rnd)
+    out["results"] = {n: {ph: {k: v for k, v in res.items() if not k.endswith("_sample")}
+                          if isinstance(res, dict) else res for ph, res in phases.items()}
+                      for n, phases in rnd["results"].items()}
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    if a != a or b != b or b == 0:
+        return math.nan
+    return a / b
+
+
+def goals(figures: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    if "fastgate" not in names:
+        return out
+    for key, kind, limit, text in GOALS:
+        med = figures[key]["median"]
+        fg = med.get("fastgate", math.nan)
+        ng = med.get("nginx", math.nan)
+        if kind == "ratio":
+            value = _ratio(fg, ng)
+            met = value <= limit
+            gap = f"{value / limit:.2f}x the limit" if not met and value == value else ""
+            shown = f"{value:.2f}x ({_fmt(fg)} vs {_fmt(ng)} us)"
+        elif kind == "plus":
+            value = fg - ng
+            met = value <= limit
+            gap = f"{value - limit:.0f} us over" if not met and value == value else ""
+            shown = f"{value:+.0f} us ({_fmt(fg)} vs {_fmt(ng)} us)"
+        else:
+            value = fg
+            met = value < limit
+            gap = f"{value - limit:.1f} KiB over" if not met and value == value else ""
+            shown = f"{_fmt(fg)} KiB (nginx {_fmt(ng)} KiB)"
+        if value != value:
+            met, gap = False, "not measured"
+        out.append({"goal": text, "figure": key, "value": value, "shown": shown, "met": bool(met), "gap": gap})
+    return out
+
+
+def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in names:
+        c = {"streams_ok": 0, "streams": 0, "crc_checked": 0, "bad_key_401": None, "good_key_ok": True,
+             "small_non_200": 0, "small_bodies_checked": 0, "small_bodies_bad": 0,
+             "paced_chunks": 0, "paced_reframed": 0, "full_chunks": 0, "full_reframed": 0,
+             "failures": [], "errors": []}
+        for rnd in rounds:
+            res = rnd["results"].get(n, {})
+            for phase, r in res.items():
+                if not isinstance(r, dict):
+                    continue
+                if "error" in r:
+                    c["errors"].append(f"{phase}: {r['error']}")
+                    continue
+                c["streams_ok"] += r.get("streams_ok", 0)
+                c["streams"] += r.get("streams", 0)
+                c["crc_checked"] += r.get("crc_checked", 0)
+                c["failures"] += [f"{phase}: {f}" for f in r.get("failures", [])]
+            for auth in (res.get("auth", {}), res.get("auth_restart", {})):
+                if "bad_key_401" in auth:
+                    c["bad_key_401"] = bool(auth["bad_key_401"]) if c["bad_key_401"] is None else (
+                        c["bad_key_401"] and bool(auth["bad_key_401"]))
+                if "good_key_ok" in auth:
+                    c["good_key_ok"] = (c["good_key_ok"] and bool(auth["good_key_ok"])
+                                        and bool(auth.get("stream_ok")))
+            small = res.get("small", {})
+            c["small_non_200"] += small.get("non_200", 0)
+            c["small_bodies_checked"] += small.get("bodies_checked", 0)
+            c["small_bodies_bad"] += small.get("bodies_bad", 0)
+            for phase, prefix in (("paced", "paced"), ("full_speed", "full")):
+                r = res.get(phase, {})
+                c[f"{prefix}_chunks"] += r.get("chunks", 0)
+                c[f"{prefix}_reframed"] += r.get("reframed_chunks", 0)
+        c["failures"] = c["failures"][:10]
+        c["ok"] = (c["streams"] > 0 and c["streams_ok"] == c["streams"] and c["bad_key_401"] is not False
+                   and c["good_key_ok"] and not c["small_non_200"] and not c["small_bodies_bad"] and not c["errors"])
+        c["framing_preserved"] = c["paced_reframed"] == 0 and c["full_reframed"] == 0
+        out[n] = c
+    return out
+
+
+def harness_cost(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in names:
+        vals: dict[str, list[float]] = {}
+        for rnd in rounds:
+            res = rnd["results"].get(n, {})
+            for phase, field in (("paced", "client_cpu_per_token_us"), ("paced", "upstream_cpu_per_token_us"),
+                                 ("full_speed", "client_cpu_per_token_us"),
+                                 ("full_speed", "upstream_cpu_per_token_us"),
+                                 ("small", "client_cpu_per_request_us"), ("small", "upstream_cpu_per_request_us"),
+                                 ("full_speed", "proxy_cpu_util"), ("small", "proxy_cpu_util")):
+                v = (res.get(phase) or {}).get(field)
+                if isinstance(v, (int, float)):
+                    vals.setdefault(f"{phase}.{field}", []).append(v)
+        out[n] = {k: median(v) for k, v in vals.items()}
+    return out
+
+
+# -- text ----------------------------------------------------------------------------------------------------
+
+def _fmt(v: float, unit: str = "") -> str:
+    if v is None or v != v:
+        return "n/a"
+    a = abs(v)
+    if a >= 1000:
+        s = f"{v:,.0f}"
+    elif a >= 100:
+        s = f"{v:.0f}"
+    elif a >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.2f}"
+    return s + (f" {unit}" if unit else "")
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v != v else f"{100 * v:.0f}%"
+
+
+def one_line(phase: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR " + str(r["error"])[:80]
+    if phase == "auth":
+        return f"good {r.get('good_key_status')} bad {r.get('bad_key_statuses', 'n/a')}"
+    if phase == "paced":
+        return (f"lat p50 {_fmt(r['latency_p50_us'])} us p99 {_fmt(r['latency_p99_us'])} us, "
+                f"cpu/token {_fmt(r['cpu_per_token_us'])} us, ok {r['streams_ok']}/{r['streams']}")
+    if phase == "full_speed":
+        return (f"{_fmt(r['tokens_per_s'])} tok/s, cpu/token {_fmt(r['cpu_per_token_us'])} us, "
+                f"ok {r['streams_ok']}/{r['streams']}, reframed {r['reframed_chunks']}/{r['chunks']}")
+    if phase == "small":
+        return (f"{_fmt(r['requests_per_s'])} req/s, p99 {_fmt(r['p99_us'])} us, "
+                f"cpu/req {_fmt(r['cpu_per_request_us'])} us, non-200 {r['non_200']}")
+    if phase == "ttfb":
+        return f"p50 {_fmt(r['p50_us'])} us p99 {_fmt(r['p99_us'])} us, ok {r['streams_ok']}/{r['streams']}"
+    if phase == "mem_idle":
+        return (f"{_fmt(r['per_idle_conn_kib'])} KiB/idle conn ({r['conns_open']}/{r['conns']} open, "
+                f"RSS {r['base_kib']} -> {r['after_kib']} KiB)")
+    if phase == "mem_active":
+        return (f"{_fmt(r['per_active_stream_kib'])} KiB/active stream ({r['streams_flowing']}/{r['streams']} "
+                f"flowing, RSS {r['base_kib']} -> {r['after_kib']} KiB)")
+    return ""
+
+
+def markdown(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    names = data["targets"]
+    figs = data["figures"]
+    noise = data["noise"]
+    p = env["params"]
+    nrounds = len(data["rounds"])
+    lines = [
+        f"# fastgate benchmark: {env['date']}",
+        "",
+        f"Machine: {env['nproc']} CPUs, {env['cpu_model']} (cpuidle: {env['cpuidle_driver']}), Linux {env['kernel']}, "
+        f"Python {env['python']}, {env['nginx']}. fastgate {env['versions'].get('fastgate')} at "
+        f"{env['fastgate_commit']}, logging {env['fastgate_log']}. Seed: FastAPI {env['versions'].get('fastapi')}, "
+        f"uvicorn {env['versions'].get('uvicorn')}, httpx {env['versions'].get('httpx')}.",
+        "",
+        f"Run: {nrounds} rounds, targets interleaved (A B C D, D C B A, ...), medians over rounds; "
+        f"{'quick; ' if env['quick'] else ''}{'proxy pinned to one CPU; ' if env['pin'] else 'no CPU pinning; '}"
+        f"{'SCHED_IDLE spinners during the latency phase; ' if env['spinners'] else ''}"
+        f"took {env.get('duration_s', '?')} s.",
+        "",
+        f"**Noise:** figures moved by a median of {_pct(noise['median_spread'])} between rounds "
+        f"(worst {_pct(noise['max_spread'])}; (max-min)/median per figure and target); CPU steal "
+        f"{_fmt(noise['steal_pct'])}%, machine busy {_fmt(noise['busy_pct'])}%; "
+        f"calibration loop spread {_pct(noise['calibration_spread'])}.",
+        "",
+        "## Streaming",
+        "",
+        "| target | added latency/token p50 | p99 | CPU/token paced | CPU/token full speed | tokens/s full speed "
+        "| TTFB p50 (added) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def m(key: str, n: str, unit: str = "us") -> str:
+        return _fmt(figs[key]["median"].get(n, math.nan), unit)
+
+    for n in names:
+        lines.append(f"| {n} | {m('latency_p50', n)} | {m('latency_p99', n)} | {m('cpu_token_paced', n)} | "
+                     f"{m('cpu_token_full', n)} | {m('tokens_per_s', n, '')} | "
+                     f"{m('ttfb_p50', n)} ({m('ttfb_added', n)}) |")
+    lines += [
+        "",
+        "## Small requests and memory",
+        "",
+        "| target | requests/s | p99 | CPU/request | memory/idle conn | memory/active stream |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in names:
+        lines.append(f"| {n} | {m('requests_per_s', n, '')} | {m('request_p99', n)} | {m('cpu_request', n)} | "
+                     f"{m('mem_idle', n, 'KiB')} | {m('mem_active', n, 'KiB')} |")
+    lines += [
+        "",
+        f"Paced: {p['paced_streams']} stream of {p['paced_tokens']} tokens {p['paced_gap_ms']:g} ms apart. "
+        f"Full speed: {p['full_streams']} concurrent streams of {p['full_tokens']} tokens, no gap, "
+        f"{p['full_window_s']:g} s window. Small: GET /api/version on {p['small_conns']} keep-alive connections, "
+        f"closed loop, {p['small_window_s']:g} s. TTFB: {p['ttfb_requests']} one-token streams in sequence on a "
+        f"keep-alive connection. Memory: RSS growth over {p['idle_conns']} idle keep-alive connections (after one "
+        f"request each), and over {p['active_streams']} streams ({p['active_gap_ms']:g} ms gap), each on a freshly "
+        f"started, warmed-up proxy. Added = target minus direct in the same round.",
+        "",
+    ]
+    ratios = data["ratios"]
+    for base in ("nginx", "seed"):
+        rb = ratios.get(f"vs_{base}")
+        if not rb:
+            continue
+        others = [n for n in names if n not in (base, "direct")]
+        lines += [f"## Ratios to {base} (lower is better except throughput)", "",
+                  "| figure | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
+        for key in ("latency_p50", "latency_p99", "cpu_token_paced", "cpu_token_full", "tokens_per_s",
+                    "requests_per_s", "cpu_request", "ttfb_added", "mem_idle", "mem_active"):
+            row = rb.get(key, {})
+            lines.append(f"| {FIG[key].label} | " + " | ".join(
+                "n/a" if row.get(n, math.nan) != row.get(n, math.nan) else f"{row[n]:.2f}x" for n in others) + " |")
+        lines.append("")
+    if data["goals"]:
+        lines += ["## fastgate's goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
+        for g in data["goals"]:
+            lines.append(f"| {g['goal']} | {g['shown']} | {'yes' if g['met'] else 'NO: ' + g['gap']} |")
+        corr = data["correctness"].get("fastgate", {})
+        lines.append(f"| framing: every upstream chunk arrives as the same chunk | "
+                     f"{corr.get('paced_reframed', 0) + corr.get('full_reframed', 0)} re-framed of "
+                     f"{corr.get('paced_chunks', 0) + corr.get('full_chunks', 0)} | "
+                     f"{'yes' if corr.get('framing_preserved') else 'NO'} |")
+        lines.append("")
+    lines += ["## Correctness", "",
+              "| target | streams intact | CRC-checked | bad/no key -> 401 | small requests | re-framed chunks "
+              "(paced / full speed) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        c = data["correctness"][n]
+        auth = "n/a" if c["bad_key_401"] is None else ("yes" if c["bad_key_401"] else "NO")
+        small = (f"{c['small_non_200']} non-200, {c['small_bodies_bad']}/{c['small_bodies_checked']} bad bodies")
+        lines.append(f"| {n} | {c['streams_ok']}/{c['streams']}{'' if c['ok'] else ' (FAIL)'} | {c['crc_checked']} | "
+                     f"{auth} | {small} | {c['paced_reframed']}/{c['paced_chunks']} / "
+                     f"{c['full_reframed']}/{c['full_chunks']} |")
+        for f in c["failures"][:3] + c["errors"][:3]:
+            lines.append(f"|  | {f} | | | | |")
+    lines += ["", "## Noise: (max - min) / median across rounds", "",
+              "| figure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key in NOISE_FIGURES + ("latency_p99", "requests_per_s", "tokens_per_s", "mem_idle", "mem_active"):
+        sp = figs[key]["spread"]
+        lines.append(f"| {FIG[key].label} | " + " | ".join(_pct(sp.get(n, math.nan)) for n in names) + " |")
+    rs = noise["fastgate_over_nginx_ratio_spread"]
+    if rs:
+        lines += ["", "Spread of the per-round fastgate/nginx ratio: " + ", ".join(
+            f"{FIG[k].label} {_pct(v)}" for k, v in rs.items()) + "."]
+    lines += ["", f"Direct's latency p50 per round (us): "
+              + ", ".join(_fmt(v) for v in noise["direct_latency_p50_us_rounds"]) + ".", ""]
+    hc = data["harness_cost"]
+    lines += ["## Load generator cost (medians)", "",
+              "| target | client CPU/token full speed | fake Ollama CPU/token full speed | client CPU/request "
+              "| fake Ollama CPU/request | proxy CPU use full speed | proxy CPU use small requests |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        h = hc.get(n, {})
+        lines.append(f"| {n} | {_fmt(h.get('full_speed.client_cpu_per_token_us', math.nan), 'us')} | "
+                     f"{_fmt(h.get('full_speed.upstream_cpu_per_token_us', math.nan), 'us')} | "
+                     f"{_fmt(h.get('small.client_cpu_per_request_us', math.nan), 'us')} | "
+                     f"{_fmt(h.get('small.upstream_cpu_per_request_us', math.nan), 'us')} | "
+                     f"{_pct(h.get('full_speed.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} | "
+                     f"{_pct(h.get('small.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- chart ---------------------------------------------------------------------------------------------------
+
+COLORS = {"direct": "#888888", "fastgate": "#1f77b4", "nginx": "#2ca02c", "seed": "#d62728"}
+
+
+def chart(data: dict[str, Any], rounds: list[dict[str, Any]], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (bash bench/setup.sh installs it)")
+        return False
+    names = data["targets"]
+    figs = data["figures"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.5, 1.1, 0.8]})
+    ax = axes[0]
+    for n in names:
+        samples = sorted(v for r in rounds for v in (r["results"].get(n, {}).get("paced") or {}).get(
+            "latency_us_sample", []))
+        if not samples:
+            continue
+        ys = [(i + 1) / len(samples) for i in range(len(samples))]
+        ax.plot(samples, ys, label=n, color=COLORS.get(n), linewidth=1.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("per-token latency: client arrival - upstream send (us, log)")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("Latency per token (paced stream), CDF")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.axhline(0.5, color="#bbbbbb", linewidth=0.8)
+    ax.axhline(0.99, color="#bbbbbb", linewidth=0.8)
+    ax.legend()
+
+    proxies = [n for n in names if n != "direct"]
+    ax = axes[1]
+    width = 0.38
+    xs = range(len(proxies))
+    for off, key, label, hatch in ((-width / 2, "cpu_token_paced", "paced (2 ms)", ""),
+                                   (width / 2, "cpu_token_full", "full speed, 32 streams", "//")):
+        vals = [figs[key]["median"].get(n, math.nan) for n in proxies]
+        bars = ax.bar([x + off for x in xs], vals, width, label=label, color=[COLORS.get(n) for n in proxies],
+                      hatch=hatch, edgecolor="white")
+        for b, v in zip(bars, vals):
+            if v == v:
+                ax.annotate(_fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), proxies)
+    ax.set_yscale("log")
+    ax.set_ylabel("proxy CPU per token (us, log)")
+    ax.set_title("CPU per token (plain: paced, hatched: full speed)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+    ax = axes[2]
+    vals = [figs["cpu_request"]["median"].get(n, math.nan) for n in proxies]
+    bars = ax.bar(list(xs), vals, 0.6, color=[COLORS.get(n) for n in proxies])
+    for b, v in zip(bars, vals):
+        if v == v:
+            ax.annotate(_fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), proxies)
+    ax.set_yscale("log")
+    ax.set_ylabel("proxy CPU per request (us, log)")
+    ax.set_title("CPU per small request")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    env = data["environment"]
+    fig.suptitle(f"fastgate benchmark {env['date']}: {env['nproc']} CPUs, {env['cpu_model']}; "
+                 f"noise {_pct(data['noise']['median_spread'])}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

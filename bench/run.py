@@ -1,0 +1,231 @@
+"""`python -m bench`: start the fake Ollama and the targets, run the phases interleaved over rounds, report.
+
+Round r runs every phase for every target in the order A B C D (r even) or D C B A (r odd), so that a
+slow minute of a shared machine lands on all targets alike. Proxies are started fresh each round (so the
+memory figures start from a process that has only been warmed up) and stopped by PID after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+from . import report
+from .phases import Params, Phases
+from .procs import Spinners, SystemTimes, calibrate_ms, set_affinity
+from .targets import ALL_TARGETS, ROOT, Target, start_target, start_upstream
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+PHASES = ("auth", "mem_idle", "mem_active", "paced", "ttfb", "small", "full_speed")
+# Phases that get a freshly started proxy (warmed up by the auth checks again first).
+FRESH_PHASES = ("mem_active",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run (2 rounds, short windows; < 2 min)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin each proxy to the last CPU and the client + fake Ollama to the others")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
+                    help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct is always added)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
+    ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"),
+                    help="directory for results/<timestamp>/ (default bench/results)")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--no-spin", action="store_true", help="no SCHED_IDLE spinners during the latency phase")
+    ap.add_argument("--log-level", default="INFO", help="fastgate's [log] level (default INFO, its default)")
+    ap.add_argument("--no-lean", action="store_true", help="use the fake Ollama's ordinary (slow) stream path")
+    ap.add_argument("--latest", action=argparse.BooleanOptionalAction, default=None,
+                    help="also copy report.md and chart.png to bench/latest/ (default: yes, except --quick)")
+    return ap.parse_args(argv)
+
+
+def environment(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    def version(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "n/a"
+
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("fastgate", "h11", "uvloop", "fastapi", "starlette", "uvicorn", "httpx"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            versions[mod] = "not installed"
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "fastgate"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "n/a", False
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "cpuidle_driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": version(["nginx", "-v"]),
+        "versions": versions,
+        "fastgate_commit": commit + (" (fastgate/ modified)" if dirty else ""),
+        "quick": args.quick,
+        "pin": args.pin,
+        "spinners": not args.no_spin,
+        "fastgate_log": f"{args.log_level} to a file (logs/fastgate.log in the run directory)",
+        "params": params.__dict__,
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "n/a"
+
+
+async def run(args: argparse.Namespace) -> str:
+    params = Params.quick() if args.quick else Params.full()
+    if args.rounds:
+        params.rounds = args.rounds
+    if args.no_lean:
+        params.lean = False
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for n in names:
+        if n not in ALL_TARGETS:
+            raise SystemExit(f"unknown target {n!r} (known: {', '.join(ALL_TARGETS)})")
+    if "direct" not in names:
+        names.insert(0, "direct")  # every "added" figure is relative to direct
+    names = [n for n in ALL_TARGETS if n in names]
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    ncpu = os.cpu_count() or 1
+    all_cpus = set(range(ncpu))
+    proxy_cpus = {ncpu - 1} if args.pin and ncpu > 1 else None
+    other_cpus = (all_cpus - proxy_cpus) if proxy_cpus else None
+    set_affinity(other_cpus)
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    run_dir = os.path.join(os.path.abspath(args.out), stamp)
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    env = environment(args, params)
+    print(f"bench: {', '.join(names)}; {params.rounds} rounds; results in {run_dir}", flush=True)
+
+    upstream, upstream_port = start_upstream(run_dir, other_cpus)
+    # The client keeps every read of a window: a full collection over that heap mid-window would show up
+    # as latency. Nothing here makes reference cycles worth collecting during a window; collect in between.
+    gc.disable()
+    rounds: list[dict[str, Any]] = []
+    sys_start = SystemTimes.now()
+    t_start = time.monotonic()
+    try:
+        runner = Phases(params, upstream, upstream_port)
+        for r in range(params.rounds):
+            order = names if r % 2 == 0 else list(reversed(names))
+            cal = calibrate_ms()
+            round_sys = SystemTimes.now()
+            results: dict[str, dict[str, Any]] = {n: {} for n in names}
+            targets: dict[str, Target] = {}
+            try:
+                for n in order:
+                    targets[n] = start_target(n, run_dir, upstream_port, proxy_cpus, args.log_level)
+                for i, phase in enumerate(phases):
+                    if phase in FRESH_PHASES and i > 0:
+                        for n in reversed(order):
+                            targets[n].stop()
+                        for n in order:
+                            targets[n] = start_target(n, run_dir, upstream_port, proxy_cpus, args.log_level)
+                        for n in order:
+                            results[n]["auth_restart"] = await runner.auth(targets[n])
+                    if phase.startswith("mem_"):
+                        order_here = [n for n in order if targets[n].is_proxy]
+                    else:
+                        order_here = order
+                    gc.collect()
+                    spin = phase == "paced" and not args.no_spin
+                    with Spinners(sorted(all_cpus)) if spin else _Null():
+                        for n in order_here:
+                            t = time.monotonic()
+                            try:
+                                results[n][phase] = await getattr(runner, phase)(targets[n])
+                            except Exception as exc:  # one broken target must not lose the run
+                                traceback.print_exc()
+                                results[n][phase] = {"error": f"{type(exc).__name__}: {exc}"}
+                            print(f"  round {r + 1}/{params.rounds} {phase:<10} {n:<8} "
+                                  f"{report.one_line(phase, results[n][phase])}  ({time.monotonic() - t:.1f} s)",
+                                  flush=True)
+            finally:
+                for n in reversed(order):
+                    if n in targets:
+                        targets[n].stop()
+            rounds.append({"order": order, "calibration_ms": cal, "system": SystemTimes.now().since(round_sys),
+                           "results": results})
+    finally:
+        upstream.stop()
+    env["duration_s"] = round(time.monotonic() - t_start, 1)
+    env["system"] = SystemTimes.now().since(sys_start)
+    data = report.build(env, names, rounds)
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+    md = report.markdown(data)
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write(md)
+    chart_ok = report.chart(data, rounds, os.path.join(run_dir, "chart.png"))
+    latest = args.latest if args.latest is not None else not args.quick
+    if latest:
+        dest = os.path.join(BENCH_DIR, "latest")
+        os.makedirs(dest, exist_ok=True)
+        shutil.copy(os.path.join(run_dir, "report.md"), os.path.join(dest, "report.md"))
+        if chart_ok:
+            shutil.copy(os.path.join(run_dir, "chart.png"), os.path.join(dest, "chart.png"))
+    print()
+    print(md)
+    print(f"report: {run_dir}/report.md" + (" (also bench/latest/)" if latest else ""))
+    return run_dir
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, set):
+        return sorted(o)
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+        uvloop.run(run(args))
+    except ImportError:
+        asyncio.run(run(args))
+    return 0
