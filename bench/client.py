@@ -63,8 +63,11 @@ class HttpConn(asyncio.Protocol):
     `running` is true (a closed loop). Otherwise `request()` sends one and returns a future.
     """
 
-    def __init__(self, *, keep_reads: bool = True) -> None:
+    def __init__(self, *, keep_reads: bool = True, address: tuple[str, int] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        self.address = address
+        self.reconnects = 0
+        self._close_after = False
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
         self.keep_reads = keep_reads
@@ -96,6 +99,12 @@ class HttpConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
+        if self.running and self.loop_request is not None and self.address is not None:
+            # A closed loop outlives server-side closes (nginx ends a keep-alive connection after
+            # keepalive_requests, 1000 by default): reconnect like a real client would and go on.
+            self.current = None
+            asyncio.get_running_loop().create_task(self._reconnect())
+            return
         if not self.closed.done():
             self.closed.set_result(None)
         waiter = self.waiter
@@ -129,6 +138,7 @@ class HttpConn(asyncio.Protocol):
                 return
             self._in_head = False
             lower = bytes(head[:end]).lower()
+            self._close_after = b"\r\nconnection: close" in lower
             self._chunked = b"transfer-encoding: chunked" in lower
             body = bytes(head[end + 4:])
             head.clear()
@@ -183,6 +193,28 @@ class HttpConn(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(ex)
         if self.running and self.loop_request is not None and not self.eof:
+            if self._close_after:
+                self.transport.close()  # type: ignore[union-attr]  # connection_lost reconnects
+            else:
+                self._send(self.loop_request)
+
+    async def _reconnect(self) -> None:
+        assert self.address is not None
+        self.reconnects += 1
+        self._in_head = True
+        self._head.clear()
+        self._tail = b""
+        self._close_after = False
+        self.eof = False
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: self, *self.address)
+        except OSError:
+            self.running = False
+            self.eof = True
+            if not self.closed.done():
+                self.closed.set_result(None)
+            return
+        if self.running and self.loop_request is not None:
             self._send(self.loop_request)
 
     def _send(self, data: bytes) -> Exchange:
@@ -220,7 +252,7 @@ class HttpConn(asyncio.Protocol):
 
 async def connect(host: str, port: int, **kwargs: bool) -> HttpConn:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: HttpConn(**kwargs), host, port)
+    _, proto = await loop.create_connection(lambda: HttpConn(address=(host, port), **kwargs), host, port)
     return proto  # type: ignore[return-value]
 
 

@@ -255,6 +255,7 @@ class Phases:
             "proxy_cpu_util": cpu / wall,
             "requests": n,
             "non_200": bad,
+            "reconnects": sum(c.reconnects for c in conns),
             "bodies_checked": len(sampled),
             "bodies_bad": body_bad,
         }

@@ -8,9 +8,13 @@ the dotted key, never a silent default. No I/O other than reading the one file; 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 import sys
+from types import MappingProxyType
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -97,7 +101,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    keys: dict[str, str] = field(default_factory=dict)  # key -> user name
+    keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # key -> user name
     source: str = ""  # path of the file it came from, "" for defaults
 
 
@@ -113,7 +117,7 @@ def _int(minimum: int = 0) -> Callable[[str, Any], int]:
 
 
 def _seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key}: expected a number of seconds > 0, got {value!r}")
     return float(value)
 
@@ -130,15 +134,14 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\[\]:\s]+)):(?P<port>[0-9]{1,5})")
+
+
 def parse_host_port(key: str, value: Any) -> HostPort:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
-    host, sep, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{key}: expected \"HOST:PORT\" (e.g. 127.0.0.1:8000), got {value!r}")
-    return HostPort(host, int(port_text))
+    match = _HOST_PORT.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group("port")) > 65535:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\" (e.g. 127.0.0.1:8000, [::1]:8000), got {value!r}")
+    return HostPort(match.group("v6") or match.group("host"), int(match.group("port")))
 
 
 def parse_upstream_url(key: str, value: Any) -> UpstreamURL:
@@ -148,9 +151,13 @@ def parse_upstream_url(key: str, value: Any) -> UpstreamURL:
     if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"{key}: expected http://HOST[:PORT][/PATH] (Ollama speaks plain HTTP), got {value!r}")
     try:
-        port = parts.port or 80
+        port = parts.port
     except ValueError:
         raise ConfigError(f"{key}: bad port in {value!r}") from None
+    if port is None:
+        port = 80
+    elif port == 0:
+        raise ConfigError(f"{key}: port 0 is not a port Ollama can listen on, got {value!r}")
     return UpstreamURL("http", parts.hostname, port, parts.path.rstrip("/"))
 
 
@@ -165,6 +172,8 @@ def _networks(key: str, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.I
         raise ConfigError(f"{key}: expected a list of IP addresses or CIDR ranges, got {value!r}")
     nets = []
     for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}: expected strings such as \"10.0.0.5\" or \"10.0.0.0/8\", got {item!r}")
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError):
@@ -216,7 +225,7 @@ def _parse_keys(raw: Any) -> dict[str, str]:
         if not key:
             raise ConfigError("keys: an empty key is not allowed")
         if not isinstance(user, str) or not user:
-            raise ConfigError(f"keys: the user name for the key ending in ...{key[-2:]} must be a non-empty string")
+            raise ConfigError(f"keys: user names must be non-empty strings (entry {len(keys) + 1} is {user!r})")
         keys[key] = user
     return keys
 
@@ -248,7 +257,7 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
         server = replace(server, tls_cert=os.path.join(base_dir, server.tls_cert),
                           tls_key=os.path.join(base_dir, server.tls_key))
         sections["server"] = server
-    return Config(keys=_parse_keys(data.get("keys", {})), source=source, **sections)
+    return Config(keys=MappingProxyType(_parse_keys(data.get("keys", {}))), source=source, **sections)
 
 
 def load_config(path: str | None) -> Config:
@@ -262,7 +271,7 @@ def load_config(path: str | None) -> Config:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return build_config(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from .trust import canonical_ip
 from .errors import BadRequest, BodyTooLarge, GateError, HeadersTooLarge, RequestTimeout
 
 if TYPE_CHECKING:
@@ -300,4 +301,7 @@ def _has_body(request: h11.Request) -> bool:
 
 def _plain_ip(ip: str) -> str:
     # Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d; trust and logs want the IPv4 form.
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+    try:
+        return canonical_ip(ip)
+    except ValueError:
+        return ip

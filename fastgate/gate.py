@@ -18,8 +18,8 @@ from . import __version__
 from .config import Config
 from .errors import Forbidden, MethodNotAllowed, Unauthorized
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
-from .messages import forwardable_headers, json_body, upstream_request_head
-from .trust import TrustTable, _in_networks, client_ip
+from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
+from .trust import TrustTable, client_ip, in_networks
 
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
@@ -80,7 +80,7 @@ class Forward:
     head: bytes  # the complete request head for Ollama
     body: bytes | None  # rewritten, buffered body; None: relay the client's body as it comes
     user: str
-    key_label: str  # "x-api-key:api-****0101" or "ip-trust:api-****0101"; never a full key
+    key_label: str  # "x-api-key:api-****0101", or "ip-trust:<label of the key /auth got>"; never a full key
     url: str  # forwarded URL for logs (query without api_key)
     client_ip: str
 
@@ -111,7 +111,7 @@ class Gate:
         upstream = config.upstream.url
         self._host_header = upstream.host_header.encode()
         self._base_path = upstream.base_path.encode()
-        self._url_prefix = f"http://{upstream.host_header}{upstream.base_path}"
+        self._origin = f"http://{upstream.host_header}"
         self._trusted_proxies = config.server.trusted_proxies
         self._info = json_body({"name": "fastgate", "version": __version__, "status": "running"})
 
@@ -119,6 +119,9 @@ class Gate:
 
     def decide(self, req: IncomingRequest, request_id: bytes) -> Decision:
         """Decide on the head alone. Raises GateError for requests to refuse."""
+        # Policy is decided on paths only: an absolute-form target becomes its path first, so
+        # `POST http://localhost/api/me` is judged (and forwarded) as `/api/me`.
+        req.target = origin_form(req.target)
         path = req.path
         if path == b"/":
             self._allow(req, (b"GET", b"HEAD"))
@@ -135,7 +138,7 @@ class Gate:
         query_key, query = split_query_key(query)
         key = key or query_key
         if key is not None:
-            return self._forward(req, request_id, self._user_for(key), key.source.value, key.masked, query, None)
+            return self._forward_keyed(req, request_id, key, query, None)
         if self._body_may_carry_key(req):
             return ReadBody(self.config.auth.max_body_bytes)
         return self._forward_trusted(req, request_id, query, None)
@@ -147,8 +150,7 @@ class Gate:
         query = split_query_key(req.target.partition(b"?")[2])[1]
         key, stripped = split_body_key(body)
         if key is not None:
-            return self._forward(req, request_id, self._user_for(key), key.source.value, key.masked, query,
-                                 stripped)
+            return self._forward_keyed(req, request_id, key, query, stripped)
         return self._forward_trusted(req, request_id, query, body)
 
     def client_ip(self, req: IncomingRequest) -> str:
@@ -175,6 +177,21 @@ class Gate:
             error.detail = f"{key.source.value}:{key.masked}"
             raise error
         return user
+
+    def _forward_keyed(self, req: IncomingRequest, request_id: bytes, key: PresentedKey, query: bytes,
+                       body: bytes | None) -> Forward:
+        user = self.keyring.user_for(key.secret)
+        if user is not None:
+            return self._forward(req, request_id, user, key.source.value, key.masked, query, body)
+        # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
+        # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
+        ip = self.client_ip(req)
+        grant = self.trust.lookup(ip, self.clock()) if self.config.auth.session_ttl else None
+        if grant is not None:
+            return self._forward(req, request_id, grant.user, "ip-trust", grant.key_label, query, body, ip)
+        error = Unauthorized("invalid API key")
+        error.detail = f"{key.source.value}:{key.masked}"
+        raise error
 
     def _forward_trusted(self, req: IncomingRequest, request_id: bytes, query: bytes,
                          body: bytes | None) -> Forward:
@@ -210,7 +227,7 @@ class Gate:
         if ip is None:
             ip = self.client_ip(req)
         target = self._base_path + path + (b"?" + query if query else b"")
-        trusted_peer = bool(self._trusted_proxies) and _in_networks(req.peer_ip, self._trusted_proxies)
+        trusted_peer = bool(self._trusted_proxies) and in_networks(req.peer_ip, self._trusted_proxies)
         forwarded_for = ip.encode()
         forwarded_proto = b"https" if req.tls else b"http"
         if trusted_peer:
@@ -229,7 +246,7 @@ class Gate:
             host_header=self._host_header, forwarded_for=forwarded_for, forwarded_proto=forwarded_proto,
             forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
             http10=req.http_version == b"1.0")
-        return Forward(head, body, user, f"{source}:{masked}", self._url_prefix + target.decode("latin-1"), ip)
+        return Forward(head, body, user, f"{source}:{masked}", self._origin + target.decode("latin-1"), ip)
 
 
 def _is_account_path(path: bytes) -> bool:

@@ -50,11 +50,11 @@ class PresentedKey:
 
 
 def mask(secret: str) -> str:
-    """`api-20250312000101` -> `api-****0101`; short keys reveal less, tiny ones nothing."""
-    if len(secret) >= 12:
+    """`api-20250312000101` -> `api-****0101`: at most half of a key shows; short keys show less, tiny ones nothing."""
+    if len(secret) >= 16:
         return f"{secret[:4]}****{secret[-4:]}"
-    if len(secret) >= 8:
-        return f"****{secret[-2:]}"
+    if len(secret) >= 10:
+        return f"****{secret[-4:]}"
     return "****"
 
 
@@ -82,9 +82,11 @@ def _key_from_authorization(value: str) -> PresentedKey | None:
     scheme, _, rest = value.partition(" ")
     rest = rest.strip()
     lowered = scheme.lower()
-    if lowered == "bearer" and rest:
-        return PresentedKey(KeySource.BEARER, rest)
-    if lowered == "basic" and rest:
+    if lowered == "bearer":
+        return PresentedKey(KeySource.BEARER, rest) if rest else None
+    if lowered == "basic":
+        if not rest:
+            return None
         # `http://user:KEY@host` URLs (LangChain's base_url) arrive as Basic: the password is the key.
         try:
             user, _, password = base64.b64decode(rest, validate=True).decode("utf-8").partition(":")
@@ -162,7 +164,7 @@ def _top_level_members(text: str) -> list[_Member] | None:
                     break
                 if sep != ",":
                     return None
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         return None
     if _WS.match(text, idx).end() != len(text):  # type: ignore[union-attr]
         return None
@@ -182,17 +184,19 @@ def split_body_key(body: bytes) -> tuple[PresentedKey | None, bytes]:
     except UnicodeDecodeError:
         return None, body
     found: PresentedKey | None = None
+    first_pass = True
     while True:
         members = _top_level_members(text)
         if members is None:
-            return found, text.encode("utf-8") if found else body
+            return (found, text.encode("utf-8")) if not first_pass else (None, body)
         idx = next((i for i in range(len(members) - 1, -1, -1) if members[i].name == BODY_KEY_NAME), None)
         if idx is None:
-            return found, text.encode("utf-8")
+            return (found, text.encode("utf-8")) if not first_pass else (None, body)
         member = members[idx]
-        # JSON decoders keep the last duplicate, so the last api_key is the one the client meant.
-        if found is None and isinstance(member.value, str) and member.value:
+        # JSON decoders keep the last duplicate, so only the last api_key is the one the client meant.
+        if first_pass and isinstance(member.value, str) and member.value:
             found = PresentedKey(KeySource.BODY, member.value)
+        first_pass = False
         if idx + 1 < len(members):
             text = text[:member.start] + text[members[idx + 1].start:]
         elif idx > 0:
@@ -220,4 +224,5 @@ class KeyRing:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+    # surrogatepass: a JSON body can carry lone surrogates ("\ud800"); they must hash, not raise.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()

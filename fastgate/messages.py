@@ -15,10 +15,9 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 
-from .errors import BadGateway, GateError
+from .errors import BadGateway, BadRequest, GateError
 
 # RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward, plus the ones HTTP/1.0-era
 # software still sends. Fields named in `Connection` are dropped too (see `forwardable_headers`).
@@ -34,6 +33,23 @@ REPLACED_UPSTREAM = frozenset({
 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
+
+
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def origin_form(target: bytes) -> bytes:
+    """The request target as a path (RFC 9112 section 3.2): absolute-form `http://host/p?q` becomes `/p?q`
+    (servers must accept it; Go routes it on its path). Asterisk- and authority-forms are refused."""
+    if target.startswith(b"/"):
+        return target
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        raise BadRequest("request target must be a path")
+    rest = target[match.end():]
+    if rest.startswith(b"#"):
+        rest = b""
+    return rest if rest.startswith(b"/") else b"/" + rest
 
 
 def forwardable_headers(raw_headers: list[tuple[bytes, bytes]], *, forward_origin: bool) -> list[tuple[bytes, bytes]]:
@@ -146,6 +162,9 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
         if lname in _RESPONSE_DROP:
             continue
         kept.append(line)
+    if connection_tokens - {b"close", b"keep-alive", b""}:
+        # RFC 9110 section 7.6.1: fields named in Connection are for this hop only.
+        kept = [ln for ln in kept if ln.partition(b":")[0].strip().lower() not in connection_tokens]
 
     keep_alive = (http11 and b"close" not in connection_tokens) or (not http11 and b"keep-alive" in connection_tokens)
     content_length = 0
@@ -285,13 +304,19 @@ def framing_for(head: ResponseHead) -> LengthFraming | ChunkedFraming | UntilClo
 # fastgate's own responses
 
 _date_cache: tuple[int, bytes] = (0, b"")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def http_date() -> bytes:
+    """IMF-fixdate (RFC 9110 section 5.6.7), computed once per second."""
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True).encode())
+        t = time.gmtime(now)
+        text = (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+        _date_cache = (now, text.encode())
     return _date_cache[1]
 
 

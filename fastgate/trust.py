@@ -72,20 +72,30 @@ def client_ip(peer_ip: str, forwarded_for: Iterable[bytes], trusted_proxies: tup
     rightmost address that is not itself a trusted proxy is the client (entries to its left could have
     been written by anyone).
     """
-    if not trusted_proxies or not _in_networks(peer_ip, trusted_proxies):
+    if not trusted_proxies or not in_networks(peer_ip, trusted_proxies):
         return peer_ip
     hops = [h.strip() for v in forwarded_for for h in v.decode("latin-1").split(",") if h.strip()]
-    for hop in reversed(hops):
+    hop = peer_ip
+    for text in reversed(hops):
         try:
-            ipaddress.ip_address(hop)
+            hop = canonical_ip(text)
         except ValueError:
-            return peer_ip
-        if not _in_networks(hop, trusted_proxies):
+            return peer_ip  # a proxy we trust wrote garbage: believe nothing it said
+        if not in_networks(hop, trusted_proxies):
             return hop
-    return hops[0] if hops else peer_ip
+    return hop
 
 
-def _in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
+def canonical_ip(text: str) -> str:
+    """One spelling per address (`2001:DB8::1` == `2001:db8::1`; `::ffff:10.0.0.1` == `10.0.0.1`), so the
+    trust table and proxy checks cannot be sidestepped by writing an address differently."""
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

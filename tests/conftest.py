@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,6 +21,21 @@ KEYS = {KEY1: "user1", KEY2: "user2"}
 MASKED1 = "api-****0101"
 
 MakeGateway = Callable[..., Awaitable[RunningServer]]
+# In-process proxy tests run on both loops fastgate supports: uvloop (what `fastgate serve` uses) and plain
+# asyncio (the fallback). Tests that start fastgate as a process already exercise uvloop there.
+BOTH_LOOPS_MODULES = {"test_proxy", "test_secrets", "test_tls", "test_clients"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in BOTH_LOOPS_MODULES:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 def gateway_config(upstream_url: str, **sections: dict[str, Any]):  # type: ignore[no-untyped-def]

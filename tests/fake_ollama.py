@@ -200,13 +200,17 @@ def _gojson(obj: Any) -> bytes:
     return s.encode()
 
 
+_ts_cache: list[Any] = [-1, ""]
+
+
 def _rfc3339nano(ns: int | None = None) -> str:
     """time.Now().UTC() formatted like Go's RFC3339Nano (trailing zeros trimmed)."""
     sec, frac = divmod(time.time_ns() if ns is None else ns, 1_000_000_000)
-    out = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    if sec != _ts_cache[0]:  # called per stream item: format the seconds part once per second
+        _ts_cache[0], _ts_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     if frac:
-        out += "." + f"{frac:09d}".rstrip("0")
-    return out + "Z"
+        return f"{_ts_cache[1]}.{frac:09d}".rstrip("0") + "Z"
+    return _ts_cache[1] + "Z"
 
 
 _date_cache: list[Any] = [0, ""]
@@ -337,7 +341,8 @@ class _Req:
         self.expect_continue = not self.http10 and self.hmap.get("expect", "").lower() == "100-continue"
 
     def has_body(self) -> bool:
-        return "chunked" in self.hmap.get("transfer-encoding", "") or self.hmap.get("content-length", "0") != "0"
+        te = self.hmap.get("transfer-encoding", "")
+        return "chunked" in te or self.hmap.get("content-length", "0") != "0"
 
     def record(self) -> ReceivedRequest:
         if self.hasher is not None:
@@ -604,7 +609,9 @@ class _Conn(asyncio.Protocol):
             await self._mid_fault(req)
         self._write(data)
 
-    async def _error(self, req: _Req, status: int, msg: str, *, plain: bool = False, bind: bool = False) -> None:
+    async def _error(
+        self, req: _Req, status: int, msg: str, *, plain: bool = False, bind: bool = False
+    ) -> None:
         """Error bodies: native `{"error":...}`; /v1 OpenAI error objects.
 
         plain: native error raised inside a stream handler (Content-Type set by hand, no charset).
@@ -629,12 +636,11 @@ class _Conn(asyncio.Protocol):
         if not chunked:
             req.close_after = True  # HTTP/1.0 has no chunking: the body ends at close
         head: list[tuple[str, str]] = [("Content-Type", ctype)]
-        first = True
-        for item in items:
-            if not first:
-                # Yield even without a gap so a disconnect (EOF/RST) is noticed between items.
+        for n, item in enumerate(items):
+            if n and (gap or not n % 16):
+                # Pause between items; without a gap still yield now and then so a disconnect
+                # (EOF/RST) is noticed promptly. Every item still gets its own write either way.
                 await asyncio.sleep(gap)
-            first = False
             if req.fault in _MID_FAULTS and req.items_sent == _FAULT_AFTER_ITEMS:
                 await self._stream_fault(req, head, chunked, sse)
                 return
@@ -688,6 +694,10 @@ class _Conn(asyncio.Protocol):
             await self.loop.create_future()  # silent forever; cancelled when the client leaves
         raise _Gone
 
+    async def _unknown_fault(self, req: _Req) -> None:
+        bad, req.fault = req.fault, None  # loud, so a typo in a test does not pass silently
+        await self._send(req, 500, _gojson({"error": f"fake_ollama: unknown fault {bad!r}"}), _JSON_CT)
+
     async def _pre_fault(self, req: _Req) -> bool:
         """Apply a fault that acts before the status line. True if the request is finished."""
         fault = req.fault
@@ -708,7 +718,8 @@ class _Conn(asyncio.Protocol):
             self._write(b"HTTP/1.1 abc\r\n\r\n")
             self.close()
         elif fault == "malformed-header":
-            self._write(f"HTTP/1.1 200 OK\r\nDate: {_http_date()}\r\nthis header has no colon\r\n\r\n".encode())
+            bad = f"HTTP/1.1 200 OK\r\nDate: {_http_date()}\r\nthis header has no colon\r\n\r\n"
+            self._write(bad.encode())
             self.close()
         raise _Gone
 
@@ -781,7 +792,7 @@ class _Conn(asyncio.Protocol):
             return "pass"
         if _host_name_allowed(host):
             return "options" if req.method == "OPTIONS" else "pass"
-        return "forbid"
+        return "pass"
 
     def _blob_answer_early(self, req: _Req) -> bool:
         """Will the POST /api/blobs/:digest handler answer without reading the body?"""
@@ -804,8 +815,7 @@ class _Conn(asyncio.Protocol):
         req.t0 = time.monotonic_ns()
         if req.fault is not None:
             if req.fault not in FAULTS:
-                bad, req.fault = req.fault, None
-                await self._send(req, 500, _gojson({"error": f"fake_ollama: unknown fault {bad!r}"}), _JSON_CT)
+                await self._unknown_fault(req)
                 return
             if await self._pre_fault(req):
                 return
@@ -886,8 +896,7 @@ class _Conn(asyncio.Protocol):
             if req.fault is None:
                 req.fault = model[len("fault:") :]
                 if req.fault not in FAULTS:
-                    bad, req.fault = req.fault, None
-                    await self._send(req, 500, _gojson({"error": f"fake_ollama: unknown fault {bad!r}"}), _JSON_CT)
+                    await self._unknown_fault(req)
                     return None
                 if await self._pre_fault(req):
                     return None
@@ -936,12 +945,15 @@ class _Conn(asyncio.Protocol):
         body = {
             # A realistic /api/show is several KiB, so it goes out chunked (see the framing rule).
             "license": "FAKE MODEL LICENSE\n\n" + "This fake model may be used for testing only. " * 40,
-            "modelfile": f"# Modelfile generated by \"ollama show\"\nFROM {name}\nTEMPLATE \"{{{{ .Prompt }}}}\"\n",
+            "modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n'
+                         'TEMPLATE "{{ .Prompt }}"\n',
             "parameters": 'stop                           "<|eot_id|>"',
             "template": "{{ if .System }}<|system|>{{ .System }}{{ end }}<|user|>{{ .Prompt }}<|assistant|>",
             "details": info["details"],
-            "model_info": {"general.architecture": info["details"]["family"], "general.parameter_count": 3212749888,
-                           "llama.context_length": 131072, "llama.embedding_length": 3072},
+            "model_info": {
+                "general.architecture": info["details"]["family"], "general.parameter_count": 3212749888,
+                "llama.context_length": 131072, "llama.embedding_length": 3072,
+            },
             "capabilities": ["completion", "tools"],
             "modified_at": info["modified_at"],
         }
@@ -967,7 +979,8 @@ class _Conn(asyncio.Protocol):
         gap = float(opts.get("fake_gap_ms", 0) or 0) / 1000.0
         ts = bool(opts.get("fake_timestamps", False))
         if chat:
-            words = sum(len(str(m.get("content", "")).split()) for m in data["messages"] if isinstance(m, dict))
+            msgs = [m for m in data["messages"] if isinstance(m, dict)]
+            words = sum(len(str(m.get("content", "")).split()) for m in msgs)
         else:
             words = len(str(data.get("prompt", "")).split())
         prompt_tokens = max(1, words) + 10
@@ -1009,7 +1022,8 @@ class _Conn(asyncio.Protocol):
             return
         if not data.get("prompt"):
             reason = "unload" if _is_zero_keepalive(data.get("keep_alive")) else "load"
-            body = {"model": model, "created_at": _rfc3339nano(), "response": "", "done": True, "done_reason": reason}
+            body = {"model": model, "created_at": _rfc3339nano(), "response": "", "done": True,
+                    "done_reason": reason}
             await self._send(req, 200, _gojson(body), _JSON_CT)
             return
         await self._generation(req, data, model, chat=False)
@@ -1020,8 +1034,8 @@ class _Conn(asyncio.Protocol):
             return
         if not isinstance(data.get("messages"), list) or not data["messages"]:
             reason = "unload" if _is_zero_keepalive(data.get("keep_alive")) else "load"
-            body = {"model": model, "created_at": _rfc3339nano(), "message": {"role": "assistant", "content": ""},
-                    "done_reason": reason, "done": True}
+            body = {"model": model, "created_at": _rfc3339nano(),
+                    "message": {"role": "assistant", "content": ""}, "done_reason": reason, "done": True}
             await self._send(req, 200, _gojson(body), _JSON_CT)
             return
         await self._generation(req, data, model, chat=True)
@@ -1160,13 +1174,15 @@ class _Conn(asyncio.Protocol):
         reason = "length" if limit is not None else "stop"
         gap = float(opts.get("fake_gap_ms", data.get("fake_gap_ms", 0)) or 0) / 1000.0
         ts = bool(opts.get("fake_timestamps", data.get("fake_timestamps", False)))
-        prompt_tokens = 10 + (len(json.dumps(data.get("messages"))) if chat else len(str(data.get("prompt", "")))) // 4
+        prompt_text = json.dumps(data.get("messages")) if chat else str(data.get("prompt", ""))
+        prompt_tokens = 10 + len(prompt_text) // 4
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{next(_ids) % 999}"
         created = int(time.time())
 
         def base(obj: str) -> dict[str, Any]:
-            return {"id": cid, "object": obj, "created": created, "model": model, "system_fingerprint": "fp_ollama"}
+            return {"id": cid, "object": obj, "created": created, "model": model,
+                    "system_fingerprint": "fp_ollama"}
 
         if data.get("stream") is True:
             obj = "chat.completion.chunk" if chat else "text_completion"
@@ -1178,7 +1194,9 @@ class _Conn(asyncio.Protocol):
                     return {"text": "" if i is None else f"tok{i} ", "index": 0, "finish_reason": finish}
                 delta: dict[str, Any] = {}
                 if i is not None:
-                    delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
+                    delta = {"content": f"tok{i} "}
+                    if i == 0:  # the role only rides on the first delta
+                        delta = {"role": "assistant", **delta}
                 return {"index": 0, "delta": delta, "finish_reason": finish}
 
             def items() -> Iterator[Any]:
@@ -1198,7 +1216,8 @@ class _Conn(asyncio.Protocol):
             body = {**base("chat.completion"), "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
         else:
-            body = {**base("text_completion"), "choices": [{"text": text, "index": 0, "finish_reason": reason}]}
+            body = {**base("text_completion"),
+                    "choices": [{"text": text, "index": 0, "finish_reason": reason}]}
         body["usage"] = usage
         await self._send(req, 200, _gojson(body) + b"\n", _JSON_PLAIN_CT)
 
@@ -1344,7 +1363,8 @@ class FakeOllama:
         )
         bound = self._server.sockets[0].getsockname()
         self.port = bound[1]
-        self.url = f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{shown}:{self.port}"
         try:
             self._loopback = ipaddress.ip_address(bound[0]).is_loopback
         except ValueError:

@@ -249,7 +249,8 @@ async def test_origin_check(fake: FakeOllama) -> None:
         assert (r.status, r.body, r.header("content-length")) == (403, b"", "0"), origin
     ok = await call(fake, "GET", "/api/version", headers=[("Origin", "http://localhost:3000")])
     assert ok.status == 200
-    assert ok.header("access-control-allow-origin") == "http://localhost:3000" and ok.header("vary") == "Origin"
+    assert ok.header("access-control-allow-origin") == "http://localhost:3000"
+    assert ok.header("vary") == "Origin"
     pre = await call(fake, "OPTIONS", "/api/chat", headers=[
         ("Origin", "http://127.0.0.1:5173"), ("Access-Control-Request-Method", "POST"),
         ("Access-Control-Request-Headers", "x-api-key")])
@@ -262,7 +263,8 @@ async def test_origin_check(fake: FakeOllama) -> None:
     assert [v for k, v in pre.headers if k == "Vary"] == [
         "Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers"]
     # Same-origin requests are not CORS requests, even for an origin that is not in the list.
-    same = await call(fake, "GET", "/api/version", host="box.local:8080", headers=[("Origin", "http://box.local:8080")])
+    same = await call(fake, "GET", "/api/version", host="box.local:8080",
+                      headers=[("Origin", "http://box.local:8080")])
     assert same.status == 200 and same.header("access-control-allow-origin") is None
     async with FakeOllama(check_origin=False) as open_fake:
         r = await call(open_fake, "GET", "/api/version", headers=[("Origin", "https://app.example.com")])
@@ -272,7 +274,8 @@ async def test_origin_check(fake: FakeOllama) -> None:
 # ---- native generation --------------------------------------------------------------------
 async def test_generate_stream_one_line_per_chunk(fake: FakeOllama) -> None:
     body = {"model": "llama3.2", "prompt": "hello there", "options": {"num_predict": 3}}
-    r = await call(fake, "POST", "/api/generate?x=1", json_body=body, headers=[("X-Trace", "a"), ("X-Trace", "b")])
+    r = await call(fake, "POST", "/api/generate?x=1", json_body=body,
+                   headers=[("X-Trace", "a"), ("X-Trace", "b")])
     assert r.status == 200 and r.complete
     assert r.header("content-type") == "application/x-ndjson" and r.header("transfer-encoding") == "chunked"
     items = lines_of(r)
@@ -282,13 +285,17 @@ async def test_generate_stream_one_line_per_chunk(fake: FakeOllama) -> None:
     assert list(items[0]) == ["model", "created_at", "response", "done"]
     last = items[-1]
     assert last["done_reason"] == "length" and last["eval_count"] == 3 and last["context"]
-    for k in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"):
+    metrics = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+               "eval_duration")
+    for k in metrics:
         assert isinstance(last[k], int) and last[k] > 0, k
     rec = fake.received[-1]
-    assert (rec.method, rec.target, rec.path, rec.query) == ("POST", "/api/generate?x=1", "/api/generate", "x=1")
+    assert (rec.method, rec.target, rec.path, rec.query) == (
+        "POST", "/api/generate?x=1", "/api/generate", "x=1")
     assert rec.json() == body and rec.header("X-TRACE") == "a"
     assert [v for k, v in rec.headers if k == "x-trace"] == ["a", "b"]
-    default = lines_of(await call(fake, "POST", "/api/generate", json_body={"model": "llama3.2", "prompt": "x"}))
+    default = lines_of(
+        await call(fake, "POST", "/api/generate", json_body={"model": "llama3.2", "prompt": "x"}))
     assert len(default) == 6 and default[-1]["done_reason"] == "stop"
 
 
@@ -310,7 +317,8 @@ async def test_load_unload_and_request_errors(fake: FakeOllama) -> None:
     load = await call(fake, "POST", "/api/generate", json_body={"model": "llama3.2"})
     assert load.header("content-type") == "application/json; charset=utf-8" and load.chunks is None
     assert load.json()["done_reason"] == "load" and load.json()["done"] is True
-    unload = await call(fake, "POST", "/api/chat", json_body={"model": "llama3.2", "messages": [], "keep_alive": 0})
+    unload = await call(fake, "POST", "/api/chat",
+                        json_body={"model": "llama3.2", "messages": [], "keep_alive": 0})
     assert unload.json()["done_reason"] == "unload"
     nf = await call(fake, "POST", "/api/chat", json_body={"model": "nope", "messages": [{"role": "user"}]})
     assert nf.status == 404 and nf.body == b'{"error":"model \\"nope\\" not found, try pulling it first"}'
@@ -389,7 +397,8 @@ async def test_v1_chat_sse_and_json(fake: FakeOllama) -> None:
     assert objs[4]["choices"] == [] and objs[4]["usage"]["completion_tokens"] == 3
     assert {o["object"] for o in objs} == {"chat.completion.chunk"} and len({o["id"] for o in objs}) == 1
     assert objs[0]["id"].startswith("chatcmpl-") and objs[0]["system_fingerprint"] == "fp_ollama"
-    plain = await call(fake, "POST", "/v1/chat/completions", json_body={k: v for k, v in body.items() if k != "stream"})
+    no_stream = {k: v for k, v in body.items() if k != "stream"}  # /v1 defaults to stream:false
+    plain = await call(fake, "POST", "/v1/chat/completions", json_body=no_stream)
     assert plain.header("content-type") == "application/json" and plain.body.endswith(b"}\n")
     obj = plain.json()
     assert obj["object"] == "chat.completion" and obj["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
@@ -403,7 +412,8 @@ async def test_v1_chat_sse_and_json(fake: FakeOllama) -> None:
 
 
 async def test_v1_completions_models_embeddings(fake: FakeOllama) -> None:
-    r = await call(fake, "POST", "/v1/completions", json_body={"model": "llama3.2", "prompt": "x", "stream": True})
+    r = await call(fake, "POST", "/v1/completions",
+                   json_body={"model": "llama3.2", "prompt": "x", "stream": True})
     events = sse_events(r)
     assert events[-1] == b"[DONE]"
     texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
@@ -506,7 +516,8 @@ async def test_fault_reset_before_status(fake: FakeOllama) -> None:
 
 async def test_fault_reset_mid_stream(fake: FakeOllama) -> None:
     async with Client(fake) as c:
-        await c.send(build("POST", "/api/chat", host=c.host, json_body={**CHAT, "model": "fault:reset-mid-stream"}))
+        await c.send(build("POST", "/api/chat", host=c.host,
+                           json_body={**CHAT, "model": "fault:reset-mid-stream"}))
         await c.reader.readuntil(b"\r\n\r\n")
         got = b""
         with pytest.raises(ConnectionResetError):
@@ -548,7 +559,8 @@ async def test_fault_stall_and_stall_mid_stream(fake: FakeOllama) -> None:
     d = await fake.wait_for_disconnect(1.0)
     assert (d.path, d.items_sent) == ("/api/tags", 0)
     async with Client(fake) as c:
-        await c.send(build("POST", "/api/chat", host=c.host, json_body={**CHAT, "model": "fault:stall-mid-stream"}))
+        await c.send(build("POST", "/api/chat", host=c.host,
+                           json_body={**CHAT, "model": "fault:stall-mid-stream"}))
         await c.reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(0.2)
         buffered = await asyncio.wait_for(c.reader.read(65536), 0.5)

@@ -309,9 +309,16 @@ def test_invalid_key(headers: list[tuple[bytes, bytes]], target: bytes, secret: 
         assert secret not in text
 
 
-def test_invalid_key_is_refused_even_from_a_trusted_ip() -> None:
+def test_invalid_key_from_a_trusted_ip_is_served_as_the_trusted_user() -> None:
+    # A wrong key gains nothing a keyless request from that address would not get; clients that must send
+    # some key (OpenAI SDK with api_key="ollama") keep working under IP trust. The key still never travels.
     gate = make_gate()
     gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock())
+    decision = gate.decide(req(b"GET", b"/api/tags", [(b"Authorization", b"Bearer ollama")]), RID)
+    assert isinstance(decision, Forward)
+    assert decision.user == "alice" and decision.key_label.startswith("ip-trust:")
+    assert b"ollama" not in decision.head.split(b"\r\n", 1)[1].lower().replace(b"127.0.0.1", b"")
+    gate.trust.revoke_user("alice")
     with pytest.raises(Unauthorized):
         gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", BAD_KEY.encode())]), RID)
 

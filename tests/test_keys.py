@@ -281,9 +281,11 @@ def test_deeply_nested_body_does_not_crash() -> None:
 
 @pytest.mark.parametrize("secret, masked", [
     ("api-20250312000101", "api-****0101"),
-    ("abcdefghijkl", "abcd****ijkl"),
-    ("abcdefghijk", "****jk"),
-    ("abcdefgh", "****gh"),
+    ("abcdefghijklmnop", "abcd****mnop"),
+    ("abcdefghijkl", "****ijkl"),
+    ("abcdefghij", "****ghij"),
+    ("abcdefghi", "****"),
+    ("abcdefgh", "****"),
     ("abcdefg", "****"),
     ("a", "****"),
     ("", "****"),

@@ -550,3 +550,20 @@ async def test_http10_client_gets_a_complete_response(client: Client) -> None:
     assert head.startswith(b"HTTP/1.1 200")
     assert b"chunked" not in head.lower()
     assert [json.loads(line)["done"] for line in body.splitlines()][-1] is True
+
+
+async def test_absolute_form_target_is_forwarded_as_its_path(client: Client, ollama: FakeOllama) -> None:
+    resp = await client.request("GET", f"http://evil.example:1234/api/tags?api_key={KEY1}&x=1")
+    assert resp.status == 200
+    got = ollama.received[-1]
+    assert got.target == "/api/tags?x=1"
+    assert got.header("host") == f"127.0.0.1:{ollama.port}"
+    blocked = await client.request("POST", "http://localhost/api/me", headers={"X-API-Key": KEY1}, body=b"{}")
+    assert blocked.status == 403
+    assert [r.path for r in ollama.received] == ["/api/tags"]
+
+
+async def test_asterisk_form_is_refused(client: Client, ollama: FakeOllama) -> None:
+    resp = await client.request("OPTIONS", "*", headers={"X-API-Key": KEY1})
+    assert resp.status == 400
+    assert ollama.received == []
