@@ -161,13 +161,20 @@ class Proxy:
 
     async def _forward(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
                        close_after: bool) -> bool:
+        self.in_flight += 1
+        try:
+            return await self._exchange(conn, req, rid, fwd, close_after)
+        finally:
+            self.in_flight -= 1
+
+    async def _exchange(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
+                        close_after: bool) -> bool:
         assert self.pool is not None
         loop = conn.loop
         started = loop.time()
         protocol = conn.protocol
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
-        self.in_flight += 1
         try:
             for attempt in (1, 2):
                 upstream, reused = await self.pool.acquire()
@@ -196,6 +203,8 @@ class Proxy:
             else:  # pragma: no cover - the loop always breaks or raises
                 raise AssertionError("unreachable")
         except ClientGone:
+            if body_task is not None:
+                body_task.cancel()
             log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
             return False
         except GateError as err:
@@ -207,8 +216,6 @@ class Proxy:
                 body_task.cancel()
             return await self._refuse(conn, req, rid, err, close_after,
                                       force_close=body_unfinished or not conn.body_complete)
-        finally:
-            self.in_flight -= 1
 
         # From here on the response has begun: a failure can only end it by closing the connection.
         early_answer = body_task is not None and not body_task.done()
@@ -217,15 +224,14 @@ class Proxy:
             # unread body makes its connection unusable for another request.
             body_task.cancel()  # type: ignore[union-attr]
             upstream.reusable = False
+            conn.linger = True  # closing on unread bytes would reset the connection under the answer
         close = close_after or early_answer or self.closing
         conn.write(client_response_head(head, request_id=rid, close=close))
         log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
                  head.status, (loop.time() - started) * 1000)
-        self.in_flight += 1
         try:
             outcome = await upstream.start_relay(head, conn.transport)
         finally:
-            self.in_flight -= 1
             protocol.exchange = None
         elapsed = loop.time() - started
         if outcome is RelayOutcome.COMPLETE:

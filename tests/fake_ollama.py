@@ -496,7 +496,7 @@ class _Conn(asyncio.Protocol):
         if req is not None and not req.keep_alive:
             self.ignore_input = True  # anything after a "Connection: close" request is ignored
         elif leftover:
-            self.parser.receive_data(leftover)
+            pass
         if req is None or req.early:
             return
         self.fake.received.append(req.record())
@@ -792,7 +792,7 @@ class _Conn(asyncio.Protocol):
             return "pass"
         if _host_name_allowed(host):
             return "options" if req.method == "OPTIONS" else "pass"
-        return "pass"
+        return "forbid"
 
     def _blob_answer_early(self, req: _Req) -> bool:
         """Will the POST /api/blobs/:digest handler answer without reading the body?"""
