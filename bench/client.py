@@ -67,6 +67,7 @@ class HttpConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address = address
         self.reconnects = 0
+        self._closed_by_us = False
         self._close_after = False
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
@@ -108,9 +109,14 @@ class HttpConn(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         waiter = self.waiter
+        fd = self.first_data
+        if self._closed_by_us:  # nobody waits for these any more
+            for fut in (waiter, fd):
+                if fut is not None and not fut.done():
+                    fut.cancel()
+            return
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionError("connection closed before the response ended"))
-        fd = self.first_data
         if fd is not None and not fd.done():
             fd.set_exception(ConnectionError("connection closed before any response"))
 
@@ -242,10 +248,14 @@ class HttpConn(asyncio.Protocol):
         return self.current
 
     def close(self) -> None:
+        self._closed_by_us = True
+        self.running = False
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._closed_by_us = True
+        self.running = False
         if self.transport is not None:
             self.transport.abort()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import analysis
 from .client import Exchange, HttpConn, connect, connect_many, get_request, send_raw, stream_request
-from .procs import Managed, cpu_ns
+from .procs import Managed, busy_ns, cpu_ns
 from .targets import API_KEY, BAD_KEY, HOST, Target
 
 VERSION_BODY = b'{"version":'
@@ -56,24 +56,35 @@ class Params:
 
 
 class Meter:
-    """CPU of the target, the upstream and this process between two points in time."""
+    """CPU of the target, the upstream and this process between two points in time, and how much CPU the
+    rest of the machine (other people's work on a shared VM) took meanwhile."""
 
-    def __init__(self, target: Target, upstream: Managed) -> None:
+    def __init__(self, target: Target, upstream: Managed, extra_pids: list[int] | None = None) -> None:
         self.target = target
         self.upstream = upstream
         self.me = [os.getpid()]
+        self.extra = extra_pids or []  # our spinners: not "others"
 
-    def snap(self) -> tuple[int, int, int, int]:
-        return (time.monotonic_ns(), self.target.cpu_ns(), self.upstream.cpu_ns(), cpu_ns(self.me))
+    def snap(self) -> tuple[int, ...]:
+        return (time.monotonic_ns(), self.target.cpu_ns(), self.upstream.cpu_ns(), cpu_ns(self.me),
+                cpu_ns(self.extra), busy_ns())
 
     @staticmethod
-    def diff(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    def diff(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int, int]:
         return (b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3])
+
+    @staticmethod
+    def others(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+        """CPUs' worth of work by processes other than ours during the window (USER_HZ resolution)."""
+        wall = b[0] - a[0]
+        ours = sum(b[i] - a[i] for i in (1, 2, 3, 4))
+        return max(0.0, (b[5] - a[5] - ours) / wall) if wall else float("nan")
 
 
 class Phases:
     def __init__(self, params: Params, upstream: Managed, upstream_port: int) -> None:
         self.p = params
+        self.spinner_pids: list[int] = []  # set by the runner while spinners run
         self.upstream = upstream
         self.upstream_port = upstream_port
 
@@ -108,7 +119,7 @@ class Phases:
 
     async def paced(self, target: Target) -> dict[str, object]:
         p = self.p
-        meter = Meter(target, self.upstream)
+        meter = Meter(target, self.upstream, self.spinner_pids)
         conns = [await connect(HOST, target.port) for _ in range(p.paced_streams)]
         req = self._stream_req(target, p.paced_tokens, p.paced_gap_ms)
         futs = []
@@ -142,6 +153,7 @@ class Phases:
             tokens += sum(1 for t in parsed.line_arrival_ns if t > a[0])
         wall, cpu, up, me = Meter.diff(a, b)
         return {
+            "others_cpus": Meter.others(a, b),
             "latency_p50_us": analysis.percentile(lat, 50) / 1000,
             "latency_p99_us": analysis.percentile(lat, 99) / 1000,
             "latency_us_sample": [v / 1000 for v in lat],
@@ -204,6 +216,7 @@ class Phases:
                 tokens += sum(1 for t in parsed.line_arrival_ns if t0 < t <= t1)
         wall, cpu, up, me = Meter.diff(a, b)
         return {
+            "others_cpus": Meter.others(a, b),
             "cpu_per_token_us": cpu / tokens / 1000 if tokens else float("nan"),
             "upstream_cpu_per_token_us": up / tokens / 1000 if tokens else float("nan"),
             "client_cpu_per_token_us": me / tokens / 1000 if tokens else float("nan"),
@@ -246,6 +259,7 @@ class Phases:
         n = len(lat)
         wall, cpu, up, me = Meter.diff(a, b)
         return {
+            "others_cpus": Meter.others(a, b),
             "requests_per_s": n / (wall / 1e9),
             "p50_us": analysis.percentile(lat, 50) / 1000,
             "p99_us": analysis.percentile(lat, 99) / 1000,

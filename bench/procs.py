@@ -112,6 +112,14 @@ class SystemTimes:
         return {"busy_pct": 100.0 * busy / total, "steal_pct": 100.0 * steal / total}
 
 
+def busy_ns() -> int:
+    """CPU time spent by everything on the machine (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = (fields + [0] * 7)[:7]
+    return (user + nice + system + irq + softirq) * (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
+
+
 def set_affinity(cpus: set[int] | None) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -191,6 +199,10 @@ class Spinners:
             self.procs.append(subprocess.Popen([sys.executable, "-c", SPIN_CODE, str(cpu)],
                                                stdin=subprocess.DEVNULL))
         return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def __exit__(self, *exc: object) -> None:
         for p in self.procs:

@@ -99,6 +99,8 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
             pr = figures[key]["rounds"]
             rr = [_ratio(a, b) for a, b in zip(pr.get("fastgate", []), pr.get("nginx", []))]
             ratio_spread[key] = spread(rr)
+    others = [r.get("others_cpus") for rnd in rounds for res in rnd["results"].values() for r in res.values()
+              if isinstance(r, dict) and isinstance(r.get("others_cpus"), float) and r["others_cpus"] == r["others_cpus"]]
     noise_values = [s for key in NOISE_FIGURES for n, s in figures[key]["spread"].items() if s == s]
     noise = {
         "median_spread": median(noise_values),
@@ -108,6 +110,8 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
             _value(r["results"].get("direct", {}), FIG["latency_p50"]) for r in rounds],
         "calibration_ms_rounds": [r["calibration_ms"] for r in rounds],
         "calibration_spread": spread([r["calibration_ms"] for r in rounds]),
+        "others_cpus_median": median(others),
+        "others_cpus_max": max(others) if others else math.nan,
         "steal_pct": env.get("system", {}).get("steal_pct", math.nan),
         "busy_pct": env.get("system", {}).get("busy_pct", math.nan),
     }
@@ -294,8 +298,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"took {env.get('duration_s', '?')} s.",
         "",
         f"**Noise:** figures moved by a median of {_pct(noise['median_spread'])} between rounds "
-        f"(worst {_pct(noise['max_spread'])}; (max-min)/median per figure and target); CPU steal "
-        f"{_fmt(noise['steal_pct'])}%, machine busy {_fmt(noise['busy_pct'])}%; "
+        f"(worst {_pct(noise['max_spread'])}; (max-min)/median per figure and target). Other processes on the "
+        f"machine used {_fmt(noise['others_cpus_median'])} CPUs during a median window (max "
+        f"{_fmt(noise['others_cpus_max'])} of {env['nproc']}); CPU steal {_fmt(noise['steal_pct'])}%; "
         f"calibration loop spread {_pct(noise['calibration_spread'])}.",
         "",
         "## Streaming",

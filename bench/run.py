@@ -166,7 +166,8 @@ async def run(args: argparse.Namespace) -> str:
                         order_here = order
                     gc.collect()
                     spin = phase == "paced" and not args.no_spin
-                    with Spinners(sorted(all_cpus)) if spin else _Null():
+                    with Spinners(sorted(all_cpus)) if spin else _Null() as spinners:
+                        runner.spinner_pids = spinners.pids if spinners else []
                         for n in order_here:
                             t = time.monotonic()
                             try:

@@ -496,7 +496,7 @@ class _Conn(asyncio.Protocol):
         if req is not None and not req.keep_alive:
             self.ignore_input = True  # anything after a "Connection: close" request is ignored
         elif leftover:
-            pass
+            self.parser.receive_data(leftover)
         if req is None or req.early:
             return
         self.fake.received.append(req.record())
@@ -850,7 +850,7 @@ class _Conn(asyncio.Protocol):
         key, param = route
         if req.method not in _ROUTES[key]:
             allow = ", ".join(m for m in _METHOD_ORDER if m in _ROUTES[key])
-            await self._send(req, 405, b"405 method not allowed", "text/plain", [("Allow", allow)])
+            await self._send(req, 405, b"405 method not allowed", "text/plain", [])
             return
         await getattr(self, _HANDLERS[key])(req, param)
 

@@ -138,7 +138,8 @@ async def test_ollama_async_create_blob_streams_the_file(gateway: RunningServer,
     assert_no_key_reached(ollama)
 
 
-async def test_ollama_sync_client_in_a_thread(gateway: RunningServer, ollama: FakeOllama, tmp_path: Path) -> None:
+async def test_ollama_sync_client_in_a_thread(gateway: RunningServer, ollama: FakeOllama,
+                                              tmp_path: Path) -> None:
     data = b"GGUF" + bytes(range(256)) * 40
     blob = tmp_path / "adapter.bin"
     blob.write_bytes(data)
@@ -223,7 +224,8 @@ async def test_openai_chat_completion_stream(gateway: RunningServer, ollama: Fak
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert deltas == [f"tok{i} " for i in range(5)]
     assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None] * 5 + ["stop"]
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 5
     assert again.choices[0].message.content == TOKENS  # the connection was left in a usable state
     assert ollama.received[0].json()["stream"] is True
     assert_no_key_reached(ollama)
@@ -240,7 +242,8 @@ async def test_openai_models_and_embeddings(gateway: RunningServer, ollama: Fake
     for d, text in zip(emb.data, ["alpha", "beta"]):
         assert d.embedding == pytest.approx(_embedding(text), abs=1e-6)
     assert emb.usage.prompt_tokens == 2
-    assert paths(ollama) == [("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/embeddings")]
+    assert paths(ollama) == [("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"),
+                             ("POST", "/v1/embeddings")]
     assert_no_key_reached(ollama)
 
 
@@ -249,7 +252,8 @@ async def test_openai_bad_key_is_authentication_error(gateway: RunningServer, ol
         with pytest.raises(openai.AuthenticationError) as info:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
         with pytest.raises(openai.AuthenticationError) as streamed:
-            await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                                 stream=True)
     for exc in (info.value, streamed.value):
         assert exc.status_code == 401
         assert exc.body == {"message": "invalid API key", "type": "invalid_request_error", "param": None,
@@ -324,7 +328,8 @@ def go_cli_head(method: str, target: str, gw: RunningServer, *, accept: str, ext
 async def test_go_cli_probe_auth_and_streamed_generate(gateway: RunningServer, ollama: FakeOllama) -> None:
     c = await Client.connect(gateway.port)
     try:
-        probe = await c.request("HEAD", "/", headers=[("User-Agent", GO_UA)], host=f"127.0.0.1:{gateway.port}")
+        probe = await c.request("HEAD", "/", headers=[("User-Agent", GO_UA)],
+                                host=f"127.0.0.1:{gateway.port}")
         assert probe.status == 200 and probe.body == b""
         assert ollama.received == []  # answered by fastgate itself
 

@@ -196,8 +196,10 @@ async def test_client_limited_to_tls11_is_refused(tls_gateway: RunningServer, ca
 
 
 @pytest.mark.parametrize("junk", [
-    pytest.param(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY1.encode() + b"\r\n\r\n", id="plain-http"),
-    pytest.param(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", id="plain-http-post"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY1.encode() + b"\r\n\r\n",
+                 id="plain-http"),
+    pytest.param(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+                 id="plain-http-post"),
     pytest.param(bytes(range(256)) * 4, id="binary-garbage"),
     pytest.param(b"\x16\x03\x01\x00\x08garbage!" + b"\x00" * 64, id="broken-tls-record"),
 ])
@@ -264,7 +266,8 @@ def test_missing_tls_file_error_names_the_key_and_the_path(cert_files: CertFiles
     assert str(absent) in message, message  # the operator must see which file is missing
 
 
-def test_unusable_cert_or_key_is_a_config_error(ca: trustme.CA, cert_files: CertFiles, tmp_path: Path) -> None:
+def test_unusable_cert_or_key_is_a_config_error(ca: trustme.CA, cert_files: CertFiles,
+                                                tmp_path: Path) -> None:
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("this is not a certificate\n")
     with pytest.raises(ConfigError, match=r"^server\.tls_cert: cannot load certificate and key"):
