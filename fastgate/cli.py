@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import ConfigError, load_config, with_overrides
+from .config import Config, ConfigError, load_config, with_overrides
 from .logs import setup_logging
 
 EXIT_OK = 0
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
+    def read_config() -> Config:
+        return with_overrides(load_config(args.config), listen=args.listen, upstream=args.upstream)
+
     try:
-        config = with_overrides(load_config(args.config), listen=args.listen, upstream=args.upstream)
+        config = read_config()
         if config.server.tls:
             from .tls import server_context
             server_context(config.server.tls_cert, config.server.tls_key)
@@ -49,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(config.log.level)
     from .server import run
+    if args.config is None and config.source:
+        args.config = config.source  # found ./fastgate.toml: a reload re-reads that same file
     try:
-        run(config)
+        run(config, reread=read_config)
     except OSError as exc:
         print(f"fastgate: cannot listen on {config.server.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -88,6 +88,8 @@ class AuthConfig:
     max_trusted_ips: int = 10000
     max_body_bytes: int = 20 * 1024 * 1024
     allow_account_endpoints: bool = False
+    max_failures: int = 10
+    failure_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "max_trusted_ips": _int(1),
         "max_body_bytes": _int(0),
         "allow_account_endpoints": _bool,
+        "max_failures": _int(0),
+        "failure_window": _seconds,
     }),
     "log": (LogConfig, {
         "level": _log_level,

@@ -74,6 +74,13 @@ class HeadersTooLarge(GateError):
     openai_type = "invalid_request_error"
 
 
+class TooManyRequests(GateError):
+    status = 429
+    public_message = "too many failed attempts; try again later"
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+
 class ServiceUnavailable(GateError):
     status = 503
     public_message = "service unavailable"

@@ -16,10 +16,10 @@ from urllib.parse import unquote_to_bytes
 
 from . import __version__
 from .config import Config
-from .errors import Forbidden, MethodNotAllowed, Unauthorized
+from .errors import Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
-from .trust import TrustTable, client_ip, in_networks
+from .trust import FailureLimiter, TrustTable, client_ip, in_networks
 
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
@@ -103,11 +103,21 @@ class Gate:
     def __init__(self, config: Config, *, trust: TrustTable | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        self.keyring = KeyRing(config.keys)
         self.trust = trust if trust is not None else TrustTable(config.auth.max_trusted_ips)
+        self.failures = FailureLimiter(config.auth.max_failures, config.auth.failure_window)
         self.clock = clock
         self.wall_clock = wall_clock
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Take a new config (SIGHUP): keys, trust and limits change at once; trust granted to users whose
+        keys are gone is dropped. The upstream address is fixed for the life of the process."""
+        self.config = config
+        self.keyring = KeyRing(config.keys)
+        self.trust.max_entries = config.auth.max_trusted_ips
+        self.trust.retain_users(set(config.keys.values()))
+        self.failures.max_failures = config.auth.max_failures
+        self.failures.window_s = config.auth.failure_window
         upstream = config.upstream.url
         self._host_header = upstream.host_header.encode()
         self._base_path = upstream.base_path.encode()
@@ -170,28 +180,34 @@ class Gate:
         # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
         return req.has_body and req.method in BODY_METHODS and not req.path.startswith(BLOB_PREFIX)
 
-    def _user_for(self, key: PresentedKey) -> str:
-        user = self.keyring.user_for(key.secret)
-        if user is None:
-            error = Unauthorized("invalid API key")
-            error.detail = f"{key.source.value}:{key.masked}"
+    def _check_key(self, key: PresentedKey, ip: str, now: float) -> str | None:
+        """The key's user, None for a wrong key. Addresses that guessed wrong too often get 429 first."""
+        wait = self.failures.retry_after(ip, now)
+        if wait:
+            error = TooManyRequests(headers=((b"Retry-After", str(max(1, round(wait))).encode()),))
+            error.detail = f"{key.source.value}:{key.masked} from {ip}"
             raise error
-        return user
+        return self.keyring.user_for(key.secret)
+
+    def _refuse_key(self, key: PresentedKey, ip: str, now: float) -> Unauthorized:
+        self.failures.record_failure(ip, now)
+        error = Unauthorized("invalid API key")
+        error.detail = f"{key.source.value}:{key.masked}"
+        return error
 
     def _forward_keyed(self, req: IncomingRequest, request_id: bytes, key: PresentedKey, query: bytes,
                        body: bytes | None) -> Forward:
-        user = self.keyring.user_for(key.secret)
+        ip = self.client_ip(req)
+        now = self.clock()
+        user = self._check_key(key, ip, now)
         if user is not None:
-            return self._forward(req, request_id, user, key.source.value, key.masked, query, body)
+            return self._forward(req, request_id, user, key.source.value, key.masked, query, body, ip)
         # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
         # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
-        ip = self.client_ip(req)
-        grant = self.trust.lookup(ip, self.clock()) if self.config.auth.session_ttl else None
+        grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
         if grant is not None:
             return self._forward(req, request_id, grant.user, "ip-trust", grant.key_label, query, body, ip)
-        error = Unauthorized("invalid API key")
-        error.detail = f"{key.source.value}:{key.masked}"
-        raise error
+        raise self._refuse_key(key, ip, now)
 
     def _forward_trusted(self, req: IncomingRequest, request_id: bytes, query: bytes,
                          body: bytes | None) -> Forward:
@@ -206,13 +222,16 @@ class Gate:
         key = key_from_headers(req.headers) or split_body_key(body)[0]
         if key is None:
             raise Unauthorized('expected a JSON body {"api_key": "..."}')
-        user = self._user_for(key)
         ip = self.client_ip(req)
+        now = self.clock()
+        user = self._check_key(key, ip, now)
+        if user is None:
+            raise self._refuse_key(key, ip, now)
         ttl = self.config.auth.session_ttl
         if not ttl:
             return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": False, "expires_at": None,
                                               "expires_in": 0}))
-        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, self.clock())
+        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, now)
         expires = datetime.fromtimestamp(self.wall_clock() + ttl, tz=timezone.utc)
         return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": True,
                                           "expires_at": expires.isoformat(timespec="seconds"),

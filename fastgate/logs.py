@@ -33,6 +33,10 @@ def setup_logging(level: str, stream: object = None) -> None:
     log.propagate = False
 
 
+def set_level(level: str) -> None:
+    log.setLevel(level)
+
+
 def log_path(target: bytes) -> str:
     """The path as the seed logged it (`api/chat`): no leading slash and never the query string,
     which may hold `api_key=`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import h11
 
@@ -46,6 +47,22 @@ class Proxy:
         self.closing = False
         self.started = time.monotonic()
         self._idle_event: asyncio.Event | None = None
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new config to the running proxy; returns the settings that need a restart instead."""
+        fixed = [name for name, old, new in (
+            ("server.listen", self.config.server.listen, config.server.listen),
+            ("server.tls_cert/tls_key (on or off)", self.config.server.tls, config.server.tls),
+            ("upstream.url", self.config.upstream.url, config.upstream.url)) if old != new]
+        if fixed:
+            config = replace(config,
+                             server=replace(config.server, listen=self.config.server.listen),
+                             upstream=replace(config.upstream, url=self.config.upstream.url))
+        self.config = config
+        self.gate.reload(config)
+        if self.pool is not None:
+            self.pool.configure(config.upstream)
+        return fixed
 
     async def start(self) -> None:
         self.pool = UpstreamPool(self.config.upstream)

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import __version__
 from .config import Config
-from .logs import log
+from .errors import ConfigError
+from .logs import log, set_level
 from .proxy import Proxy
 from .tls import server_context
 
@@ -34,6 +36,19 @@ class RunningServer:
     host: str
     port: int
     scheme: str
+    ssl_context: ssl.SSLContext | None = None
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
+        TLS certificate (new handshakes use it). Raises ConfigError, leaving everything as it was."""
+        if self.ssl_context is not None and config.server.tls:
+            server_context(config.server.tls_cert, config.server.tls_key)  # validate before touching anything
+        fixed = self.proxy.reload(config)
+        if self.ssl_context is not None and config.server.tls:
+            self.ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+        set_level(config.log.level)
+        for name in fixed:
+            log.warning("Reload: %s changed; that takes a restart, the old value stays in force", name)
 
     @property
     def url(self) -> str:
@@ -58,16 +73,19 @@ async def start(config: Config) -> RunningServer:
         reuse_address=True, ssl_handshake_timeout=config.server.header_timeout if ssl_context else None)
     sock: socket.socket = server.sockets[0]
     host, port = sock.getsockname()[:2]
-    return RunningServer(proxy, server, host, port, "https" if ssl_context else "http")
+    return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context)
 
 
-async def serve(config: Config, *, on_ready: Callable[[RunningServer], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
+                on_ready: Callable[[RunningServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the config via `reread`."""
     running = await start(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reread is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, running, reread)
     # Where it listens is announced whatever the log level: operators and scripts wait for this line.
     log.log(max(logging.INFO, log.getEffectiveLevel()),
             "fastgate %s listening on %s, forwarding to %s (%d keys, IP trust %s)", __version__, running.url,
@@ -82,9 +100,21 @@ async def serve(config: Config, *, on_ready: Callable[[RunningServer], None] | N
     log.info("Stopped")
 
 
-def run(config: Config, on_ready: Callable[[RunningServer], None] | None = None) -> None:
+def _reload(running: RunningServer, reread: Callable[[], Config]) -> None:
+    try:
+        config = reread()
+        running.reload(config)
+    except ConfigError as exc:
+        log.error("Reload failed, keeping the running config: %s", exc)
+        return
+    log.info("Reloaded %s: %d keys, IP trust %s, log level %s", config.source or "defaults", len(config.keys),
+             f"{config.auth.session_ttl} s" if config.auth.session_ttl else "off", config.log.level)
+
+
+def run(config: Config, reread: Callable[[], Config] | None = None,
+        on_ready: Callable[[RunningServer], None] | None = None) -> None:
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(config, on_ready=on_ready))
+        loop.run_until_complete(serve(config, reread=reread, on_ready=on_ready))
     finally:
         loop.close()

@@ -52,6 +52,11 @@ class TrustTable:
         for ip in [ip for ip, g in self._grants.items() if g.user == user]:
             del self._grants[ip]
 
+    def retain_users(self, users: set[str]) -> None:
+        """Drop grants of users who no longer have a key (after a reload removed it)."""
+        for ip in [ip for ip, g in self._grants.items() if g.user not in users]:
+            del self._grants[ip]
+
     def expire(self, now: float) -> int:
         stale = [ip for ip, g in self._grants.items() if g.expires_at <= now]
         for ip in stale:
@@ -63,6 +68,54 @@ class TrustTable:
 
     def __repr__(self) -> str:
         return f"TrustTable({len(self._grants)}/{self.max_entries})"
+
+
+class FailureLimiter:
+    """Failed key checks per client address, counted in fixed windows.
+
+    Once an address reaches `max_failures` in a window it is refused (429) until that window ends, whatever
+    key it sends: answering a correct guess differently would keep the guessing oracle open. Other
+    addresses are not touched. Bounded like the trust table; `now` is passed in.
+    """
+
+    __slots__ = ("max_failures", "window_s", "max_entries", "_windows")
+
+    def __init__(self, max_failures: int, window_s: float, max_entries: int = 10000) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._windows: dict[str, list[float]] = {}  # ip -> [window start, failures]
+
+    def retry_after(self, ip: str, now: float) -> float:
+        """Seconds until `ip` may try a key again; 0 when it may now."""
+        window = self._windows.get(ip)
+        if window is None or not self.max_failures:
+            return 0.0
+        if now - window[0] >= self.window_s:
+            del self._windows[ip]
+            return 0.0
+        return window[0] + self.window_s - now if window[1] >= self.max_failures else 0.0
+
+    def record_failure(self, ip: str, now: float) -> None:
+        if not self.max_failures:
+            return
+        window = self._windows.get(ip)
+        if window is None or now - window[0] >= self.window_s:
+            if window is None and len(self._windows) >= self.max_entries:
+                self._evict(now)
+            self._windows[ip] = [now, 1]
+        else:
+            window[1] += 1
+
+    def _evict(self, now: float) -> None:
+        stale = [ip for ip, w in self._windows.items() if now - w[0] >= self.window_s]
+        for ip in stale:
+            del self._windows[ip]
+        while len(self._windows) >= self.max_entries:
+            del self._windows[next(iter(self._windows))]  # the oldest window goes first
+
+    def __len__(self) -> int:
+        return len(self._windows)
 
 
 def client_ip(peer_ip: str, forwarded_for: Iterable[bytes], trusted_proxies: tuple[Network, ...]) -> str:

@@ -350,16 +350,20 @@ class UpstreamPool:
         self.loop = loop or asyncio.get_running_loop()
         self.host = config.url.host
         self.port = config.url.port
-        self.connect_timeout = config.connect_timeout
-        self.max_idle = config.max_idle_connections
-        self.idle_ttl = config.pool_idle_timeout
         # The idle-read timeout fires after 4 to 5 ticks without progress (between T and 1.25 T).
         self.ticks_per_timeout = 4
-        self.tick_s = config.read_timeout / self.ticks_per_timeout
+        self.configure(config)
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0
+
+    def configure(self, config: UpstreamConfig) -> None:
+        """Timeouts and pool size; they apply from the next request on."""
+        self.connect_timeout = config.connect_timeout
+        self.max_idle = config.max_idle_connections
+        self.idle_ttl = config.pool_idle_timeout
+        self.tick_s = config.read_timeout / self.ticks_per_timeout
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.host}:{self.port} idle={len(self._idle)} open={len(self._all)}>"

@@ -142,3 +142,30 @@ async def test_sigterm_grace_period_cuts_endless_streams(tmp_path: Path, ollama:
     disconnect = await ollama.wait_for_disconnect(timeout=2)
     assert disconnect.items_sent < 10000
     await c.close()
+
+
+async def test_sighup_reloads_keys_and_keeps_old_config_when_broken(tmp_path: Path, ollama: FakeOllama) -> None:
+    config = write_config(tmp_path / "fastgate.toml", ollama.url, keys={KEY1: "user1"})
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        c = await Client.connect(proc.port)  # a kept-alive connection that must survive reloads
+        assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-carols-new-key-1"})).status == 401
+        text = config.read_text()
+        config.write_text(text + '"api-carols-new-key-1" = "carol"\n')
+        proc.signal(signal.SIGHUP)
+        for _ in range(50):
+            if b"Reloaded" in proc.log:
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-carols-new-key-1"})).status == 200
+        config.write_text(text.replace("[upstream]", "[upstream]\nbogus = 1"))
+        proc.signal(signal.SIGHUP)
+        for _ in range(50):
+            if b"Reload failed" in proc.log:
+                break
+            await asyncio.sleep(0.05)
+        assert b"upstream.bogus: unknown key" in proc.log
+        assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-carols-new-key-1"})).status == 200
+        await c.close()
+    finally:
+        assert await proc.stop() == 0

@@ -676,3 +676,49 @@ def test_gate_builds_keyring_from_config() -> None:
     gate = make_gate()
     assert len(gate.keyring) == 2
     assert gate.keyring.user_for(KEY) == "alice"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Key guessing
+
+def test_repeated_bad_keys_get_429_with_retry_after_and_other_clients_are_unaffected() -> None:
+    from fastgate.errors import TooManyRequests
+    now = [1000.0]
+    gate = Gate(make_config(auth={"max_failures": 3, "failure_window": 30}), clock=lambda: now[0])
+    bad = [(b"X-API-Key", BAD_KEY.encode())]
+    for _ in range(3):
+        with pytest.raises(Unauthorized):
+            gate.decide(req(b"GET", b"/api/tags", bad), RID)
+    with pytest.raises(TooManyRequests) as info:
+        gate.decide(req(b"GET", b"/api/tags", bad), RID)
+    assert info.value.status == 429
+    assert dict(info.value.extra_headers)[b"Retry-After"] == b"30"
+    # a correct key from the blocked address is refused too: no oracle for guesses
+    with pytest.raises(TooManyRequests):
+        gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())]), RID)
+    # another address is served normally
+    other = req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())])
+    other.peer_ip = "192.0.2.99"
+    assert isinstance(gate.decide(other, RID), Forward)
+    now[0] += 31
+    assert isinstance(gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())]), RID), Forward)
+
+
+def test_successful_keys_do_not_count_as_failures() -> None:
+    gate = Gate(make_config(auth={"max_failures": 2}))
+    for _ in range(20):
+        assert isinstance(gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())]), RID), Forward)
+    with pytest.raises(Unauthorized):
+        gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", BAD_KEY.encode())]), RID)
+
+
+def test_reload_swaps_keys_and_drops_trust_of_removed_users() -> None:
+    gate = make_gate()
+    gate.trust.grant("192.0.2.1", "user1", "x", 3600, gate.clock())
+    new_key = "api-brand-new-key-0001"
+    gate.reload(make_config(keys={new_key: "newbie"}))
+    decision = gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", new_key.encode())]), RID)
+    assert isinstance(decision, Forward) and decision.user == "newbie"
+    with pytest.raises(Unauthorized):
+        gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())]), RID)
+    assert gate.trust.lookup("192.0.2.1", gate.clock()) is None

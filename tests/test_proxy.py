@@ -567,3 +567,33 @@ async def test_asterisk_form_is_refused(client: Client, ollama: FakeOllama) -> N
     resp = await client.request("OPTIONS", "*", headers={"X-API-Key": KEY1})
     assert resp.status == 400
     assert ollama.received == []
+
+
+async def test_key_guessing_gets_429_with_retry_after(make_gateway: MakeGateway, ollama: FakeOllama) -> None:
+    gw = await make_gateway(auth={"max_failures": 3, "failure_window": 120})
+    c = await Client.connect(gw.port)
+    for i in range(3):
+        resp = await c.request("GET", "/api/tags", headers={"X-API-Key": f"guess-number-{i:08d}"})
+        assert resp.status == 401
+    resp = await c.request("GET", "/api/tags", headers={"X-API-Key": "guess-number-00000004"})
+    assert resp.status == 429
+    assert 100 <= int(resp.header("retry-after") or 0) <= 120
+    assert "error" in resp.json()
+    resp = await c.request("GET", "/v1/models", headers={"Authorization": "Bearer guess-number-5555"})
+    assert resp.status == 429 and resp.json()["error"]["type"] == "rate_limit_error"
+    resp = await c.request("POST", "/auth", json_body={"api_key": KEY1})
+    assert resp.status == 429  # even a right key: the address is blocked for the window
+    assert ollama.received == []
+    await c.close()
+
+
+async def test_reload_applies_new_keys_without_dropping_connections(make_gateway: MakeGateway,
+                                                                    ollama: FakeOllama) -> None:
+    from tests.conftest import gateway_config
+    gw = await make_gateway()
+    c = await Client.connect(gw.port)
+    assert (await c.request("GET", "/api/version", headers={"X-API-Key": KEY2})).status == 200
+    gw.reload(gateway_config(ollama.url, keys={KEY1: "user1", "api-new-key-for-carol": "carol"}))
+    assert (await c.request("GET", "/api/version", headers={"X-API-Key": KEY2})).status == 401  # removed
+    assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-new-key-for-carol"})).status == 200
+    await c.close()

@@ -291,3 +291,29 @@ def test_cert_and_key_must_be_set_together(cert_files: CertFiles, given: str, mi
     path = str(cert_files.cert if given == "tls_cert" else cert_files.key)
     with pytest.raises(ConfigError, match=rf"^{missing}:"):
         gateway_config("http://127.0.0.1:11434", server={given: path})
+
+
+async def test_reload_swaps_the_certificate_for_new_handshakes(tls_gateway: RunningServer, ca: trustme.CA,
+                                                               ollama: FakeOllama, tmp_path: Path) -> None:
+    old = await Client.connect(tls_gateway.port, ssl=client_context(ca), server_hostname="127.0.0.1")
+    assert (await old.request("GET", "/")).status == 200
+    new_ca = trustme.CA()
+    leaf = new_ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "new.crt", tmp_path / "new.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    tls_gateway.reload(gateway_config(ollama.url, server={"tls_cert": str(cert), "tls_key": str(key)}))
+    fresh = await Client.connect(tls_gateway.port, ssl=client_context(new_ca), server_hostname="127.0.0.1")
+    assert (await fresh.request("GET", "/")).status == 200
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await Client.connect(tls_gateway.port, ssl=client_context(ca), server_hostname="127.0.0.1")
+    assert (await old.request("GET", "/")).status == 200  # connections made before the reload carry on
+    # a reload with a broken certificate changes nothing
+    (tmp_path / "broken.crt").write_text("not a certificate")
+    with pytest.raises(ConfigError):
+        tls_gateway.reload(gateway_config(ollama.url, server={"tls_cert": str(tmp_path / "broken.crt"),
+                                                              "tls_key": str(key)}))
+    again = await Client.connect(tls_gateway.port, ssl=client_context(new_ca), server_hostname="127.0.0.1")
+    assert (await again.request("GET", "/")).status == 200
+    for c in (old, fresh, again):
+        await c.close()

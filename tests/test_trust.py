@@ -161,3 +161,33 @@ def test_client_ip(peer: str, xff: list[bytes], trusted: tuple, expected: str) -
 def test_client_ip_accepts_any_iterable() -> None:
     gen = (v for v in [b"198.51.100.7"])
     assert client_ip("10.1.2.3", gen, PROXIES) == "198.51.100.7"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failed-key limiter
+
+def test_failure_limiter_blocks_after_max_failures_until_the_window_ends() -> None:
+    from fastgate.trust import FailureLimiter
+    limiter = FailureLimiter(max_failures=3, window_s=60)
+    for i in range(3):
+        assert limiter.retry_after("1.2.3.4", 100 + i) == 0
+        limiter.record_failure("1.2.3.4", 100 + i)
+    assert limiter.retry_after("1.2.3.4", 103) == pytest.approx(57)
+    assert limiter.retry_after("5.6.7.8", 103) == 0  # other addresses are untouched
+    assert limiter.retry_after("1.2.3.4", 159.5) == pytest.approx(0.5)
+    assert limiter.retry_after("1.2.3.4", 160) == 0  # a new window
+    limiter.record_failure("1.2.3.4", 161)
+    assert limiter.retry_after("1.2.3.4", 162) == 0
+
+
+def test_failure_limiter_zero_disables_and_size_is_bounded() -> None:
+    from fastgate.trust import FailureLimiter
+    off = FailureLimiter(max_failures=0, window_s=60)
+    for _ in range(100):
+        off.record_failure("1.2.3.4", 0)
+    assert off.retry_after("1.2.3.4", 1) == 0 and len(off) == 0
+    small = FailureLimiter(max_failures=1, window_s=60, max_entries=3)
+    for i in range(10):
+        small.record_failure(f"10.0.0.{i}", i)
+    assert len(small) <= 3
+    assert small.retry_after("10.0.0.9", 10) > 0  # the newest is kept
