@@ -33,6 +33,7 @@ import struct
 import sys
 import time
 import traceback
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -408,8 +409,36 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
             return
+        if self.fake.lean and data.startswith(b"GET /api/version ") and self._lean_version(data):
+            return
         self.parser.receive_data(data)
         self._parse()
+
+    def _lean_version(self, data: bytes) -> bool:
+        """Lean mode: answer one whole, plain `GET /api/version` on an idle connection straight away.
+
+        Only when nothing else is in flight or buffered on this connection (so ordering and pipelining
+        stay h11's job), with no Origin header, and with a Host the real guard would pass; anything
+        else returns False and takes the faithful path.
+        """
+        if (self.worker is not None or self.pending or self.incoming is not None or not data.endswith(b"\r\n\r\n")
+                or data.find(b"\r\n\r\n") != len(data) - 4 or self.parser.trailing_data[0]
+                or not data.startswith(b"GET /api/version HTTP/1.1\r\n")):
+            return False
+        lower = data.lower()
+        if b"\r\norigin:" in lower or b"\r\nconnection:" in lower or b"\r\nexpect:" in lower:
+            return False
+        at = lower.find(b"\r\nhost:")
+        if at < 0 or lower.find(b"\r\nhost:", at + 1) >= 0:
+            return False
+        host = data[at + 7:data.index(b"\r\n", at + 2)].strip().decode("latin-1")
+        if self.fake.check_host and self.fake._loopback and not _host_ip_allowed(_go_split_host(host)):
+            return False
+        body = b'{"version":"%s"}' % self.fake.version.encode()
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nDate: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (_JSON_CT.encode(), _http_date().encode(), len(body), body))
+        return True
 
     def eof_received(self) -> bool:
         # Go cancels the in-flight request's context when the client half-closes, so do we.
@@ -666,6 +695,44 @@ class _Conn(asyncio.Protocol):
         if end:
             self._write(end)
 
+    async def _lean_stream(self, req: _Req, item: Any, final: Any, n: int, gap: float, ts: bool) -> None:
+        """options.fake_lean (the benchmark's upstream): what `_stream` writes for these items, one chunk
+        (one write) per item, with the same pacing and backpressure, but each token item is filled into a
+        template rendered once per response instead of one dict and `json.dumps` each (so `created_at` is
+        the same in all token items), and the final item carries `fake_crc32`, the CRC-32 of every token
+        item's bytes, so a client can prove it received exactly what was sent.
+        """
+        before, after = _gojson(item("@TOKEN@")).split(b"@TOKEN@")
+        template = (before.replace(b"%", b"%%") + b"tok%d " + after[:-1].replace(b"%", b"%%")
+                    + (b',"sent_ns":%d}\n' if ts else b"}\n"))
+        monotonic_ns = time.monotonic_ns
+        crc = 0
+        write = self._write
+        for i in range(n):
+            if i and (gap or not i % 16):
+                await asyncio.sleep(gap)  # as in _stream: a disconnect is noticed between items
+            payload = template % ((i, monotonic_ns()) if ts else (i,))
+            crc = zlib.crc32(payload, crc)
+            frame = b"%x\r\n%b\r\n" % (len(payload), payload)
+            if not req.head_sent:
+                frame = self._head(req, 200, [("Content-Type", _NDJSON_CT)], None, True) + frame
+            write(frame)
+            req.items_sent += 1
+            if self.write_ready is not None:
+                await self.write_ready
+        if n and (gap or not n % 16):
+            await asyncio.sleep(gap)
+        last = final("")
+        last["fake_crc32"] = crc
+        if ts:
+            last["sent_ns"] = monotonic_ns()
+        frame = _chunk(_gojson(last) + b"\n")
+        if not req.head_sent:
+            frame = self._head(req, 200, [("Content-Type", _NDJSON_CT)], None, True) + frame
+        write(frame)
+        req.items_sent += 1
+        write(b"0\r\n\r\n")
+
     async def _stream_fault(self, req: _Req, head: list[tuple[str, str]], chunked: bool, sse: bool) -> None:
         if not req.head_sent:
             self._write(self._head(req, 200, head, None, chunked))
@@ -850,7 +917,7 @@ class _Conn(asyncio.Protocol):
         key, param = route
         if req.method not in _ROUTES[key]:
             allow = ", ".join(m for m in _METHOD_ORDER if m in _ROUTES[key])
-            await self._send(req, 405, b"405 method not allowed", "text/plain", [])
+            await self._send(req, 405, b"405 method not allowed", "text/plain", [("Allow", allow)])
             return
         await getattr(self, _HANDLERS[key])(req, param)
 
@@ -1005,6 +1072,10 @@ class _Conn(asyncio.Protocol):
             return out
 
         if data.get("stream", True) is not False:
+            if opts.get("fake_lean") and req.fault is None and not req.http10:
+                await self._lean_stream(req, item, final, n, gap, ts)
+                return
+
             def items() -> Iterator[dict[str, Any]]:
                 for i in range(n):
                     yield item(f"tok{i} ")
@@ -1331,7 +1402,7 @@ class FakeOllama:
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, *, version: str = "0.12.6",
         models: list[str] | None = None, blobs: set[str] | None = None,
-        check_host: bool = True, check_origin: bool = True,
+        check_host: bool = True, check_origin: bool = True, lean: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -1341,6 +1412,10 @@ class FakeOllama:
         self.blobs: set[str] = set(blobs or ())
         self.check_host = check_host
         self.check_origin = check_origin
+        # Benchmark measurement mode (bench/, `--lean`): a plain `GET /api/version` is answered before h11
+        # parses it and is not recorded, so that the fake costs a small fraction of what the proxy in
+        # front of it costs. Everything else behaves exactly as without it.
+        self.lean = lean
         self.received: list[ReceivedRequest] = []
         self.disconnects: list[Disconnect] = []
         self.connections_opened = 0
@@ -1456,6 +1531,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-host-check", action="store_true")
     p.add_argument("--no-origin-check", action="store_true")
     p.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
+    p.add_argument("--lean", action="store_true",
+                   help="benchmark mode: answer plain GET /api/version before parsing it, unrecorded")
     args = p.parse_args(argv)
 
     async def run() -> None:
@@ -1463,7 +1540,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fake = FakeOllama(
             args.host, args.port, version=args.version, models=[m for m in args.models.split(",") if m],
-            check_host=not args.no_host_check, check_origin=not args.no_origin_check,
+            check_host=not args.no_host_check, check_origin=not args.no_origin_check, lean=args.lean,
         )
         await fake.start()
         print(f"listening on {fake.url}", flush=True)
