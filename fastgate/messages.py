@@ -237,6 +237,8 @@ class UntilCloseFraming:
 
 
 _SIZE, _DATA, _TRAILER = 0, 1, 2
+# chunk-size [ chunk-ext ] CRLF (RFC 9112 section 7.1); a bare LF is tolerated as for other lines.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r?\n").match
 
 
 class ChunkedFraming:
@@ -250,10 +252,18 @@ class ChunkedFraming:
         self._partial = b""  # an incomplete size or trailer line carried over between reads
 
     def feed(self, data: bytes) -> int:
-        pos = 0
         end = len(data)
+        if self._state == _SIZE and not self._partial:
+            # What Ollama writes per token: exactly one whole chunk per read. Nothing to carry over.
+            match = _CHUNK_SIZE_LINE(data)
+            if match is not None:
+                size = int(match.group(1), 16)
+                if size and match.end() + size + 2 == end:
+                    return -1
+        pos = 0
         while pos < end:
-            if self._state == _DATA:
+            state = self._state
+            if state == _DATA:
                 left = end - pos
                 if self._remaining > left:
                     self._remaining -= left
@@ -262,6 +272,18 @@ class ChunkedFraming:
                 self._remaining = 0
                 self._state = _SIZE
                 continue
+            if state == _SIZE and not self._partial:
+                # The common case, a whole size line in this read: one regex match, no slicing.
+                match = _CHUNK_SIZE_LINE(data, pos)
+                if match is not None:
+                    pos = match.end()
+                    size = int(match.group(1), 16)
+                    if size:
+                        self._remaining = size + 2  # the data and its CRLF
+                        self._state = _DATA
+                    else:
+                        self._state = _TRAILER
+                    continue
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._partial += data[pos:]
@@ -273,13 +295,13 @@ class ChunkedFraming:
                 line = self._partial + line
                 self._partial = b""
             pos = newline + 1
-            if self._state == _SIZE:
-                size_text = line.split(b";", 1)[0].strip()
-                if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+            if state == _SIZE:
+                match = _CHUNK_SIZE_LINE(line + b"\n")
+                if match is None:
                     raise FramingError("bad chunk size")
-                size = int(size_text, 16)
+                size = int(match.group(1), 16)
                 if size:
-                    self._remaining = size + 2  # the data and its CRLF
+                    self._remaining = size + 2
                     self._state = _DATA
                 else:
                     self._state = _TRAILER
