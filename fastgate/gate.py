@@ -17,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 from . import __version__
 from .config import Config
 from .errors import Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized
+from .access import Principal, forbidden_models, missing_scope, models_named, names_models
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
 from .trust import FailureLimiter, TrustTable, client_ip, in_networks
@@ -79,10 +80,14 @@ class ReadBody:
 class Forward:
     head: bytes  # the complete request head for Ollama
     body: bytes | None  # rewritten, buffered body; None: relay the client's body as it comes
-    user: str
+    principal: Principal
     key_label: str  # "x-api-key:api-****0101", or "ip-trust:<label of the key /auth got>"; never a full key
     url: str  # forwarded URL for logs (query without api_key)
     client_ip: str
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
 
 
 Decision = LocalReply | ProbeHealth | ReadBody | Forward
@@ -107,15 +112,16 @@ class Gate:
         self.failures = FailureLimiter(config.auth.max_failures, config.auth.failure_window)
         self.clock = clock
         self.wall_clock = wall_clock
+        self._managed: dict[bytes, Principal] = {}
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         """Take a new config (SIGHUP): keys, trust and limits change at once; trust granted to users whose
         keys are gone is dropped. The upstream address is fixed for the life of the process."""
         self.config = config
-        self.keyring = KeyRing(config.keys)
+        self.keyring = KeyRing(config.keys, self._managed)
         self.trust.max_entries = config.auth.max_trusted_ips
-        self.trust.retain_users(set(config.keys.values()))
+        self.trust.retain_users({*config.keys.values(), *(p.user for p in self._managed.values())})
         self.failures.max_failures = config.auth.max_failures
         self.failures.window_s = config.auth.failure_window
         upstream = config.upstream.url
@@ -124,6 +130,11 @@ class Gate:
         self._origin = f"http://{upstream.host_header}"
         self._trusted_proxies = config.server.trusted_proxies
         self._info = json_body({"name": "fastgate", "version": __version__, "status": "running"})
+
+    def set_managed_keys(self, managed: dict[bytes, Principal]) -> None:
+        """Swap in the key store's current keys (digest -> principal); config keys stay as they are."""
+        self._managed = managed
+        self.keyring = KeyRing(self.config.keys, managed)
 
     # -- entry points ------------------------------------------------------------------------------------
 
@@ -143,25 +154,13 @@ class Gate:
             self._allow(req, (b"POST",))
             return ReadBody(AUTH_BODY_LIMIT_BYTES)
 
-        query = req.target.partition(b"?")[2]
-        key = key_from_headers(req.headers)
-        query_key, query = split_query_key(query)
-        key = key or query_key
-        if key is not None:
-            return self._forward_keyed(req, request_id, key, query, None)
-        if self._body_may_carry_key(req):
-            return ReadBody(self.config.auth.max_body_bytes)
-        return self._forward_trusted(req, request_id, query, None)
+        return self._decide_forward(req, request_id, None)
 
     def decide_with_body(self, req: IncomingRequest, body: bytes, request_id: bytes) -> Decision:
-        """Decide once the body asked for by `ReadBody` is in."""
+        """Decide again once the body asked for by `ReadBody` is in."""
         if req.path == b"/auth":
             return self._authenticate(req, body)
-        query = split_query_key(req.target.partition(b"?")[2])[1]
-        key, stripped = split_body_key(body)
-        if key is not None:
-            return self._forward_keyed(req, request_id, key, query, stripped)
-        return self._forward_trusted(req, request_id, query, body)
+        return self._decide_forward(req, request_id, body)
 
     def client_ip(self, req: IncomingRequest) -> str:
         if not self._trusted_proxies:
@@ -180,14 +179,68 @@ class Gate:
         # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
         return req.has_body and req.method in BODY_METHODS and not req.path.startswith(BLOB_PREFIX)
 
-    def _check_key(self, key: PresentedKey, ip: str, now: float) -> str | None:
-        """The key's user, None for a wrong key. Addresses that guessed wrong too often get 429 first."""
+    def _decide_forward(self, req: IncomingRequest, request_id: bytes, body: bytes | None) -> Decision:
+        """Identify the caller, check what it may do, and build the request for Ollama.
+
+        `body` is None until read; the body is asked for (`ReadBody`) only when the head has no key and
+        the body may hold one, or when the key's model allow-list needs the `model` field.
+        """
+        query = req.target.partition(b"?")[2]
+        key = key_from_headers(req.headers)
+        query_key, query = split_query_key(query)
+        key = key or query_key
+        forward_body = body
+        if key is None:
+            if body is None:
+                if self._body_may_carry_key(req):
+                    return ReadBody(self.config.auth.max_body_bytes)
+            else:
+                key, forward_body = split_body_key(body)
+        ip = self.client_ip(req)
+        principal, label = self._identify(key, ip)
+        normal = normalize_path(req.path)
+        if not self.config.auth.allow_account_endpoints and _is_account_path(normal):
+            raise Forbidden("Ollama account endpoints are disabled on this gateway")
+        needed = missing_scope(principal, normal)
+        if needed is not None:
+            raise Forbidden(f"this key's role ({principal.role.value}) does not allow {req.method.decode()} "
+                            f"{normal.decode('latin-1')}: it needs the {needed.value} role")
+        if principal.models and names_models(normal):
+            if body is None and self._body_may_carry_key(req):
+                return ReadBody(self.config.auth.max_body_bytes)
+            denied = forbidden_models(principal, models_named(normal, body or b""))
+            if denied:
+                raise Forbidden(f"this key may not use model '{denied[0]}'")
+        return self._forward(req, request_id, principal, label, query, forward_body, ip)
+
+    def _identify(self, key: PresentedKey | None, ip: str) -> tuple[Principal, str]:
+        """Who the request acts as, and the log label saying how that was established."""
+        now = self.clock()
+        if key is not None:
+            principal = self._check_key(key, ip, now)
+            if principal is not None:
+                return principal, f"{key.source.value}:{key.masked}"
+        # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
+        # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
+        grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
+        if grant is not None:
+            principal = (self.keyring.by_id(grant.key_id, self.wall_clock()) if grant.key_id
+                         else Principal(grant.user, "ip-trust"))
+            if principal is not None:
+                return principal, f"ip-trust:{grant.key_label}"
+        if key is not None:
+            raise self._refuse_key(key, ip, now)
+        raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer, "
+                           "or POST /auth from this address first")
+
+    def _check_key(self, key: PresentedKey, ip: str, now: float) -> Principal | None:
+        """The key's principal, None for a wrong key. Addresses that guessed wrong too often get 429 first."""
         wait = self.failures.retry_after(ip, now)
         if wait:
             error = TooManyRequests(headers=((b"Retry-After", str(max(1, round(wait))).encode()),))
             error.detail = f"{key.source.value}:{key.masked} from {ip}"
             raise error
-        return self.keyring.user_for(key.secret)
+        return self.keyring.principal_for(key.secret, self.wall_clock())
 
     def _refuse_key(self, key: PresentedKey, ip: str, now: float) -> Unauthorized:
         self.failures.record_failure(ip, now)
@@ -195,56 +248,30 @@ class Gate:
         error.detail = f"{key.source.value}:{key.masked}"
         return error
 
-    def _forward_keyed(self, req: IncomingRequest, request_id: bytes, key: PresentedKey, query: bytes,
-                       body: bytes | None) -> Forward:
-        ip = self.client_ip(req)
-        now = self.clock()
-        user = self._check_key(key, ip, now)
-        if user is not None:
-            return self._forward(req, request_id, user, key.source.value, key.masked, query, body, ip)
-        # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
-        # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
-        grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
-        if grant is not None:
-            return self._forward(req, request_id, grant.user, "ip-trust", grant.key_label, query, body, ip)
-        raise self._refuse_key(key, ip, now)
-
-    def _forward_trusted(self, req: IncomingRequest, request_id: bytes, query: bytes,
-                         body: bytes | None) -> Forward:
-        ip = self.client_ip(req)
-        grant = self.trust.lookup(ip, self.clock()) if self.config.auth.session_ttl else None
-        if grant is None:
-            raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer, "
-                               "or POST /auth from this address first")
-        return self._forward(req, request_id, grant.user, "ip-trust", grant.key_label, query, body, ip)
-
     def _authenticate(self, req: IncomingRequest, body: bytes) -> LocalReply:
         key = key_from_headers(req.headers) or split_body_key(body)[0]
         if key is None:
             raise Unauthorized('expected a JSON body {"api_key": "..."}')
         ip = self.client_ip(req)
         now = self.clock()
-        user = self._check_key(key, ip, now)
-        if user is None:
+        principal = self._check_key(key, ip, now)
+        if principal is None:
             raise self._refuse_key(key, ip, now)
+        user = principal.user
         ttl = self.config.auth.session_ttl
         if not ttl:
             return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": False, "expires_at": None,
                                               "expires_in": 0}))
-        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, now)
+        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, now, principal.key_id)
         expires = datetime.fromtimestamp(self.wall_clock() + ttl, tz=timezone.utc)
         return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": True,
                                           "expires_at": expires.isoformat(timespec="seconds"),
                                           "expires_in": ttl}),
                           note=f"trusted {ip} as {user} ({key.source.value}:{key.masked}) for {ttl} s")
 
-    def _forward(self, req: IncomingRequest, request_id: bytes, user: str, source: str, masked: str,
-                 query: bytes, body: bytes | None, ip: str | None = None) -> Forward:
+    def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str,
+                 query: bytes, body: bytes | None, ip: str) -> Forward:
         path = req.path
-        if not self.config.auth.allow_account_endpoints and _is_account_path(path):
-            raise Forbidden("Ollama account endpoints are disabled on this gateway")
-        if ip is None:
-            ip = self.client_ip(req)
         target = self._base_path + path + (b"?" + query if query else b"")
         trusted_peer = bool(self._trusted_proxies) and in_networks(req.peer_ip, self._trusted_proxies)
         forwarded_for = ip.encode()
@@ -265,10 +292,9 @@ class Gate:
             host_header=self._host_header, forwarded_for=forwarded_for, forwarded_proto=forwarded_proto,
             forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
             http10=req.http_version == b"1.0")
-        return Forward(head, body, user, f"{source}:{masked}", self._origin + target.decode("latin-1"), ip)
+        return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip)
 
 
-def _is_account_path(path: bytes) -> bool:
-    normal = normalize_path(path)
+def _is_account_path(normal: bytes) -> bool:
     return normal in ACCOUNT_PATHS or any(normal == p or normal.startswith(p + b"/") for p in ACCOUNT_PREFIXES)
 

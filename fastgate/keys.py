@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from json.decoder import scanstring
 from urllib.parse import unquote_plus
 
+from .access import Principal
+
 QUERY_KEY_NAME = "api_key"
 BODY_KEY_NAME = "api_key"
 # Headers that carry keys: removed from every forwarded request, whichever of them held the key,
@@ -205,22 +207,56 @@ def split_body_key(body: bytes) -> tuple[PresentedKey | None, bytes]:
             text = text[:member.start] + text[member.end:]
 
 
+_DIGEST_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
 class KeyRing:
-    """The valid keys, indexed by SHA-256 digest so lookups never compare secrets character by character."""
+    """The valid keys, indexed by SHA-256 digest so lookups never compare secrets character by character.
 
-    __slots__ = ("_users",)
+    Holds the config file's `[keys]` (a key may be written as `"sha256:<hex>"`, its digest, so the file need
+    not hold the secret; those keys act as admins with no limits, as they always have) and the managed keys
+    of the key store, already resolved to principals.
+    """
 
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        self._users = {_digest(secret): user for secret, user in keys.items()}
+    __slots__ = ("_by_digest", "_by_id")
+
+    def __init__(self, keys: Mapping[str, str], managed: Mapping[bytes, Principal] | None = None) -> None:
+        by_digest: dict[bytes, Principal] = {}
+        for secret, user in keys.items():
+            match = _DIGEST_KEY.fullmatch(secret)
+            if match:
+                digest = bytes.fromhex(match.group(1))
+                key_id = f"config:sha256:{match.group(1)[:8].lower()}"
+            else:
+                digest = _digest(secret)
+                key_id = f"config:{mask(secret)}"
+            by_digest[digest] = Principal(user, key_id)
+        by_digest.update(managed or {})
+        self._by_digest = by_digest
+        self._by_id = {p.key_id: p for p in by_digest.values()}
+
+    def principal_for(self, secret: str, now: float | None = None) -> Principal | None:
+        """The principal a key stands for; `now` (epoch seconds) also rules out expired managed keys."""
+        principal = self._by_digest.get(_digest(secret))
+        if principal is None or (now is not None and principal.expired(now)):
+            return None
+        return principal
 
     def user_for(self, secret: str) -> str | None:
-        return self._users.get(_digest(secret))
+        principal = self._by_digest.get(_digest(secret))
+        return principal.user if principal is not None else None
+
+    def by_id(self, key_id: str, now: float | None = None) -> Principal | None:
+        principal = self._by_id.get(key_id)
+        if principal is None or (now is not None and principal.expired(now)):
+            return None
+        return principal
 
     def __len__(self) -> int:
-        return len(self._users)
+        return len(self._by_digest)
 
     def __repr__(self) -> str:
-        return f"KeyRing({len(self._users)} keys)"
+        return f"KeyRing({len(self._by_digest)} keys)"
 
 
 def _digest(secret: str) -> bytes:

@@ -19,6 +19,7 @@ class TrustGrant:
     user: str
     key_label: str  # masked key it was granted with, for logs
     expires_at: float  # monotonic seconds
+    key_id: str = ""  # the key it was granted with: its scope and limits apply, and revoking it ends the trust
 
 
 class TrustTable:
@@ -28,8 +29,8 @@ class TrustTable:
         self._grants: dict[str, TrustGrant] = {}
         self.max_entries = max_entries
 
-    def grant(self, ip: str, user: str, key_label: str, ttl: float, now: float) -> TrustGrant:
-        grant = TrustGrant(user, key_label, now + ttl)
+    def grant(self, ip: str, user: str, key_label: str, ttl: float, now: float, key_id: str = "") -> TrustGrant:
+        grant = TrustGrant(user, key_label, now + ttl, key_id)
         self._grants.pop(ip, None)
         if len(self._grants) >= self.max_entries:
             self.expire(now)

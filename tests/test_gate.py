@@ -722,3 +722,90 @@ def test_reload_swaps_keys_and_drops_trust_of_removed_users() -> None:
     with pytest.raises(Unauthorized):
         gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", KEY.encode())]), RID)
     assert gate.trust.lookup("192.0.2.1", gate.clock()) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Managed keys: roles, model allow-lists, expiry (issue 5)
+
+def managed_gate(**principal_fields: Any) -> tuple[Gate, str, list[float]]:
+    import hashlib
+    from fastgate.access import Principal, Role
+    wall = [1_800_000_000.0]
+    gate = Gate(make_config(), wall_clock=lambda: wall[0])
+    secret = "fg_managed-secret-for-tests"
+    fields = {"role": Role.USER, **principal_fields}
+    gate.set_managed_keys({hashlib.sha256(secret.encode()).digest(): Principal("dana", "k_0001", **fields)})
+    return gate, secret, wall
+
+
+@pytest.mark.parametrize("method,target,allowed", [
+    (b"POST", b"/api/chat", True), (b"POST", b"/api/generate", True), (b"GET", b"/api/tags", True),
+    (b"POST", b"/v1/chat/completions", True), (b"GET", b"/v1/models", True), (b"GET", b"/api/version", True),
+    (b"POST", b"/api/pull", False), (b"DELETE", b"/api/delete", False), (b"POST", b"/api/create", False),
+    (b"POST", b"/api/blobs/sha256:" + b"a" * 64, False), (b"POST", b"/api/copy", False),
+    (b"POST", b"/api/%70ull", False), (b"GET", b"/api/experimental/x", False),
+])
+def test_user_role_scope(method: bytes, target: bytes, allowed: bool) -> None:
+    gate, secret, _ = managed_gate()
+    request = req(method, target, [(b"X-API-Key", secret.encode())])
+    if allowed:
+        decision = gate.decide(request, RID)
+        assert isinstance(decision, Forward) and decision.user == "dana"
+        assert decision.principal.key_id == "k_0001"
+    else:
+        with pytest.raises(Forbidden) as info:
+            gate.decide(request, RID)
+        assert "admin" in info.value.message
+
+
+def test_model_allow_list_reads_the_body_and_refuses_other_models() -> None:
+    gate, secret, _ = managed_gate(models=("llama3*", "qwen2.5:*"))
+    body = json.dumps({"model": "mistral:7b", "prompt": "x"}).encode()
+    request = req(b"POST", b"/api/generate", [(b"X-API-Key", secret.encode()),
+                                               (b"Content-Length", str(len(body)).encode())])
+    decision = gate.decide(request, RID)
+    assert isinstance(decision, ReadBody)  # the key is in the head, but the model is in the body
+    with pytest.raises(Forbidden) as info:
+        gate.decide_with_body(request, body, RID)
+    assert "mistral:7b" in info.value.message
+    for model in ("llama3.2:latest", "llama3", "qwen2.5:0.5b"):
+        ok = json.dumps({"model": model}).encode()
+        request = req(b"POST", b"/api/generate", [(b"X-API-Key", secret.encode()),
+                                                   (b"Content-Length", str(len(ok)).encode())])
+        assert isinstance(gate.decide_with_body(request, ok, RID), Forward), model
+    # the model named in the path of /v1/models/NAME
+    with pytest.raises(Forbidden):
+        gate.decide(req(b"GET", b"/v1/models/mistral:7b", [(b"X-API-Key", secret.encode())]), RID)
+
+
+def test_expired_managed_key_is_refused() -> None:
+    gate, secret, wall = managed_gate(expires_at=1_800_000_100.0)
+    assert isinstance(gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", secret.encode())]), RID), Forward)
+    wall[0] = 1_800_000_100.0
+    with pytest.raises(Unauthorized):
+        gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", secret.encode())]), RID)
+
+
+def test_ip_trust_carries_the_scope_of_the_key_and_ends_when_it_is_revoked() -> None:
+    gate, secret, _ = managed_gate(models=("llama3*",))
+    body = json.dumps({"api_key": secret}).encode()
+    assert gate.decide_with_body(req(b"POST", b"/auth"), body, RID).status == 200  # type: ignore[union-attr]
+    pull = req(b"POST", b"/api/pull", [(b"Content-Length", b"2")])
+    assert isinstance(gate.decide(pull, RID), ReadBody)  # no key in the head: the body might hold one
+    with pytest.raises(Forbidden):
+        gate.decide_with_body(pull, b"{}", RID)  # user role, via trust
+    decision = gate.decide(req(b"GET", b"/api/tags"), RID)
+    assert isinstance(decision, Forward) and decision.principal.key_id == "k_0001"
+    gate.set_managed_keys({})  # the key was revoked in the store
+    with pytest.raises(Unauthorized):
+        gate.decide(req(b"GET", b"/api/tags"), RID)
+
+
+def test_config_key_given_as_digest() -> None:
+    import hashlib
+    digest = hashlib.sha256(b"the-secret-key-123").hexdigest()
+    gate = Gate(make_config(keys={f"sha256:{digest}": "erin"}))
+    decision = gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", b"the-secret-key-123")]), RID)
+    assert isinstance(decision, Forward) and decision.user == "erin"
+    with pytest.raises(Unauthorized):
+        gate.decide(req(b"GET", b"/api/tags", [(b"X-API-Key", f"sha256:{digest}".encode())]), RID)

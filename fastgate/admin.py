@@ -1,0 +1,286 @@
+"""Operator commands on the key store: `fastgate keys add|list|revoke|rotate` and `fastgate usage`.
+
+Each command is a function of (argv, store path, output streams, now) returning an exit code, so `cli.main`
+only dispatches and tests run it in-process. Nothing here touches sys.stdout, sys.stderr or sys.exit.
+Secrets are printed exactly once, when a key is created or rotated; lists show the display prefix only.
+All times are shown and parsed in UTC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, NoReturn, TextIO
+
+from .store import ROLES, USAGE_GROUPS, KeyRecord, KeyStore, StoreError
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the command was understood but failed (unknown id, unreadable store)
+EXIT_USAGE = 2  # bad arguments or no store configured
+
+_DURATION = re.compile(r"(?P<n>[0-9]+)(?P<unit>[smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+NO_STORE = "no key store configured: set [store] path in the config file"
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing and exiting, so the caller picks the stream and exit code."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ParserExit(status, message or "")
+
+    def error(self, message: str) -> NoReturn:
+        raise _ParserExit(EXIT_USAGE, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def print_help(self, file: Any = None) -> NoReturn:  # --help: text to `out`, exit 0
+        raise _ParserExit(EXIT_OK, self.format_help())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument types (raise ArgumentTypeError, which argparse turns into a usage error)
+
+def parse_duration(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` -> seconds (> 0)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match["n"]) == 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h, 90m, 45s or 2w, got {text!r}")
+    return float(int(match["n"]) * _UNIT_S[match["unit"]])
+
+
+def parse_since(text: str, now: float) -> float:
+    """A UTC date (`2026-11-01`), an ISO date-time (`2026-11-01T12:00`, offsets allowed), or a duration back
+    from now (`7d`) -> epoch seconds."""
+    if _DURATION.fullmatch(text.strip()):
+        return now - parse_duration(text)
+    try:
+        # Python 3.10's fromisoformat does not take a trailing Z.
+        when = datetime.fromisoformat(text.strip().removesuffix("Z").removesuffix("z"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a date (2026-11-01), a date-time (2026-11-01T12:00) or a duration (7d), got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip() for p in text.split(","))
+    if not all(patterns) or any(" " in p for p in patterns):
+        raise argparse.ArgumentTypeError(f"expected comma-separated model patterns like 'llama3*,qwen2.5:7b', "
+                                         f"got {text!r}")
+    return patterns
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formatting
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[str] = frozenset()) -> str:
+    """Columns padded to their widest cell; columns named in `right` (numbers) are right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
+                         for h, c, w in zip(headers, cells, widths)).rstrip()
+
+    return "\n".join([line(headers), *map(line, rows)]) + "\n"
+
+
+def _limit(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _key_json(record: KeyRecord, now: float) -> dict[str, Any]:
+    return {"id": record.id, "user": record.user, "role": record.role, "prefix": record.prefix,
+            "status": record.status(now), "created_at": _iso(record.created_at),
+            "last_used_at": _iso(record.last_used_at), "expires_at": _iso(record.expires_at),
+            "models": list(record.models), "rpm": record.rpm, "max_concurrent": record.max_concurrent,
+            "tokens_per_day": record.tokens_per_day}
+
+
+def _print_secret(out: TextIO, record: KeyRecord, secret: str, what: str) -> None:
+    print(f"{what} key {record.id} for {record.user} (role {record.role}).", file=out)
+    print(f"API key: {secret}", file=out)
+    print("Store it now: it will not be shown again.", file=out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastgate keys ...
+
+def _keys_parser() -> _Parser:
+    parser = _Parser(prog="fastgate keys", description="Manage API keys in the key store.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="create a key and print it once")
+    add.add_argument("user")
+    add.add_argument("--role", choices=ROLES, default="user")
+    add.add_argument("--models", type=_patterns, default=(), metavar="PATTERNS",
+                     help="comma-separated model globs the key may use (default: all)")
+    add.add_argument("--expires", type=parse_duration, metavar="DURATION", help="lifetime, e.g. 30d, 12h, 90m")
+    add.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute")
+    add.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="requests in flight at once")
+    add.add_argument("--tokens-per-day", type=_positive_int, metavar="N", help="prompt + completion tokens")
+    listing = actions.add_parser("list", help="show keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    revoke = actions.add_parser("revoke", help="disable a key for good")
+    revoke.add_argument("id")
+    rotate = actions.add_parser("rotate", help="give a key a new secret (the old one stops working)")
+    rotate.add_argument("id")
+    return parser
+
+
+def _keys_add(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+    record, secret = store.add(args.user, role=args.role, models=args.models,
+                               expires_at=None if args.expires is None else now + args.expires,
+                               rpm=args.rpm, max_concurrent=args.max_concurrent,
+                               tokens_per_day=args.tokens_per_day, now=now)
+    _print_secret(out, record, secret, "Created")
+    if record.expires_at is not None:
+        print(f"It expires {_when(record.expires_at)} UTC.", file=out)
+    return EXIT_OK
+
+
+def _keys_list(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+    records = store.list(include_revoked=args.all)
+    if args.json:
+        print(json.dumps([_key_json(r, now) for r in records], indent=2), file=out)
+        return EXIT_OK
+    if not records:
+        print("No keys." if args.all else "No active keys (--all shows revoked ones).", file=out)
+        return EXIT_OK
+    headers = ("ID", "USER", "ROLE", "PREFIX", "STATUS", "CREATED", "LAST USED", "EXPIRES", "MODELS", "RPM",
+               "CONCURRENT", "TOKENS/DAY")
+    rows = [(r.id, r.user, r.role, r.prefix + "...", r.status(now), _when(r.created_at), _when(r.last_used_at),
+             _when(r.expires_at), ",".join(r.models) or "*", _limit(r.rpm), _limit(r.max_concurrent),
+             _limit(r.tokens_per_day)) for r in records]
+    out.write(_table(headers, rows, right=frozenset({"RPM", "CONCURRENT", "TOKENS/DAY"})))
+    return EXIT_OK
+
+
+def _keys_revoke(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+    was_revoked = store.get(args.id).revoked
+    record = store.revoke(args.id, now)
+    if was_revoked:
+        print(f"Key {record.id} ({record.user}) was already revoked.", file=out)
+    else:
+        print(f"Revoked key {record.id} ({record.user}); a running fastgate refuses it within seconds.", file=out)
+    return EXIT_OK
+
+
+def _keys_rotate(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+    record, secret = store.rotate(args.id, now)
+    _print_secret(out, record, secret, "Rotated")
+    print("The previous secret of this key no longer works.", file=out)
+    return EXIT_OK
+
+
+_KEY_ACTIONS: dict[str, Callable[[KeyStore, argparse.Namespace, TextIO, float], int]] = {
+    "add": _keys_add, "list": _keys_list, "revoke": _keys_revoke, "rotate": _keys_rotate}
+
+
+def keys_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
+    """`fastgate keys ACTION ...` (argv without the leading "keys")."""
+    return _run(_keys_parser(), argv, lambda store, args: _KEY_ACTIONS[args.action](store, args, out, now),
+                store_path=store_path, out=out, err=err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastgate usage ...
+
+def _usage_parser(now: float) -> _Parser:
+    parser = _Parser(prog="fastgate usage", description="Requests and tokens per user, model or key.")
+    parser.add_argument("--since", type=lambda text: parse_since(text, now), metavar="DATE",
+                        help="only usage at or after DATE: 2026-11-01, 2026-11-01T12:00 (UTC unless an offset "
+                             "is given) or a duration back from now like 7d")
+    parser.add_argument("--by", choices=tuple(USAGE_GROUPS), default="user")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
+    summaries = store.usage(since=args.since, by=args.by)
+    # A key id alone says little: name its user (usage of config-file keys has no store id).
+    owners = {r.id: r.user for r in store.list(include_revoked=True)} if args.by == "key" else {}
+    if args.json:
+        rows = [{args.by: s.group, **({"user": owners.get(s.group)} if args.by == "key" else {}),
+                 "requests": s.requests, "prompt_tokens": s.prompt_tokens,
+                 "completion_tokens": s.completion_tokens, "total_tokens": s.total_tokens,
+                 "duration_ms": round(s.duration_ms, 3), "errors": s.errors} for s in summaries]
+        print(json.dumps({"since": _iso(args.since), "by": args.by, "rows": rows}, indent=2), file=out)
+        return EXIT_OK
+    since = f" since {_when(args.since)} UTC" if args.since is not None else ""
+    if not summaries:
+        print(f"No usage recorded{since}.", file=out)
+        return EXIT_OK
+    numbers = ("REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS", "DURATION S")
+    labels = (args.by.upper(), "USER") if args.by == "key" else (args.by.upper(),)
+    rows = [(*((s.group or "(config)", owners.get(s.group, "-")) if args.by == "key" else (s.group,)),
+             str(s.requests), str(s.errors), str(s.prompt_tokens), str(s.completion_tokens),
+             str(s.total_tokens), f"{s.duration_ms / 1000:.1f}") for s in summaries]
+    total = ("TOTAL", *[""] * (len(labels) - 1),
+             *(str(sum(getattr(s, f) for s in summaries))
+               for f in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")),
+             f"{sum(s.duration_ms for s in summaries) / 1000:.1f}")
+    out.write(_table((*labels, *numbers), [*rows, total], right=frozenset(numbers)))
+    if since:
+        print(f"(usage{since})", file=out)
+    return EXIT_OK
+
+
+def usage_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
+    """`fastgate usage [--since DATE] [--by user|model|key] [--json]` (argv without the leading "usage")."""
+    return _run(_usage_parser(now), argv, lambda store, args: _usage(store, args, out),
+                store_path=store_path, out=out, err=err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _run(parser: _Parser, argv: list[str], action: Callable[[KeyStore, argparse.Namespace], int], *,
+         store_path: str, out: TextIO, err: TextIO) -> int:
+    """Parse, open the store, act, close: the one place these commands turn failures into exit codes."""
+    try:
+        args = parser.parse_args(argv)
+    except _ParserExit as exc:
+        (out if exc.status == EXIT_OK else err).write(exc.message)
+        return exc.status
+    if not store_path:
+        print(f"fastgate: {NO_STORE}", file=err)
+        return EXIT_USAGE
+    try:
+        with KeyStore(store_path) as store:
+            return action(store, args)
+    except StoreError as exc:
+        print(f"fastgate: {exc}", file=err)
+        return EXIT_ERROR

@@ -1,0 +1,393 @@
+"""The key store and usage ledger: one SQLite file shared by `fastgate serve` and the `fastgate keys` CLI.
+
+Owns the schema, key creation (the secret is returned once and only its SHA-256 digest is kept), revocation,
+rotation, usage accounting and the cheap change check a running proxy polls to reload its keys.
+
+Invariants:
+- No secret is ever written to the file: keys are stored as `sha256(secret)` plus a short display prefix.
+- Every change to the keys table bumps the `revision` row in the same transaction, so `change_token()` moves
+  exactly when the key set may have changed (usage writes and last-used stamps do not move it).
+- Several processes may read and write at once: WAL mode lets readers run beside a writer, every write
+  transaction takes the write lock up front (`BEGIN IMMEDIATE`) and waits up to `BUSY_TIMEOUT_S` for it, so
+  nobody sees "database is locked" under ordinary contention.
+- Time is always a parameter; nothing here reads the clock.
+
+Blocking I/O (file access, fsync, lock waits): a caller on an event loop runs these calls in a worker thread.
+A `KeyStore` may be shared between threads; its calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+SECRET_PREFIX = "fg_"
+SECRET_BYTES = 32  # 256 bits of entropy from `secrets`
+DISPLAY_PREFIX_CHARS = len(SECRET_PREFIX) + 4  # "fg_ab12": enough to tell keys apart, too little to guess
+BUSY_TIMEOUT_S = 10.0
+ROLES = ("user", "admin")
+USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id"}  # --by value -> column
+ERROR_STATUS_MIN = 400
+
+# Schema migrations, applied in order; PRAGMA user_version records how many have run. Append, never edit.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            id             TEXT PRIMARY KEY,
+            user           TEXT NOT NULL,
+            role           TEXT NOT NULL,
+            prefix         TEXT NOT NULL,          -- first characters of the secret, for lists
+            digest         TEXT NOT NULL UNIQUE,   -- sha256 hex of the secret, which is never stored
+            models         TEXT NOT NULL,          -- JSON array of glob patterns, [] = every model
+            created_at     REAL NOT NULL,
+            expires_at     REAL,
+            last_used_at   REAL,
+            revoked_at     REAL,
+            rpm            INTEGER,
+            max_concurrent INTEGER,
+            tokens_per_day INTEGER
+        )""",
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta (name, value) VALUES ('revision', 0)",
+        """CREATE TABLE usage (
+            at                REAL NOT NULL,
+            user              TEXT NOT NULL,
+            key_id            TEXT NOT NULL,       -- "" (or a label) for keys from the config file
+            model             TEXT NOT NULL,
+            path              TEXT NOT NULL,
+            status            INTEGER NOT NULL,
+            prompt_tokens     INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            duration_ms       REAL NOT NULL
+        )""",
+        "CREATE INDEX usage_at ON usage (at)",
+        "CREATE INDEX usage_key_at ON usage (key_id, at)",  # tokens_used_since()
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_KEY_COLUMNS = ("id, user, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at, "
+                "rpm, max_concurrent, tokens_per_day")
+_GLOB = re.compile(r"[^\s,]+")
+
+
+class StoreError(Exception):
+    """A key-store operation failed; the message is meant for the operator (it never holds a secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    user: str
+    role: str
+    prefix: str
+    digest: str  # sha256 hex of the secret
+    models: tuple[str, ...]  # glob patterns; empty = every model
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked: bool
+    rpm: int | None
+    max_concurrent: int | None
+    tokens_per_day: int | None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def status(self, now: float) -> str:
+        return "revoked" if self.revoked else "expired" if self.expired(now) else "active"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One finished request, as the proxy records it."""
+
+    at: float
+    user: str
+    key_id: str
+    model: str
+    path: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    group: str  # the user, model or key id the row sums up
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: float
+    errors: int  # requests answered with status >= 400
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def secret_digest(secret: str) -> str:
+    """sha256 hex of a key, as stored and as `"sha256:<hex>"` values in the config's [keys] table use it."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
+
+
+def _validate(user: str, role: str, models: Iterable[str], limits: Mapping[str, int | None]) -> tuple[str, ...]:
+    if not user or user != user.strip() or not user.isprintable():
+        raise StoreError(f"user name must be non-empty printable text without surrounding spaces, got {user!r}")
+    if role not in ROLES:
+        raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if isinstance(models, str):
+        raise StoreError(f"models: expected a sequence of patterns, got the string {models!r}")
+    patterns = tuple(models)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not _GLOB.fullmatch(pattern):
+            raise StoreError(f"model patterns must be non-empty, without spaces or commas, got {pattern!r}")
+    for name, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise StoreError(f"{name} must be a whole number >= 1 or unset, got {value!r}")
+    return patterns
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    (id_, user, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at,
+     rpm, max_concurrent, tokens_per_day) = row
+    return KeyRecord(id_, user, role, prefix, digest, tuple(json.loads(models)), created_at, expires_at,
+                     last_used_at, revoked_at is not None, rpm, max_concurrent, tokens_per_day)
+
+
+class KeyStore:
+    """One SQLite file. Open it once per process and `close()` it; see the module docstring for the rules."""
+
+    def __init__(self, path: str) -> None:
+        if not path or path == ":memory:" or path.startswith("file:"):
+            raise StoreError(f"key store: expected a file path, got {path!r}")
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._watch: sqlite3.Connection | None = None
+        self._seen_data_version: int | None = None
+        self._revision = 0
+        try:
+            if not os.path.exists(path):
+                # Usage rows say who ran what: create the file private to its owner (the WAL and shm files
+                # SQLite adds inherit these permissions).
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = self._connect()
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+            # PRAGMA data_version only moves for commits made by *other* connections, so change_token() asks a
+            # connection of its own that never writes: then every write, from this process or another, shows.
+            self._watch = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            self.close()
+            raise StoreError(f"key store {path}: cannot open: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions, so reads never hold a snapshot open between calls
+        # and writes say where their transaction begins. timeout is SQLite's busy_timeout.
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            # Checked inside the write lock: two processes opening a fresh file migrate it once.
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"key store {self.path}: schema version {version} is newer than this "
+                                 f"fastgate understands ({SCHEMA_VERSION}); upgrade fastgate")
+            for migration in _MIGRATIONS[version:]:
+                for statement in migration:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in (self._db, self._watch):
+                if conn is not None:
+                    conn.close()
+            self._db = self._watch = None
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self.path!r}, {'open' if self._db is not None else 'closed'})"
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"key store {self.path}: already closed")
+        return self._db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock first, so waiting for it goes through the busy
+        timeout; a deferred transaction that upgrades to a writer can fail at once with SQLITE_BUSY in WAL."""
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"key store {self.path}: {exc}") from None
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._conn().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"key store {self.path}: {exc}") from None
+
+    @staticmethod
+    def _bump_revision(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def add(self, user: str, *, role: str = "user", models: Iterable[str] = (), expires_at: float | None = None,
+            rpm: int | None = None, max_concurrent: int | None = None, tokens_per_day: int | None = None,
+            now: float) -> tuple[KeyRecord, str]:
+        """Create a key. Returns its record and the secret, which exists only in this return value."""
+        patterns = _validate(user, role, models,
+                             {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
+        secret = _new_secret()
+        with self._transaction() as db:
+            while True:
+                key_id = "k_" + secrets.token_hex(4)
+                if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+                    break
+            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
+                       (key_id, user, role, secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret),
+                        json.dumps(patterns), now, expires_at, rpm, max_concurrent, tokens_per_day))
+            self._bump_revision(db)
+        return self.get(key_id), secret
+
+    def list(self, include_revoked: bool = False) -> builtins.list[KeyRecord]:
+        where = "" if include_revoked else "WHERE revoked_at IS NULL"
+        return [_record(row) for row in
+                self._query(f"SELECT {_KEY_COLUMNS} FROM keys {where} ORDER BY created_at, id")]
+
+    def get(self, key_id: str) -> KeyRecord:
+        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+        if not rows:
+            raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+        return _record(rows[0])
+
+    def revoke(self, key_id: str, now: float) -> KeyRecord:
+        """Revoke a key for good. Revoking a revoked key changes nothing."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+            if db.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                          (now, key_id)).rowcount:
+                self._bump_revision(db)
+        return self.get(key_id)
+
+    def rotate(self, key_id: str, now: float) -> tuple[KeyRecord, str]:
+        """Give a key a new secret; id, user, role, models, limits and expiry stay. The old secret stops working.
+
+        `now` is unused today but kept so every mutation has the same shape (and a rotation time can be stored
+        without changing callers).
+        """
+        secret = _new_secret()
+        with self._transaction() as db:
+            row = db.execute("SELECT revoked_at FROM keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+            if row[0] is not None:
+                raise StoreError(f"key {key_id} is revoked; add a new key instead")
+            db.execute("UPDATE keys SET prefix = ?, digest = ? WHERE id = ?",
+                       (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
+            self._bump_revision(db)
+        return self.get(key_id), secret
+
+    def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
+        """The keys a proxy should accept, by raw SHA-256 digest (what `keys.KeyRing` hashes a presented key to).
+
+        Keys expiring later are included: the caller checks `record.expired(now)` per request, since a key can
+        expire between two reloads without the store changing.
+        """
+        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM keys WHERE revoked_at IS NULL "
+                           "AND (expires_at IS NULL OR expires_at > ?)", (now,))
+        return {bytes.fromhex(record.digest): record for record in map(_record, rows)}
+
+    def change_token(self) -> int:
+        """A number that changes whenever the key set may have changed, in any process. Cheap enough to call
+        every second: it reads the revision row only after SQLite says some other connection committed."""
+        with self._lock:
+            if self._watch is None:
+                raise StoreError(f"key store {self.path}: already closed")
+            try:
+                data_version = self._watch.execute("PRAGMA data_version").fetchone()[0]
+                if data_version != self._seen_data_version:
+                    self._revision = self._watch.execute(
+                        "SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+                    self._seen_data_version = data_version
+            except sqlite3.Error as exc:
+                raise StoreError(f"key store {self.path}: {exc}") from None
+            return self._revision
+
+    def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
+        """Stamp last use for many keys in one transaction. Times never move backwards; unknown ids are ignored
+        (a key may have been deleted since the proxy saw it). Does not move `change_token()`."""
+        pairs = ids_with_times.items() if isinstance(ids_with_times, Mapping) else ids_with_times
+        params = [(at, key_id) for key_id, at in pairs]
+        if not params:
+            return
+        with self._transaction() as db:
+            db.executemany("UPDATE keys SET last_used_at = max(coalesce(last_used_at, ?1), ?1) WHERE id = ?2",
+                           params)
+
+    # -- usage ------------------------------------------------------------------------------------------
+
+    def record_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Append a batch of usage rows in one transaction (one fsync for the batch, never one per request)."""
+        params = [(r.at, r.user, r.key_id, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens,
+                   r.duration_ms) for r in rows]
+        if not params:
+            return
+        with self._transaction() as db:
+            db.executemany("INSERT INTO usage (at, user, key_id, model, path, status, prompt_tokens, "
+                           "completion_tokens, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+
+    def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
+        """Totals per user, model or key id (`by`), for rows at or after `since`, ordered by group."""
+        column = USAGE_GROUPS.get(by)
+        if column is None:
+            raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
+        where, params = ("WHERE at >= ?", (since,)) if since is not None else ("", ())
+        rows = self._query(
+            f"SELECT {column}, count(*), sum(prompt_tokens), sum(completion_tokens), sum(duration_ms), "
+            f"sum(status >= {ERROR_STATUS_MIN}) FROM usage {where} GROUP BY {column} ORDER BY {column}", params)
+        return [UsageSummary(*row) for row in rows]
+
+    def tokens_used_since(self, key_id: str, since: float) -> int:
+        """Prompt plus completion tokens a key used at or after `since` (for a tokens-per-day limit)."""
+        rows = self._query("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage "
+                           "WHERE key_id = ? AND at >= ?", (key_id, since))
+        return int(rows[0][0])
