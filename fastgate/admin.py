@@ -253,9 +253,9 @@ def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
              *(str(sum(getattr(s, f) for s in summaries))
                for f in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")),
              f"{sum(s.duration_ms for s in summaries) / 1000:.1f}")
-    out.write(_table((*labels, *numbers), [*rows, total], right=frozenset(numbers)))
     if since:
-        print(f"(usage{since})", file=out)
+        print(f"Usage{since}:", file=out)
+    out.write(_table((*labels, *numbers), [*rows, total], right=frozenset(numbers)))
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from . import __version__
 from .config import Config
 from .errors import Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized
 from .access import Principal, forbidden_models, missing_scope, models_named, names_models
+from .limits import KeyLimits
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
 from .trust import FailureLimiter, TrustTable, client_ip, in_networks
@@ -113,6 +114,7 @@ class Gate:
         self.clock = clock
         self.wall_clock = wall_clock
         self._managed: dict[bytes, Principal] = {}
+        self.limits = KeyLimits()
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -211,7 +213,16 @@ class Gate:
             denied = forbidden_models(principal, models_named(normal, body or b""))
             if denied:
                 raise Forbidden(f"this key may not use model '{denied[0]}'")
-        return self._forward(req, request_id, principal, label, query, forward_body, ip)
+        forward = self._forward(req, request_id, principal, label, query, forward_body, ip)
+        if principal.limited:
+            # Last, so a request refused for any other reason never uses up the key's allowance.
+            self.limits.admit(principal, self.clock(), self.wall_clock())
+        return forward
+
+    def finished(self, forward: Forward) -> None:
+        """The exchange for `forward` is over (however it ended): it no longer counts as in flight."""
+        if forward.principal.max_concurrent is not None:
+            self.limits.release(forward.principal)
 
     def _identify(self, key: PresentedKey | None, ip: str) -> tuple[Principal, str]:
         """Who the request acts as, and the log label saying how that was established."""

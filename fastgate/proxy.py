@@ -183,6 +183,7 @@ class Proxy:
             return await self._exchange(conn, req, rid, fwd, close_after)
         finally:
             self.in_flight -= 1
+            self.gate.finished(fwd)
 
     async def _exchange(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
                         close_after: bool) -> bool:
