@@ -98,11 +98,31 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    path: str = ""  # SQLite file of managed keys and usage; "" for none
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    listen: HostPort | None = None  # a separate listener serving only /metrics, without a key
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()  # exact origins, or "*" for any
+    max_age: int = 600
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # key -> user name
     source: str = ""  # path of the file it came from, "" for defaults
 
@@ -215,7 +235,27 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "log": (LogConfig, {
         "level": _log_level,
     }),
+    "store": (StoreConfig, {
+        "path": _str,
+    }),
+    "metrics": (MetricsConfig, {
+        "enabled": _bool,
+        "listen": lambda key, value: None if value == "" else parse_host_port(key, value),
+    }),
+    "cors": (CorsConfig, {
+        "allow_origins": lambda key, value: _origins(key, value),
+        "max_age": _int(0),
+    }),
 }
+
+
+def _origins(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of origins such as [\"https://app.example.com\"] or [\"*\"]")
+    for origin in value:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            raise ConfigError(f"{key}: {origin!r} is not an origin (scheme://host[:port], no path)")
+    return tuple(value)
 
 
 def _parse_keys(raw: Any) -> dict[str, str]:
@@ -261,6 +301,9 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
         server = replace(server, tls_cert=os.path.join(base_dir, server.tls_cert),
                           tls_key=os.path.join(base_dir, server.tls_key))
         sections["server"] = server
+    store = sections.get("store")
+    if store is not None and store.path and base_dir:
+        sections["store"] = replace(store, path=os.path.join(base_dir, store.path))
     return Config(keys=MappingProxyType(_parse_keys(data.get("keys", {}))), source=source, **sections)
 
 

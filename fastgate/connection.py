@@ -113,6 +113,7 @@ class ClientConnection:
         self.tls = self.transport.get_extra_info("sslcontext") is not None
         self.requests = 0
         self.linger = False  # close with linger_close(): an error answer may race the client's bytes
+        self.metrics_only = False  # a connection to the separate metrics listener
         sock = self.transport.get_extra_info("socket")
         if sock is not None and not self.tls:
             try:

@@ -16,8 +16,9 @@ from urllib.parse import unquote_to_bytes
 
 from . import __version__
 from .config import Config
+from .cors import allowed_origin, is_preflight, preflight_headers, response_headers
 from .errors import Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized
-from .access import Principal, forbidden_models, missing_scope, models_named, names_models
+from .access import Principal, Role, forbidden_models, missing_scope, models_named, names_models
 from .limits import KeyLimits
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
@@ -63,6 +64,13 @@ class LocalReply:
     body: bytes
     head_only: bool = False
     note: str = ""  # for the log line; never holds a full key
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type: bytes = b"application/json; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeMetrics:
+    head_only: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +99,7 @@ class Forward:
         return self.principal.user
 
 
-Decision = LocalReply | ProbeHealth | ReadBody | Forward
+Decision = LocalReply | ProbeHealth | ServeMetrics | ReadBody | Forward
 
 
 def normalize_path(path: bytes) -> bytes:
@@ -155,6 +163,20 @@ class Gate:
         if path == b"/auth":
             self._allow(req, (b"POST",))
             return ReadBody(AUTH_BODY_LIMIT_BYTES)
+        if self.config.cors.allow_origins and is_preflight(req.method, req.headers):
+            # Browsers never send credentials on a preflight: answer it here, without a key.
+            origin = allowed_origin(self.config.cors.allow_origins, _header(req, b"origin"))
+            if origin is None:
+                raise Forbidden("this origin is not allowed to call this gateway")
+            return LocalReply(204, b"", headers=preflight_headers(
+                origin, _header(req, b"access-control-request-headers"), self.config.cors.max_age))
+        if path == b"/metrics" and self.config.metrics.enabled:
+            self._allow(req, (b"GET", b"HEAD"))
+            key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
+            principal, _ = self._identify(key, self.client_ip(req))
+            if principal.role is not Role.ADMIN:
+                raise Forbidden("metrics need a key with the admin role")
+            return ServeMetrics(head_only=req.method == b"HEAD")
 
         return self._decide_forward(req, request_id, None)
 
@@ -218,6 +240,13 @@ class Gate:
             # Last, so a request refused for any other reason never uses up the key's allowance.
             self.limits.admit(principal, self.clock(), self.wall_clock())
         return forward
+
+    def cors_headers(self, req: IncomingRequest) -> tuple[tuple[bytes, bytes], ...]:
+        """CORS headers for every answer to this request (none unless its Origin is allowed)."""
+        if not self.config.cors.allow_origins:
+            return ()
+        origin = allowed_origin(self.config.cors.allow_origins, _header(req, b"origin"))
+        return response_headers(origin) if origin is not None else ()
 
     def finished(self, forward: Forward) -> None:
         """The exchange for `forward` is over (however it ended): it no longer counts as in flight."""
@@ -304,6 +333,10 @@ class Gate:
             forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
             http10=req.http_version == b"1.0")
         return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip)
+
+
+def _header(req: IncomingRequest, name: bytes) -> bytes | None:
+    return next((v for n, v in req.headers if n == name), None)
 
 
 def _is_account_path(normal: bytes) -> bool:

@@ -197,10 +197,11 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     return ResponseHead(status, kind, content_length, keep_alive, block, reason)
 
 
-def client_response_head(head: ResponseHead, *, request_id: bytes, close: bool) -> bytes:
-    """The head fastgate sends its client for an upstream response: Ollama's own headers, relayed."""
+def client_response_head(head: ResponseHead, *, request_id: bytes, close: bool, extra: bytes = b"") -> bytes:
+    """The head fastgate sends its client for an upstream response: Ollama's own headers, relayed, plus
+    `extra` ready-made header lines (CORS)."""
     reason = head.reason or _reason(head.status)
-    parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n", head.header_block,
+    parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n", head.header_block, extra,
              b"X-Request-Id: ", request_id, b"\r\n"]
     if close:
         parts.append(b"Connection: close\r\n")
@@ -310,6 +311,22 @@ class ChunkedFraming:
         return -1
 
 
+def dechunk(body: bytes) -> bytes:
+    """The payload of a complete chunked body (for the few small answers fastgate reads itself)."""
+    out = bytearray()
+    pos = 0
+    while True:
+        match = _CHUNK_SIZE_LINE(body, pos)
+        if match is None:
+            raise FramingError("bad chunk size")
+        size = int(match.group(1), 16)
+        pos = match.end()
+        if size == 0:
+            return bytes(out)
+        out += body[pos:pos + size]
+        pos += size + 2
+
+
 def framing_for(head: ResponseHead) -> LengthFraming | ChunkedFraming | UntilCloseFraming | None:
     """A tracker for the body that follows `head`, or None when it has no body."""
     kind = head.body_kind
@@ -354,8 +371,9 @@ def local_response(status: int, body: bytes, *, content_type: bytes = b"applicat
                    extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     """A complete response written by fastgate (not relayed). `head_only` for HEAD: same head, no body."""
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", _reason(status), b"\r\nDate: ", http_date(),
-             b"\r\nServer: fastgate\r\nContent-Type: ", content_type,
-             b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+             b"\r\nServer: fastgate\r\n"]
+    if status != 204:  # RFC 9110 section 8.6: no Content-Length on a 204
+        parts += (b"Content-Type: ", content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n")
     if request_id:
         parts += (b"X-Request-Id: ", request_id, b"\r\n")
     for name, value in extra_headers:
@@ -385,9 +403,9 @@ def error_body(error: GateError, *, openai: bool) -> bytes:
 
 
 def error_response(error: GateError, *, path: bytes, request_id: bytes, close: bool,
-                   head_only: bool = False) -> bytes:
+                   head_only: bool = False, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     """The one place a GateError becomes bytes on the wire."""
-    headers = error.extra_headers
+    headers = error.extra_headers + extra_headers
     if error.status == 401:
         headers = (*headers, (b"WWW-Authenticate", b'Bearer realm="fastgate"'))
     return local_response(error.status, error_body(error, openai=is_openai_path(path)), request_id=request_id,

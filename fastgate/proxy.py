@@ -11,20 +11,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import h11
 
 from . import __version__
 from .config import Config
 from .connection import CONTINUE_100, ClientClosed, ClientConnection, ClientProtocol, ClientState
-from .errors import BadRequest, GateError, ServiceUnavailable
-from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody
+from .access import MODEL_LISTS, filter_model_list
+from .cors import render as render_headers
+from .errors import (
+    BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
+)
+from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody, ServeMetrics, normalize_path
 from .logs import log, log_path, new_request_id
-from .messages import client_response_head, error_response, json_body, local_response
+from .messages import (
+    BodyKind, ResponseHead, client_response_head, dechunk, error_response, is_openai_path, json_body,
+    local_response,
+)
+from .metrics import Metrics
 from .upstream import (
     BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
 )
+from .usage import MODEL_PREFIX_BYTES, UsageRecord, model_name, token_counts
 
 # Methods safe to send again when a pooled connection turned out closed before any answer.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -32,6 +42,22 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 CLOSE_AFTER = frozenset({400, 408, 413, 431, 501})
 HEALTH_TIMEOUT_S = 5.0
 STREAM_READER_LIMIT = 512 * 1024
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request as the proxy carries it from decision to answer."""
+
+    conn: ClientConnection
+    req: IncomingRequest
+    rid: bytes
+    close_after: bool  # the client asked to close (Connection: close, HTTP/1.0)
+    cors: tuple[tuple[bytes, bytes], ...]  # CORS headers for every answer, when its Origin is allowed
+
+    @property
+    def path(self) -> str:
+        return self.req.path.decode("latin-1")
 
 
 class Proxy:
@@ -46,6 +72,8 @@ class Proxy:
         self.requests_total = 0
         self.closing = False
         self.started = time.monotonic()
+        self.metrics = Metrics()
+        self.usage_sink: Callable[[UsageRecord], None] | None = None
         self._idle_event: asyncio.Event | None = None
 
     def reload(self, config: Config) -> list[str]:
@@ -64,6 +92,10 @@ class Proxy:
             self.pool.configure(config.upstream)
         return fixed
 
+    def set_usage_sink(self, sink: Callable[[UsageRecord], None] | None) -> None:
+        """Where per-request usage records go (the key store's batch writer), if anywhere."""
+        self.usage_sink = sink
+
     async def start(self) -> None:
         self.pool = UpstreamPool(self.config.upstream)
         self._idle_event = asyncio.Event()
@@ -71,14 +103,22 @@ class Proxy:
     def protocol_factory(self) -> ClientProtocol:
         return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_connection)
 
+    def metrics_protocol_factory(self) -> ClientProtocol:
+        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_metrics_connection)
+
+    async def _on_metrics_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._on_connection(reader, writer, metrics_only=True)
+
     # -- connections -------------------------------------------------------------------------------------
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                             metrics_only: bool = False) -> None:
         protocol: ClientProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
         server = self.config.server
         conn = ClientConnection(reader, writer, protocol, max_header_bytes=server.max_header_bytes,
                                 header_timeout=server.header_timeout, keepalive_timeout=server.keepalive_timeout,
                                 body_timeout=server.body_timeout)
+        conn.metrics_only = metrics_only
         if len(self.connections) >= server.max_connections or self.closing:
             conn.write(error_response(ServiceUnavailable("too many connections"), path=b"/", request_id=b"",
                                       close=True))
@@ -133,6 +173,9 @@ class Proxy:
                 close_after = True
         req = IncomingRequest(request.method, request.target, headers, list(request.headers.raw_items()),
                               request.http_version, conn.peer_ip, conn.tls, content_length, chunked)
+        ctx = RequestContext(conn, req, rid, close_after, self.gate.cors_headers(req))
+        if conn.metrics_only:
+            return await self._metrics_listener(ctx)
         try:
             if chunked and content_length is not None:
                 # RFC 9112 section 6.1: a smuggling attempt more often than not; refuse and close.
@@ -144,55 +187,64 @@ class Proxy:
                 body = await conn.read_body(decision.limit)
                 decision = self.gate.decide_with_body(req, body, rid)
         except GateError as err:
-            return await self._refuse(conn, req, rid, err, close_after)
+            return await self._refuse(ctx, err)
         except ClientClosed:
             return False
 
         if isinstance(decision, Forward):
-            return await self._forward(conn, req, rid, decision, close_after)
+            return await self._forward(ctx, decision)
         if isinstance(decision, ProbeHealth):
             decision = await self._health(decision.head_only)
-        return await self._reply(conn, req, rid, decision, close_after)
+        elif isinstance(decision, ServeMetrics):
+            decision = self._metrics_reply(decision.head_only)
+        return await self._reply(ctx, decision)
 
-    async def _reply(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, reply: LocalReply,
-                     close_after: bool) -> bool:
-        close = close_after or self.closing or not await conn.drain_small_body(req.content_length)
-        conn.write(local_response(reply.status, reply.body, request_id=rid, close=close, head_only=reply.head_only))
-        log.info("[%s] Answered %d%s", rid.decode(), reply.status, f": {reply.note}" if reply.note else "")
+    async def _reply(self, ctx: RequestContext, reply: LocalReply) -> bool:
+        conn = ctx.conn
+        close = ctx.close_after or self.closing or not await conn.drain_small_body(ctx.req.content_length)
+        conn.write(local_response(reply.status, reply.body, request_id=ctx.rid, close=close,
+                                  head_only=reply.head_only, content_type=reply.content_type,
+                                  extra_headers=reply.headers + ctx.cors))
+        self.metrics.request("-", ctx.path, reply.status)
+        log.info("[%s] Answered %d%s", ctx.rid.decode(), reply.status, f": {reply.note}" if reply.note else "")
         return not close
 
-    async def _refuse(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, err: GateError,
-                      close_after: bool, *, force_close: bool = False) -> bool:
-        log.info("[%s] Refused %d: %s%s", rid.decode(), err.status, err.message,
+    async def _refuse(self, ctx: RequestContext, err: GateError, *, force_close: bool = False) -> bool:
+        conn = ctx.conn
+        log.info("[%s] Refused %d: %s%s", ctx.rid.decode(), err.status, err.message,
                  f" ({err.detail})" if err.detail else "")
-        close = force_close or close_after or self.closing or err.status in CLOSE_AFTER
+        self.metrics.request("-", ctx.path, err.status)
+        if err.status in (401, 429) and not err.message.startswith(("rate limit", "daily", "this key")):
+            self.metrics.auth_failure("rate_limited" if err.status == 429 else
+                                      "invalid_key" if err.detail else "missing_key")
+        close = force_close or ctx.close_after or self.closing or err.status in CLOSE_AFTER
         if not close:
-            close = not await conn.drain_small_body(req.content_length)
-        conn.write(error_response(err, path=req.path, request_id=rid, close=close,
-                                  head_only=req.method == b"HEAD"))
+            close = not await conn.drain_small_body(ctx.req.content_length)
+        conn.write(error_response(err, path=ctx.req.path, request_id=ctx.rid, close=close,
+                                  head_only=ctx.req.method == b"HEAD", extra_headers=ctx.cors))
         if close and not conn.body_complete:
             conn.linger = True
         return not close
 
     # -- forwarding --------------------------------------------------------------------------------------
 
-    async def _forward(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
-                       close_after: bool) -> bool:
+    async def _forward(self, ctx: RequestContext, fwd: Forward) -> bool:
         self.in_flight += 1
         try:
-            return await self._exchange(conn, req, rid, fwd, close_after)
+            return await self._exchange(ctx, fwd)
         finally:
             self.in_flight -= 1
             self.gate.finished(fwd)
 
-    async def _exchange(self, conn: ClientConnection, req: IncomingRequest, rid: bytes, fwd: Forward,
-                        close_after: bool) -> bool:
+    async def _exchange(self, ctx: RequestContext, fwd: Forward) -> bool:
         assert self.pool is not None
+        conn, req, rid = ctx.conn, ctx.req, ctx.rid
         loop = conn.loop
         started = loop.time()
         protocol = conn.protocol
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
+        body_start = bytearray(fwd.body[:MODEL_PREFIX_BYTES]) if fwd.body else bytearray()
         try:
             for attempt in (1, 2):
                 upstream, reused = await self.pool.acquire()
@@ -206,7 +258,7 @@ class Proxy:
                 elif fwd.body is None and req.has_body:
                     if conn.waiting_for_100_continue:
                         conn.write(CONTINUE_100)
-                    body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
+                    body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked, body_start))
                 try:
                     head = await upstream.response_head()
                     break
@@ -224,18 +276,23 @@ class Proxy:
             if body_task is not None:
                 body_task.cancel()
             log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
+            self._account(ctx, fwd, 499, None, loop.time() - started, bytes(body_start))
             return False
         except GateError as err:
             if upstream is not None:
                 upstream.abort()
             protocol.exchange = None
+            if isinstance(err, (UpstreamUnreachable, UpstreamTimeout)) or isinstance(err, UpstreamClosed):
+                self.metrics.upstream_up = 0
             body_unfinished = body_task is not None and not body_task.done()
             if body_task is not None:
                 body_task.cancel()
-            return await self._refuse(conn, req, rid, err, close_after,
-                                      force_close=body_unfinished or not conn.body_complete)
+            return await self._refuse(ctx, err, force_close=body_unfinished or not conn.body_complete)
 
         # From here on the response has begun: a failure can only end it by closing the connection.
+        head_at = loop.time()
+        self.metrics.upstream_up = 1
+        self.metrics.upstream_head.observe(head_at - started)
         early_answer = body_task is not None and not body_task.done()
         if early_answer:
             # Ollama answered before reading the whole body (an existing blob): stop uploading. The client's
@@ -243,15 +300,20 @@ class Proxy:
             body_task.cancel()  # type: ignore[union-attr]
             upstream.reusable = False
             conn.linger = True  # closing on unread bytes would reset the connection under the answer
-        close = close_after or early_answer or self.closing
-        conn.write(client_response_head(head, request_id=rid, close=close))
+        close = ctx.close_after or early_answer or self.closing
         log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
-                 head.status, (loop.time() - started) * 1000)
-        try:
-            outcome = await upstream.start_relay(head, conn.transport)
-        finally:
-            protocol.exchange = None
+                 head.status, (head_at - started) * 1000)
+        if fwd.principal.models and head.status == 200 and normalize_path(req.path) in MODEL_LISTS:
+            outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
+        else:
+            conn.write(client_response_head(head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
+            try:
+                outcome = await upstream.start_relay(head, conn.transport)
+            finally:
+                protocol.exchange = None
         elapsed = loop.time() - started
+        self.metrics.request_duration.observe(elapsed)
+        self._account(ctx, fwd, head.status, upstream, elapsed, bytes(body_start))
         if outcome is RelayOutcome.COMPLETE:
             self.pool.release(upstream)
             log.info("[%s] Completed %d: %d bytes in %.3f s", rid.decode(), head.status, upstream.body_bytes,
@@ -268,10 +330,52 @@ class Proxy:
             conn.close()  # flushes what was relayed, then FIN: the client sees the response end early
         return False
 
-    async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
-        """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""
+    async def _relay_filtered(self, ctx: RequestContext, fwd: Forward, upstream: UpstreamConnection,
+                              head: ResponseHead, close: bool) -> RelayOutcome:
+        """A model listing for a key limited to some models: read it whole (it is small), trim it, answer it
+        with a Content-Length. The one response fastgate rewrites instead of relaying."""
+        sink = BufferSink()
+        try:
+            outcome = await upstream.start_relay(head, sink)
+        finally:
+            ctx.conn.protocol.exchange = None
+        if outcome is not RelayOutcome.COMPLETE:
+            ctx.conn.close()
+            return outcome
+        body = dechunk(bytes(sink.data)) if head.body_kind is BodyKind.CHUNKED else bytes(sink.data)
+        filtered = filter_model_list(normalize_path(ctx.req.path), body, fwd.principal.models)
+        ctx.conn.write(local_response(200, filtered if filtered is not None else b'{"models":[]}',
+                                      request_id=ctx.rid, close=close, extra_headers=ctx.cors))
+        return outcome
+
+    def _account(self, ctx: RequestContext, fwd: Forward, status: int, upstream: UpstreamConnection | None,
+                 elapsed: float, body_start: bytes) -> None:
+        """Per-request bookkeeping after the fact: metrics, the key's daily tokens, the usage record."""
+        principal = fwd.principal
+        self.metrics.request(principal.user, ctx.path, status)
+        tail = upstream.tail() if upstream is not None else b""
+        counts = token_counts(tail, openai=is_openai_path(ctx.req.path)) if tail else None
+        if counts is None and self.usage_sink is None:
+            return
+        model = model_name(body_start, tail) or "-"
+        if counts is not None:
+            self.metrics.add_tokens(principal.user, model, counts.prompt, counts.completion)
+            if principal.tokens_per_day is not None:
+                self.gate.limits.add_tokens(principal.key_id, counts.total, self.gate.wall_clock())
+        if self.usage_sink is not None:
+            self.usage_sink(UsageRecord(
+                at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
+                path=ctx.path, status=status, prompt_tokens=counts.prompt if counts else 0,
+                completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3)))
+
+    async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool,
+                         body_start: bytearray) -> None:
+        """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace. The first
+        bytes are kept (a copy of at most MODEL_PREFIX_BYTES) to name the model in usage records."""
         try:
             async for data in conn.body_events():
+                if len(body_start) < MODEL_PREFIX_BYTES:
+                    body_start += data[:MODEL_PREFIX_BYTES - len(body_start)]
                 if chunked:
                     upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
                 else:
@@ -283,6 +387,18 @@ class Proxy:
             upstream.abort(ClientGone())
         except GateError as err:
             upstream.abort(err)
+
+    # -- metrics -----------------------------------------------------------------------------------------
+
+    def _metrics_reply(self, head_only: bool) -> LocalReply:
+        return LocalReply(200, self.metrics.render(in_flight=self.in_flight, connections=len(self.connections)),
+                          head_only=head_only, content_type=PROMETHEUS_TEXT)
+
+    async def _metrics_listener(self, ctx: RequestContext) -> bool:
+        """The separate metrics listener ([metrics] listen) serves /metrics to anyone who can reach it."""
+        if ctx.path == "/metrics" and ctx.req.method in (b"GET", b"HEAD"):
+            return await self._reply(ctx, self._metrics_reply(ctx.req.method == b"HEAD"))
+        return await self._refuse(ctx, NotFound("only /metrics is served here"))
 
     # -- health ------------------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class RunningServer:
     port: int
     scheme: str
     ssl_context: ssl.SSLContext | None = None
+    metrics_server: asyncio.AbstractServer | None = None
 
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
@@ -57,6 +58,8 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         await self.proxy.shutdown(self.proxy.config.server.shutdown_grace if grace is None else grace)
         await self.server.wait_closed()
 
@@ -73,7 +76,13 @@ async def start(config: Config) -> RunningServer:
         reuse_address=True, ssl_handshake_timeout=config.server.header_timeout if ssl_context else None)
     sock: socket.socket = server.sockets[0]
     host, port = sock.getsockname()[:2]
-    return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context)
+    metrics_server = None
+    metrics = config.metrics
+    if metrics.enabled and metrics.listen is not None:
+        metrics_server = await loop.create_server(proxy.metrics_protocol_factory, metrics.listen.host,
+                                                  metrics.listen.port, reuse_address=True)
+    return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context,
+                         metrics_server)
 
 
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,

@@ -16,16 +16,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+from collections import deque
 from typing import Protocol
 
 from .config import UpstreamConfig
 from .errors import BadGateway, GateError, UpstreamTimeout, UpstreamUnreachable
+from .usage import TAIL_BYTES
 from .messages import (
     MAX_RESPONSE_HEAD_BYTES, ChunkedFraming, FramingError, LengthFraming, ResponseHead, UntilCloseFraming,
     find_head_end, framing_for, parse_response_head,
 )
 
 EARLY_BODY_PAUSE_BYTES = 256 * 1024
+# Ollama's closing object (with its token counts), an SSE usage event and the terminators can arrive in
+# separate reads; the last few reads always hold them.
+TAIL_READS = 4
 
 
 class Sink(Protocol):
@@ -77,11 +82,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_buf = bytearray()
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._early: list[bytes] = []
+        self._tail: deque[bytes] = deque(maxlen=TAIL_READS)
         self._sink: Sink | None = None
         self._framing: Framing | None = None
         self._done: asyncio.Future[RelayOutcome] | None = None
         self.body_bytes = 0
         self._progress = 0
+        self._tail.clear()
         self._seen_progress = -1
         self._stalled_ticks = 0
         self._paused_by_client = False
@@ -108,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         if sink is not None:
             sink.write(data)
+            self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
             self._progress += 1
             try:
                 end = self._framing.feed(data)  # type: ignore[union-attr]
@@ -155,6 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_waiter = self._loop.create_future()
         self.body_bytes = 0
         self._progress = 0
+        self._tail.clear()
         self.transport.write(head)  # type: ignore[union-attr]
         self._start_timer()
 
@@ -171,6 +180,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._write_paused and self.state is not ConnState.CLOSED:
             self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
+
+    def tail(self) -> bytes:
+        """The last few reads of the response just relayed (for usage accounting), at most TAIL_BYTES."""
+        return b"".join(self._tail)[-TAIL_BYTES:]
 
     async def response_head(self) -> ResponseHead:
         assert self._head_waiter is not None

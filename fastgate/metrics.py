@@ -1,0 +1,114 @@
+"""Counters and histograms for `GET /metrics`, rendered in the Prometheus text format (version 0.0.4).
+
+Written directly rather than with prometheus-client: fastgate updates a handful of dict entries once per
+request (never per chunk), and the format is a few lines of text; the library would add a dependency and
+locking for nothing. Label values are bounded: paths are collapsed to Ollama's known endpoints.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+# Seconds. Model loads take minutes, tokens milliseconds: the buckets span both.
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+KNOWN_PATHS = frozenset({
+    "/", "/health", "/auth", "/metrics", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
+    "/api/tags", "/api/ps", "/api/show", "/api/version", "/api/pull", "/api/push", "/api/create",
+    "/api/copy", "/api/delete", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+    "/v1/responses", "/v1/messages",
+})
+
+
+def path_label(path: str) -> str:
+    if path in KNOWN_PATHS:
+        return path
+    if path.startswith("/api/blobs/"):
+        return "/api/blobs/:digest"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/:model"
+    return "other"
+
+
+class Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_S) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    text = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+    return "{" + text + "}" if text else ""
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str, str], int] = {}
+        self.auth_failures: dict[str, int] = {}
+        self.upstream_head = Histogram()
+        self.request_duration = Histogram()
+        self.upstream_up = -1  # unknown until the first exchange or health probe
+
+    def request(self, user: str, path: str, status: int) -> None:
+        key = (user, path_label(path), str(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def add_tokens(self, user: str, model: str, prompt: int, completion: int) -> None:
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if count:
+                key = (user, model, kind)
+                self.tokens[key] = self.tokens.get(key, 0) + count
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+
+    def render(self, *, in_flight: int, connections: int) -> bytes:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("fastgate_requests_total", "counter", "Requests answered, by user, endpoint and status.")
+        for (user, path, status), n in sorted(self.requests.items()):
+            lines.append(f"fastgate_requests_total{_labels((('user', user), ('path', path), ('status', status)))} {n}")
+        family("fastgate_tokens_total", "counter", "Tokens Ollama reported, by user, model and kind.")
+        for (user, model, kind), n in sorted(self.tokens.items()):
+            lines.append(f"fastgate_tokens_total{_labels((('user', user), ('model', model), ('kind', kind)))} {n}")
+        family("fastgate_auth_failures_total", "counter", "Requests refused for their key, by reason.")
+        for reason, n in sorted(self.auth_failures.items()):
+            lines.append(f"fastgate_auth_failures_total{_labels((('reason', reason),))} {n}")
+        family("fastgate_in_flight_requests", "gauge", "Requests currently with Ollama (streams included).")
+        lines.append(f"fastgate_in_flight_requests {in_flight}")
+        family("fastgate_client_connections", "gauge", "Open client connections.")
+        lines.append(f"fastgate_client_connections {connections}")
+        family("fastgate_upstream_up", "gauge", "1 if Ollama answered the last exchange or probe, 0 if not.")
+        lines.append(f"fastgate_upstream_up {max(self.upstream_up, 0)}")
+        for name, hist, help_text in (
+                ("fastgate_upstream_first_byte_seconds", self.upstream_head,
+                 "Time from sending a request to Ollama to its response head (its first byte)."),
+                ("fastgate_request_duration_seconds", self.request_duration,
+                 "Time from sending a request to Ollama to the end of its response.")):
+            family(name, "histogram", help_text)
+            cumulative = 0
+            for bound, n in zip((*BUCKETS_S, float("inf")), hist.counts):
+                cumulative += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
+            lines.append(f"{name}_sum {hist.total:.6f}")
+            lines.append(f"{name}_count {hist.count}")
+        return ("\n".join(lines) + "\n").encode()

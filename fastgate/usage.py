@@ -1,0 +1,75 @@
+"""Token counts and model names read from what already passed through, after the fact.
+
+The relay keeps references to its last few reads (no copies); when a response ends, these functions scan
+that bounded tail for the counts Ollama reports: `prompt_eval_count`/`eval_count` in the final object of
+native answers, `usage.prompt_tokens`/`completion_tokens` in /v1 answers. The model comes from the start
+of the request body, which the proxy sees anyway. Nothing here runs per chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TAIL_BYTES = 16 * 1024
+MODEL_PREFIX_BYTES = 4096
+
+_NATIVE_PROMPT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d{1,12})')
+_NATIVE_COMPLETION = re.compile(rb'"eval_count"\s*:\s*(\d{1,12})')
+_OPENAI_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
+_OPENAI_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\\r\n]|\\.){1,256})"')
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One forwarded request, as the usage ledger keeps it."""
+
+    at: float  # epoch seconds
+    user: str
+    key_id: str
+    model: str
+    path: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    value = None
+    for match in pattern.finditer(data):
+        value = int(match.group(1))
+    return value
+
+
+def token_counts(tail: bytes, *, openai: bool) -> TokenCounts | None:
+    """The counts in the last object that reports them, or None when the tail has none."""
+    tail = tail[-TAIL_BYTES:]
+    if openai:
+        prompt, completion = _last(_OPENAI_PROMPT, tail), _last(_OPENAI_COMPLETION, tail)
+    else:
+        prompt, completion = _last(_NATIVE_PROMPT, tail), _last(_NATIVE_COMPLETION, tail)
+    if prompt is None and completion is None:
+        return None
+    return TokenCounts(prompt or 0, completion or 0)
+
+
+def model_name(*sources: bytes) -> str:
+    """The first `"model": "..."` in the given byte strings, tried in order (request body start, then the
+    response tail). Callers pass bounded slices."""
+    for data in sources:
+        match = _MODEL.search(data) if data else None
+        if match:
+            return match.group(1).decode("utf-8", "replace")
+    return ""
