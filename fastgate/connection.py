@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import socket
 from typing import TYPE_CHECKING
 
@@ -165,10 +166,7 @@ class ClientConnection:
             if type(event) is h11.Request:
                 self.state = ClientState.ACTIVE
                 self.requests += 1
-                # h11 bounds only heads that arrive in pieces; one that came whole in a single read is
-                # measured here so the limit holds either way.
-                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.max_header_bytes:
-                    raise HeadersTooLarge()
+                _check_head(event, self.max_header_bytes)
                 if not _has_body(event):
                     # h11 still holds the (empty) end of this message; take it so the cycle is complete.
                     conn.next_event()
@@ -291,6 +289,23 @@ class ClientConnection:
     def abort(self) -> None:
         self.state = ClientState.CLOSED
         self.transport.abort()
+
+
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_head(request: h11.Request, max_header_bytes: int) -> None:
+    """What h11 lets through but fastgate must not pass on."""
+    values = [v for _, v in request.headers]
+    # h11 bounds only heads that arrive in pieces; one that came whole in a single read is measured here.
+    if len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) > max_header_bytes:
+        raise HeadersTooLarge()
+    # RFC 9110 section 5.5: control characters are not allowed in field values (h11 accepts them).
+    if _CONTROL_BYTES.search(b" ".join(values)):
+        raise BadRequest("control character in a header field")
+    # RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
+    if request.http_version == b"1.0" and any(n == b"transfer-encoding" for n, _ in request.headers):
+        raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
 
 
 def _has_body(request: h11.Request) -> bool:
