@@ -234,11 +234,11 @@ def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
     # A key id alone says little: name its user (usage of config-file keys has no store id).
     owners = {r.id: r.user for r in store.list(include_revoked=True)} if args.by == "key" else {}
     if args.json:
-        rows = [{args.by: s.group, **({"user": owners.get(s.group)} if args.by == "key" else {}),
-                 "requests": s.requests, "prompt_tokens": s.prompt_tokens,
-                 "completion_tokens": s.completion_tokens, "total_tokens": s.total_tokens,
-                 "duration_ms": round(s.duration_ms, 3), "errors": s.errors} for s in summaries]
-        print(json.dumps({"since": _iso(args.since), "by": args.by, "rows": rows}, indent=2), file=out)
+        objects = [{args.by: s.group, **({"user": owners.get(s.group)} if args.by == "key" else {}),
+                    "requests": s.requests, "prompt_tokens": s.prompt_tokens,
+                    "completion_tokens": s.completion_tokens, "total_tokens": s.total_tokens,
+                    "duration_ms": round(s.duration_ms, 3), "errors": s.errors} for s in summaries]
+        print(json.dumps({"since": _iso(args.since), "by": args.by, "rows": objects}, indent=2), file=out)
         return EXIT_OK
     since = f" since {_when(args.since)} UTC" if args.since is not None else ""
     if not summaries:

@@ -60,6 +60,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_connections: int = 1024
+    max_connections_per_ip: int = 0
     header_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
@@ -209,6 +210,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "tls_cert": _str,
         "tls_key": _str,
         "max_connections": _int(1),
+        "max_connections_per_ip": _int(0),
         "header_timeout": _seconds,
         "keepalive_timeout": _seconds,
         "body_timeout": _seconds,

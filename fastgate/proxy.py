@@ -68,6 +68,7 @@ class Proxy:
         self.gate = gate or Gate(config)
         self.pool: UpstreamPool | None = None
         self.connections: set[ClientConnection] = set()
+        self._per_ip: dict[str, int] = {}  # open connections per client address
         self.in_flight = 0
         self.requests_total = 0
         self.closing = False
@@ -119,12 +120,15 @@ class Proxy:
                                 header_timeout=server.header_timeout, keepalive_timeout=server.keepalive_timeout,
                                 body_timeout=server.body_timeout)
         conn.metrics_only = metrics_only
-        if len(self.connections) >= server.max_connections or self.closing:
+        per_ip = server.max_connections_per_ip
+        if (len(self.connections) >= server.max_connections or self.closing
+                or (per_ip and self._per_ip.get(conn.peer_ip, 0) >= per_ip)):
             conn.write(error_response(ServiceUnavailable("too many connections"), path=b"/", request_id=b"",
                                       close=True))
-            conn.close()
+            await conn.linger_close()
             return
         self.connections.add(conn)
+        self._per_ip[conn.peer_ip] = self._per_ip.get(conn.peer_ip, 0) + 1
         try:
             while not self.closing:
                 try:
@@ -149,6 +153,9 @@ class Proxy:
                 await conn.linger_close()
             conn.close()
             self.connections.discard(conn)
+            left = self._per_ip.pop(conn.peer_ip, 1) - 1
+            if left:
+                self._per_ip[conn.peer_ip] = left
             if not self.connections and self._idle_event is not None:
                 self._idle_event.set()
 
@@ -300,7 +307,8 @@ class Proxy:
             body_task.cancel()  # type: ignore[union-attr]
             upstream.reusable = False
             conn.linger = True  # closing on unread bytes would reset the connection under the answer
-        close = ctx.close_after or early_answer or self.closing
+        # A body that ends with the connection must say so to the client too.
+        close = ctx.close_after or early_answer or self.closing or head.body_kind is BodyKind.UNTIL_CLOSE
         log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
                  head.status, (head_at - started) * 1000)
         if fwd.principal.models and head.status == 200 and normalize_path(req.path) in MODEL_LISTS:

@@ -29,7 +29,10 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; only the type checker needs it
+    from typing_extensions import Self
 
 SECRET_PREFIX = "fg_"
 SECRET_BYTES = 32  # 256 bits of entropy from `secrets`
@@ -196,6 +199,9 @@ class KeyStore:
         except (sqlite3.Error, OSError) as exc:
             self.close()
             raise StoreError(f"key store {path}: cannot open: {exc}") from None
+        except StoreError:
+            self.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions, so reads never hold a snapshot open between calls
@@ -221,7 +227,7 @@ class KeyStore:
                     conn.close()
             self._db = self._watch = None
 
-    def __enter__(self) -> KeyStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -114,21 +114,26 @@ class UpstreamConnection(asyncio.Protocol):
         # The per-chunk relay path: keep it to a write, a counter and the framing tracker.
         sink = self._sink
         if sink is not None:
-            sink.write(data)
-            self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
             self._progress += 1
             try:
                 end = self._framing.feed(data)  # type: ignore[union-attr]
             except FramingError:
                 self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
                 return
-            if end >= 0:
-                self.body_bytes += end
-                if end != len(data):
-                    self.reusable = False  # bytes beyond the response: never trust this connection again
-                self._finish(RelayOutcome.COMPLETE)
-            else:
+            if end < 0:
+                sink.write(data)
+                self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
                 self.body_bytes += len(data)
+                return
+            if end != len(data):
+                # Bytes beyond the response: they must not reach the client, where they would pass for the
+                # answer to its next request, and this connection is never trusted again.
+                data = data[:end]
+                self.reusable = False
+            sink.write(data)
+            self._tail.append(data)
+            self.body_bytes += end
+            self._finish(RelayOutcome.COMPLETE)
             return
         self._progress += 1
         self._head_data(data)

@@ -74,10 +74,10 @@ class Client:
             while (left := deadline - loop.time()) > 0:
                 if not await asyncio.wait_for(self.reader.read(65536), left):
                     return True
+        except asyncio.TimeoutError:  # first: on 3.11+ it is a subclass of OSError
+            return False
         except (ConnectionError, OSError):
             return True
-        except asyncio.TimeoutError:
-            pass
         return False
 
     async def close(self) -> None:
