@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import __version__
 from .config import Config, ConfigError, load_config, with_overrides
@@ -19,6 +20,9 @@ EXIT_CONFIG = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgate", description="API-key edge in front of Ollama.")
     parser.add_argument("--version", action="version", version=f"fastgate {__version__}")
+    parser.epilog = ("Key store commands (need [store] path in the config): fastgate keys add|list|revoke|rotate "
+                     "[--config PATH] ...; fastgate usage [--since DATE] [--by user|model|key] [--json] "
+                     "[--config PATH]. Each has --help.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in (("serve", "run the proxy in the foreground"),
                             ("check-config", "validate the config file and exit")):
@@ -29,7 +33,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_command(command: str, argv: list[str]) -> int:
+    """`fastgate keys ...` / `fastgate usage ...`: find the store through the config, then hand over."""
+    config_path = None
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            config_path = next(args, None)
+        elif arg.startswith("--config="):
+            config_path = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fastgate: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from . import admin
+    run = admin.keys_command if command == "keys" else admin.usage_command
+    return run(rest, store_path=config.store.path, out=sys.stdout, err=sys.stderr, now=time.time())
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("keys", "usage"):
+        return _store_command(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

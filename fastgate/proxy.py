@@ -82,11 +82,15 @@ class Proxy:
         fixed = [name for name, old, new in (
             ("server.listen", self.config.server.listen, config.server.listen),
             ("server.tls_cert/tls_key (on or off)", self.config.server.tls, config.server.tls),
-            ("upstream.url", self.config.upstream.url, config.upstream.url)) if old != new]
+            ("upstream.url", self.config.upstream.url, config.upstream.url),
+            ("store.path", self.config.store.path, config.store.path),
+            ("metrics.listen", self.config.metrics.listen, config.metrics.listen)) if old != new]
         if fixed:
             config = replace(config,
                              server=replace(config.server, listen=self.config.server.listen),
-                             upstream=replace(config.upstream, url=self.config.upstream.url))
+                             upstream=replace(config.upstream, url=self.config.upstream.url),
+                             store=self.config.store,
+                             metrics=replace(config.metrics, listen=self.config.metrics.listen))
         self.config = config
         self.gate.reload(config)
         if self.pool is not None:

@@ -14,6 +14,8 @@ from . import __version__
 from .config import Config
 from .errors import ConfigError
 from .logs import log, set_level
+from .managed import ManagedKeys
+from .store import KeyStore, StoreError
 from .proxy import Proxy
 from .tls import server_context
 
@@ -38,6 +40,7 @@ class RunningServer:
     scheme: str
     ssl_context: ssl.SSLContext | None = None
     metrics_server: asyncio.AbstractServer | None = None
+    managed: ManagedKeys | None = None
 
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
@@ -62,6 +65,8 @@ class RunningServer:
             self.metrics_server.close()
         await self.proxy.shutdown(self.proxy.config.server.shutdown_grace if grace is None else grace)
         await self.server.wait_closed()
+        if self.managed is not None:
+            await self.managed.stop()  # the last usage records go to the store
 
 
 async def start(config: Config) -> RunningServer:
@@ -70,6 +75,15 @@ async def start(config: Config) -> RunningServer:
     ssl_context = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls else None
     proxy = Proxy(config)
     await proxy.start()
+    managed = None
+    if config.store.path:
+        try:
+            store = await asyncio.to_thread(KeyStore, config.store.path)
+        except StoreError as exc:
+            raise ConfigError(f"store.path: {exc}") from None
+        managed = ManagedKeys(store, proxy.gate)
+        await managed.start()
+        proxy.set_usage_sink(managed.record)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         proxy.protocol_factory, listen.host, listen.port, ssl=ssl_context, backlog=LISTEN_BACKLOG,
@@ -82,7 +96,7 @@ async def start(config: Config) -> RunningServer:
         metrics_server = await loop.create_server(proxy.metrics_protocol_factory, metrics.listen.host,
                                                   metrics.listen.port, reuse_address=True)
     return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context,
-                         metrics_server)
+                         metrics_server, managed)
 
 
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
