@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 PURE_MODULES = ["fastgate.config", "fastgate.keys", "fastgate.trust", "fastgate.messages", "fastgate.gate",
-                "fastgate.errors", "fastgate.logs"]
-# Not "socket": the stdlib's email.utils (used for the Date header) imports it without doing any I/O.
-IO_MODULES = ["asyncio", "ssl", "h11", "uvloop"]
+                "fastgate.errors", "fastgate.logs", "fastgate.access", "fastgate.limits", "fastgate.usage",
+                "fastgate.cors", "fastgate.metrics", "fastgate.store", "fastgate.admin"]
+IO_MODULES = ["asyncio", "ssl", "h11", "uvloop", "socket"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
