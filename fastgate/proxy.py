@@ -313,8 +313,11 @@ class Proxy:
             conn.linger = True  # closing on unread bytes would reset the connection under the answer
         # A body that ends with the connection must say so to the client too.
         close = ctx.close_after or early_answer or self.closing or head.body_kind is BodyKind.UNTIL_CLOSE
-        log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
-                 head.status, (head_at - started) * 1000)
+        streaming = head.body_kind is not BodyKind.LENGTH and head.body_kind is not BodyKind.NONE
+        if streaming:
+            # A stream may run for minutes: say now who it is for and when it began.
+            log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
+                     head.status, (head_at - started) * 1000)
         if fwd.principal.models and head.status == 200 and normalize_path(req.path) in MODEL_LISTS:
             outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
         else:
@@ -328,11 +331,18 @@ class Proxy:
         self._account(ctx, fwd, head.status, upstream, elapsed, bytes(body_start))
         if outcome is RelayOutcome.COMPLETE:
             self.pool.release(upstream)
-            log.info("[%s] Completed %d: %d bytes in %.3f s", rid.decode(), head.status, upstream.body_bytes,
-                     elapsed)
+            if streaming:
+                log.info("[%s] Completed %d: %d bytes in %.3f s", rid.decode(), head.status, upstream.body_bytes,
+                         elapsed)
+            else:
+                log.info("[%s] %s (%s) -> %s: %d in %.1f ms, %d bytes", rid.decode(), fwd.user, fwd.key_label,
+                         fwd.url, head.status, elapsed * 1000, upstream.body_bytes)
             if not close and protocol.gone:
                 return False
             return not close
+        if not streaming:
+            log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
+                     head.status, (head_at - started) * 1000)
         log.info("[%s] Response %s after %d bytes in %.3f s", rid.decode(),
                  "ended (close-delimited)" if outcome is RelayOutcome.COMPLETE_CLOSE else f"cut off: {outcome.value}",
                  upstream.body_bytes, elapsed)
