@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from .access import Principal, Role
 from .gate import Gate
 from .limits import DAY_S
 from .logs import log
-from .store import KeyRecord, KeyStore, StoreError, UsageRow
+from .store import KeyRecord, KeyStore, StoreError
 from .usage import UsageRecord
 
 POLL_S = 1.0
@@ -34,7 +35,7 @@ class ManagedKeys:
         self.gate = gate
         self.wall_clock = wall_clock
         self._token: int | None = None
-        self._pending: list[UsageRow] = []
+        self._pending: list[UsageRecord] = []
         self._last_used: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -54,15 +55,13 @@ class ManagedKeys:
 
     def record(self, usage: UsageRecord) -> None:
         """Usage sink for the proxy: called once per forwarded request, never blocks."""
-        if not usage.key_id.startswith("k_"):
-            key_id = ""  # config-file keys have no store id
+        if usage.key_id.startswith("k_"):
+            self._last_used[usage.key_id] = usage.at
         else:
-            key_id = usage.key_id
-            self._last_used[key_id] = usage.at
+            usage = replace(usage, key_id="")  # config-file keys have no store id
         if len(self._pending) >= MAX_PENDING_ROWS:
             del self._pending[: MAX_PENDING_ROWS // 10]
-        self._pending.append(UsageRow(usage.at, usage.user, key_id, usage.model, usage.path, usage.status,
-                                      usage.prompt_tokens, usage.completion_tokens, usage.duration_ms))
+        self._pending.append(usage)
 
     async def _run(self) -> None:
         while True:

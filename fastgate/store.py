@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # typing.Self is 3.11+; only the type checker needs it
     from typing_extensions import Self
 
+from .usage import UsageRecord
+
 SECRET_PREFIX = "fg_"
 SECRET_BYTES = 32  # 256 bits of entropy from `secrets`
 DISPLAY_PREFIX_CHARS = len(SECRET_PREFIX) + 4  # "fg_ab12": enough to tell keys apart, too little to guess
@@ -111,19 +113,8 @@ class KeyRecord:
         return "revoked" if self.revoked else "expired" if self.expired(now) else "active"
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """One finished request, as the proxy records it."""
-
-    at: float
-    user: str
-    key_id: str
-    model: str
-    path: str
-    status: int
-    prompt_tokens: int
-    completion_tokens: int
-    duration_ms: float
+# One finished request, as the proxy records it (the proxy's record is the row: one type, not two).
+UsageRow = UsageRecord
 
 
 @dataclass(frozen=True, slots=True)
