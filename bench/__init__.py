@@ -1,1 +1,1 @@
-"""fastgate's benchmark harness: `python -m bench` (see bench/README.md). Not part of the installed package."""
+"""fastgate's benchmark harness: `python -m bench` (see bench/README.md). Not part of the package."""

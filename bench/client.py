@@ -266,10 +266,12 @@ async def connect(host: str, port: int, **kwargs: bool) -> HttpConn:
     return proto  # type: ignore[return-value]
 
 
-async def connect_many(host: str, port: int, count: int, *, parallel: int = 64, **kwargs: bool) -> list[HttpConn]:
+async def connect_many(host: str, port: int, count: int, *, parallel: int = 64,
+                       **kwargs: bool) -> list[HttpConn]:
     conns: list[HttpConn] = []
     for start in range(0, count, parallel):
-        batch = await asyncio.gather(*(connect(host, port, **kwargs) for _ in range(min(parallel, count - start))))
+        size = min(parallel, count - start)
+        batch = await asyncio.gather(*(connect(host, port, **kwargs) for _ in range(size)))
         conns.extend(batch)
     return conns
 
@@ -296,8 +298,8 @@ async def send_raw(host: str, port: int, data: bytes, timeout: float = 5.0) -> b
                     n = int(low[i + 15:].split(b"\r\n", 1)[0])
                     if len(body) >= n:
                         break
-                elif b"chunked" in low and out.endswith(b"0\r\n\r\n"):
-                    break
+                elif b"chunked" in low and (body == b"0\r\n\r\n" or body.endswith(CHUNKED_END)):
+                    break  # (on the body only: a head ending in "...0\r\n\r\n" is no end)
         return out
     finally:
         writer.close()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import analysis
-from .client import Exchange, HttpConn, connect, connect_many, get_request, send_raw, stream_request
+from .client import Exchange, connect, connect_many, get_request, send_raw, stream_request
 from .procs import Managed, busy_ns, cpu_ns
 from .targets import API_KEY, BAD_KEY, HOST, Target
 
@@ -44,15 +44,15 @@ class Params:
     def full(cls) -> Params:
         return cls(rounds=5, paced_tokens=1500, paced_gap_ms=2.0, paced_streams=1, full_streams=32,
                    full_tokens=2000, full_warmup_s=0.5, full_window_s=3.0, small_conns=64, small_warmup_s=0.5,
-                   small_window_s=3.0, ttfb_requests=200, idle_conns=500, active_streams=64, active_gap_ms=20.0,
-                   lean=True)
+                   small_window_s=3.0, ttfb_requests=200, idle_conns=500, active_streams=64,
+                   active_gap_ms=20.0, lean=True)
 
     @classmethod
     def quick(cls) -> Params:
         return cls(rounds=2, paced_tokens=300, paced_gap_ms=2.0, paced_streams=1, full_streams=32,
                    full_tokens=1000, full_warmup_s=0.3, full_window_s=1.0, small_conns=64, small_warmup_s=0.3,
-                   small_window_s=1.0, ttfb_requests=50, idle_conns=200, active_streams=32, active_gap_ms=20.0,
-                   lean=True)
+                   small_window_s=1.0, ttfb_requests=50, idle_conns=200, active_streams=32,
+                   active_gap_ms=20.0, lean=True)
 
 
 class Meter:
@@ -102,7 +102,8 @@ class Phases:
         out["good_key_status"] = _status(ok)
         out["good_key_ok"] = _status(ok) == 200 and VERSION_BODY in ok
         stream = await send_raw(HOST, target.port, self._stream_req(target, 5, 0))
-        check = analysis.check_stream(analysis.parse_exchange(Exchange(0, [(0, stream)]), want_times=False), 5)
+        parsed = analysis.parse_exchange(Exchange(0, [(0, stream)]), want_times=False)
+        check = analysis.check_stream(parsed, 5)
         out["stream_ok"] = check.ok
         if not check.ok:
             out["failures"] = [f"5-token stream: {check.error}"]
@@ -115,7 +116,7 @@ class Phases:
             out["bad_key_401"] = all(_status(b) == 401 for b in bad)
         return out
 
-    # -- 1 and 2a: paced tokens: added latency per token and CPU per token ------------------------------------
+    # -- 1 and 2a: paced tokens: added latency per token and CPU per token ---------------------------------
 
     async def paced(self, target: Target) -> dict[str, object]:
         p = self.p
@@ -131,7 +132,8 @@ class Phases:
                 await asyncio.sleep(p.paced_gap_ms / 1000 / p.paced_streams)  # spread the streams' ticks
         await asyncio.wait_for(asyncio.gather(*firsts), 30)
         a = meter.snap()
-        exchanges = await asyncio.wait_for(asyncio.gather(*futs), p.paced_tokens * p.paced_gap_ms / 1000 * 3 + 30)
+        deadline_s = p.paced_tokens * p.paced_gap_ms / 1000 * 3 + 30
+        exchanges = await asyncio.wait_for(asyncio.gather(*futs), deadline_s)
         b = meter.snap()
         for c in conns:
             c.close()
@@ -195,7 +197,7 @@ class Phases:
         reframed = 0
         chunks = 0
         crc = 0
-        for c, part in zip(conns, partial):
+        for c, part in zip(conns, partial, strict=True):
             for ex in c.exchanges:
                 parsed = analysis.parse_exchange(ex)
                 check = analysis.check_stream(parsed, p.full_tokens)
@@ -255,7 +257,7 @@ class Phases:
         body_bad = sum(1 for ex in sampled if not _version_ok(ex))
         for c in conns:
             c.abort()
-        lat = [v for c, i0, i1 in zip(conns, marks0, marks1) for v in c.latencies_ns[i0:i1]]
+        lat = [v for c, i0, i1 in zip(conns, marks0, marks1, strict=True) for v in c.latencies_ns[i0:i1]]
         n = len(lat)
         wall, cpu, up, me = Meter.diff(a, b)
         return {
@@ -299,7 +301,7 @@ class Phases:
             "failures": failures[:5],
         }
 
-    # -- 5: memory per idle keep-alive connection and per active stream ---------------------------------------
+    # -- 5: memory per idle keep-alive connection and per active stream ------------------------------------
     # Each is measured on a freshly started (and warmed-up) proxy: measured one after the other in the same
     # process, the second would reuse memory the first freed (nginx frees a request's pool when it ends and
     # keeps only a small buffer per idle connection), and come out near zero.
@@ -341,7 +343,7 @@ class Phases:
         return {
             "base_kib": base,
             "after_kib": after,
-            "streams": p.active_streams,
+            "active_streams": p.active_streams,
             "streams_flowing": flowing,
             "per_active_stream_kib": (after - base) / max(flowing, 1),
         }
@@ -359,5 +361,3 @@ def _version_ok(ex: object) -> bool:
     return (parsed.status == 200 and parsed.complete and not parsed.error
             and b"".join(parsed.lines).startswith(VERSION_BODY))
 
-
-_ = HttpConn  # re-exported for type checkers

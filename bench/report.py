@@ -9,6 +9,11 @@ from typing import Any
 from .analysis import median, spread
 
 
+def _isnan(v: float) -> bool:
+    """NaN marks a figure that was not measured."""
+    return v != v  # noqa: PLR0124
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str
@@ -25,7 +30,8 @@ FIGURES = [
     Figure("latency_p50", "paced", "latency_p50_us", "added latency/token p50", "us", minus_direct=True),
     Figure("latency_p99", "paced", "latency_p99_us", "added latency/token p99", "us", minus_direct=True),
     Figure("cpu_token_paced", "paced", "cpu_per_token_us", "CPU/token paced", "us", proxies_only=True),
-    Figure("cpu_token_full", "full_speed", "cpu_per_token_us", "CPU/token full speed", "us", proxies_only=True),
+    Figure("cpu_token_full", "full_speed", "cpu_per_token_us", "CPU/token full speed", "us",
+           proxies_only=True),
     Figure("tokens_per_s", "full_speed", "tokens_per_s", "tokens/s full speed", "/s", higher_is_better=True),
     Figure("requests_per_s", "small", "requests_per_s", "small requests/s", "/s", higher_is_better=True),
     Figure("request_p99", "small", "p99_us", "small request p99", "us"),
@@ -33,7 +39,8 @@ FIGURES = [
     Figure("ttfb_p50", "ttfb", "p50_us", "TTFB p50", "us"),
     Figure("ttfb_added", "ttfb", "p50_us", "added TTFB p50", "us", minus_direct=True),
     Figure("mem_idle", "mem_idle", "per_idle_conn_kib", "memory/idle conn", "KiB", proxies_only=True),
-    Figure("mem_active", "mem_active", "per_active_stream_kib", "memory/active stream", "KiB", proxies_only=True),
+    Figure("mem_active", "mem_active", "per_active_stream_kib", "memory/active stream", "KiB",
+           proxies_only=True),
 ]
 FIG = {f.key: f for f in FIGURES}
 # The figures whose round-to-round movement makes up the run's noise figure.
@@ -56,16 +63,18 @@ def _value(results: dict[str, Any], fig: Figure) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def per_round(rounds: list[dict[str, Any]], names: list[str], fig: Figure) -> dict[str, list[float]]:
+def per_round(rounds: list[dict[str, Any]], names: list[str], fig: Figure, *, raw: bool = False
+              ) -> dict[str, list[float]]:
+    """The figure per round for each target; `raw`: without subtracting direct's value."""
     out: dict[str, list[float]] = {n: [] for n in names}
     for rnd in rounds:
         res = rnd["results"]
-        direct = _value(res.get("direct", {}), fig) if fig.minus_direct else 0.0
+        direct = _value(res.get("direct", {}), fig) if fig.minus_direct and not raw else 0.0
         for n in names:
             if fig.proxies_only and n == "direct":
                 continue
             v = _value(res.get(n, {}), fig)
-            if fig.minus_direct:
+            if fig.minus_direct and not raw:
                 v = v - direct
             out[n].append(v)
     return out
@@ -75,10 +84,13 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
     figures: dict[str, Any] = {}
     for fig in FIGURES:
         pr = per_round(rounds, names, fig)
+        # An "added" figure can be near zero, which makes its relative spread meaningless: the noise of
+        # those is the spread of the measured value itself (before direct's is subtracted).
+        raw = per_round(rounds, names, fig, raw=True) if fig.minus_direct else pr
         figures[fig.key] = {
             "label": fig.label, "unit": fig.unit,
             "median": {n: median(v) for n, v in pr.items() if v},
-            "spread": {n: spread(v) for n, v in pr.items() if v},
+            "spread": {n: spread(v) for n, v in raw.items() if v},
             "rounds": pr,
         }
     ratios: dict[str, Any] = {}
@@ -97,11 +109,12 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
     if "fastgate" in names and "nginx" in names:
         for key in NOISE_FIGURES:
             pr = figures[key]["rounds"]
-            rr = [_ratio(a, b) for a, b in zip(pr.get("fastgate", []), pr.get("nginx", []))]
+            rr = [_ratio(a, b) for a, b in zip(pr.get("fastgate", []), pr.get("nginx", []), strict=False)]
             ratio_spread[key] = spread(rr)
     others = [r.get("others_cpus") for rnd in rounds for res in rnd["results"].values() for r in res.values()
-              if isinstance(r, dict) and isinstance(r.get("others_cpus"), float) and r["others_cpus"] == r["others_cpus"]]
-    noise_values = [s for key in NOISE_FIGURES for n, s in figures[key]["spread"].items() if s == s]
+              if isinstance(r, dict) and isinstance(r.get("others_cpus"), float)
+              and not _isnan(r["others_cpus"])]
+    noise_values = [s for key in NOISE_FIGURES for n, s in figures[key]["spread"].items() if not _isnan(s)]
     noise = {
         "median_spread": median(noise_values),
         "max_spread": max(noise_values) if noise_values else math.nan,
@@ -137,7 +150,8 @@ def _strip_samples(rnd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ratio(a: float, b: float) -> float:
-    if a != a or b != b or b == 0:
+    """a / b; undefined when the base is not positive (an "added" figure at or below direct's)."""
+    if _isnan(a) or _isnan(b) or b <= 0:
         return math.nan
     return a / b
 
@@ -153,21 +167,22 @@ def goals(figures: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         if kind == "ratio":
             value = _ratio(fg, ng)
             met = value <= limit
-            gap = f"{value / limit:.2f}x the limit" if not met and value == value else ""
+            gap = f"{value / limit:.2f}x the limit" if not met and not _isnan(value) else ""
             shown = f"{value:.2f}x ({_fmt(fg)} vs {_fmt(ng)} us)"
         elif kind == "plus":
             value = fg - ng
             met = value <= limit
-            gap = f"{value - limit:.0f} us over" if not met and value == value else ""
+            gap = f"{value - limit:.0f} us over" if not met and not _isnan(value) else ""
             shown = f"{value:+.0f} us ({_fmt(fg)} vs {_fmt(ng)} us)"
         else:
             value = fg
             met = value < limit
-            gap = f"{value - limit:.1f} KiB over" if not met and value == value else ""
+            gap = f"{value - limit:.1f} KiB over" if not met and not _isnan(value) else ""
             shown = f"{_fmt(fg)} KiB (nginx {_fmt(ng)} KiB)"
-        if value != value:
+        if _isnan(value):
             met, gap = False, "not measured"
-        out.append({"goal": text, "figure": key, "value": value, "shown": shown, "met": bool(met), "gap": gap})
+        out.append({"goal": text, "figure": key, "value": value, "shown": shown, "met": bool(met),
+                    "gap": gap})
     return out
 
 
@@ -207,7 +222,8 @@ def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any
                 c[f"{prefix}_reframed"] += r.get("reframed_chunks", 0)
         c["failures"] = c["failures"][:10]
         c["ok"] = (c["streams"] > 0 and c["streams_ok"] == c["streams"] and c["bad_key_401"] is not False
-                   and c["good_key_ok"] and not c["small_non_200"] and not c["small_bodies_bad"] and not c["errors"])
+                   and c["good_key_ok"] and not c["small_non_200"] and not c["small_bodies_bad"]
+                   and not c["errors"])
         c["framing_preserved"] = c["paced_reframed"] == 0 and c["full_reframed"] == 0
         out[n] = c
     return out
@@ -222,7 +238,8 @@ def harness_cost(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, An
             for phase, field in (("paced", "client_cpu_per_token_us"), ("paced", "upstream_cpu_per_token_us"),
                                  ("full_speed", "client_cpu_per_token_us"),
                                  ("full_speed", "upstream_cpu_per_token_us"),
-                                 ("small", "client_cpu_per_request_us"), ("small", "upstream_cpu_per_request_us"),
+                                 ("small", "client_cpu_per_request_us"),
+                                 ("small", "upstream_cpu_per_request_us"),
                                  ("full_speed", "proxy_cpu_util"), ("small", "proxy_cpu_util")):
                 v = (res.get(phase) or {}).get(field)
                 if isinstance(v, (int, float)):
@@ -234,7 +251,7 @@ def harness_cost(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, An
 # -- text ----------------------------------------------------------------------------------------------------
 
 def _fmt(v: float, unit: str = "") -> str:
-    if v is None or v != v:
+    if v is None or _isnan(v):
         return "n/a"
     a = abs(v)
     if a >= 1000:
@@ -249,7 +266,7 @@ def _fmt(v: float, unit: str = "") -> str:
 
 
 def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:.0f}%"
+    return "n/a" if _isnan(v) else f"{100 * v:.0f}%"
 
 
 def one_line(phase: str, r: dict[str, Any]) -> str:
@@ -272,8 +289,9 @@ def one_line(phase: str, r: dict[str, Any]) -> str:
         return (f"{_fmt(r['per_idle_conn_kib'])} KiB/idle conn ({r['conns_open']}/{r['conns']} open, "
                 f"RSS {r['base_kib']} -> {r['after_kib']} KiB)")
     if phase == "mem_active":
-        return (f"{_fmt(r['per_active_stream_kib'])} KiB/active stream ({r['streams_flowing']}/{r['streams']} "
-                f"flowing, RSS {r['base_kib']} -> {r['after_kib']} KiB)")
+        return (f"{_fmt(r['per_active_stream_kib'])} KiB/active stream "
+                f"({r['streams_flowing']}/{r['active_streams']} flowing, "
+                f"RSS {r['base_kib']} -> {r['after_kib']} KiB)")
     return ""
 
 
@@ -287,26 +305,30 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# fastgate benchmark: {env['date']}",
         "",
-        f"Machine: {env['nproc']} CPUs, {env['cpu_model']} (cpuidle: {env['cpuidle_driver']}), Linux {env['kernel']}, "
-        f"Python {env['python']}, {env['nginx']}. fastgate {env['versions'].get('fastgate')} at "
-        f"{env['fastgate_commit']}, logging {env['fastgate_log']}. Seed: FastAPI {env['versions'].get('fastapi')}, "
-        f"uvicorn {env['versions'].get('uvicorn')}, httpx {env['versions'].get('httpx')}.",
+        f"Machine: {env['nproc']} CPUs, {env['cpu_model']} (cpuidle: {env['cpuidle_driver']}), "
+        f"Linux {env['kernel']}, Python {env['python']}, {env['nginx']}. "
+        f"fastgate {env['versions'].get('fastgate')} at {env['fastgate_commit']}, "
+        f"logging {env['fastgate_log']}. "
+        f"Seed: FastAPI {env['versions'].get('fastapi')}, uvicorn {env['versions'].get('uvicorn')}, "
+        f"httpx {env['versions'].get('httpx')}.",
         "",
         f"Run: {nrounds} rounds, targets interleaved (A B C D, D C B A, ...), medians over rounds; "
-        f"{'quick; ' if env['quick'] else ''}{'proxy pinned to one CPU; ' if env['pin'] else 'no CPU pinning; '}"
-        f"{'SCHED_IDLE spinners during the latency phase; ' if env['spinners'] else ''}"
+        f"{'quick; ' if env['quick'] else ''}"
+        f"{'proxy pinned to one CPU; ' if env['pin'] else 'no CPU pinning; '}"
+        f"{'SCHED_IDLE spinners during the latency phases (paced, TTFB); ' if env['spinners'] else ''}"
         f"took {env.get('duration_s', '?')} s.",
         "",
         f"**Noise:** figures moved by a median of {_pct(noise['median_spread'])} between rounds "
-        f"(worst {_pct(noise['max_spread'])}; (max-min)/median per figure and target). Other processes on the "
-        f"machine used {_fmt(noise['others_cpus_median'])} CPUs during a median window (max "
+        f"(worst {_pct(noise['max_spread'])}; (max-min)/median per figure and target). "
+        f"Other processes on the machine used {_fmt(noise['others_cpus_median'])} CPUs during a median "
+        f"window (max "
         f"{_fmt(noise['others_cpus_max'])} of {env['nproc']}); CPU steal {_fmt(noise['steal_pct'])}%; "
         f"calibration loop spread {_pct(noise['calibration_spread'])}.",
         "",
         "## Streaming",
         "",
-        "| target | added latency/token p50 | p99 | CPU/token paced | CPU/token full speed | tokens/s full speed "
-        "| TTFB p50 (added) |",
+        "| target | added latency/token p50 | p99 | CPU/token paced | CPU/token full speed "
+        "| tokens/s full speed | TTFB p50 (added) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -325,17 +347,19 @@ def markdown(data: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for n in names:
-        lines.append(f"| {n} | {m('requests_per_s', n, '')} | {m('request_p99', n)} | {m('cpu_request', n)} | "
-                     f"{m('mem_idle', n, 'KiB')} | {m('mem_active', n, 'KiB')} |")
+        lines.append(f"| {n} | {m('requests_per_s', n, '')} | {m('request_p99', n)} | "
+                     f"{m('cpu_request', n)} | {m('mem_idle', n, 'KiB')} | {m('mem_active', n, 'KiB')} |")
     lines += [
         "",
         f"Paced: {p['paced_streams']} stream of {p['paced_tokens']} tokens {p['paced_gap_ms']:g} ms apart. "
         f"Full speed: {p['full_streams']} concurrent streams of {p['full_tokens']} tokens, no gap, "
-        f"{p['full_window_s']:g} s window. Small: GET /api/version on {p['small_conns']} keep-alive connections, "
-        f"closed loop, {p['small_window_s']:g} s. TTFB: {p['ttfb_requests']} one-token streams in sequence on a "
-        f"keep-alive connection. Memory: RSS growth over {p['idle_conns']} idle keep-alive connections (after one "
-        f"request each), and over {p['active_streams']} streams ({p['active_gap_ms']:g} ms gap), each on a freshly "
-        f"started, warmed-up proxy. Added = target minus direct in the same round.",
+        f"{p['full_window_s']:g} s window. Small: GET /api/version on {p['small_conns']} keep-alive "
+        f"connections, closed loop, {p['small_window_s']:g} s. TTFB: {p['ttfb_requests']} one-token "
+        f"streams in "
+        f"sequence on a keep-alive connection. Memory: RSS growth over {p['idle_conns']} idle keep-alive "
+        f"connections (after one request each), and over {p['active_streams']} streams "
+        f"({p['active_gap_ms']:g} ms gap), each on a freshly started, warmed-up proxy. "
+        f"Added = target minus direct in the same round.",
         "",
     ]
     ratios = data["ratios"]
@@ -350,7 +374,7 @@ def markdown(data: dict[str, Any]) -> str:
                     "requests_per_s", "cpu_request", "ttfb_added", "mem_idle", "mem_active"):
             row = rb.get(key, {})
             lines.append(f"| {FIG[key].label} | " + " | ".join(
-                "n/a" if row.get(n, math.nan) != row.get(n, math.nan) else f"{row[n]:.2f}x" for n in others) + " |")
+                "n/a" if _isnan(row.get(n, math.nan)) else f"{row[n]:.2f}x" for n in others) + " |")
         lines.append("")
     if data["goals"]:
         lines += ["## fastgate's goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
@@ -363,19 +387,22 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{'yes' if corr.get('framing_preserved') else 'NO'} |")
         lines.append("")
     lines += ["## Correctness", "",
-              "| target | streams intact | CRC-checked | bad/no key -> 401 | small requests | re-framed chunks "
-              "(paced / full speed) |",
+              "| target | streams intact | CRC-checked | bad/no key -> 401 | small requests "
+              "| re-framed chunks (paced / full speed) |",
               "| --- | --- | --- | --- | --- | --- |"]
     for n in names:
         c = data["correctness"][n]
         auth = "n/a" if c["bad_key_401"] is None else ("yes" if c["bad_key_401"] else "NO")
-        small = (f"{c['small_non_200']} non-200, {c['small_bodies_bad']}/{c['small_bodies_checked']} bad bodies")
-        lines.append(f"| {n} | {c['streams_ok']}/{c['streams']}{'' if c['ok'] else ' (FAIL)'} | {c['crc_checked']} | "
+        small = (f"{c['small_non_200']} non-200, "
+                 f"{c['small_bodies_bad']}/{c['small_bodies_checked']} bad bodies")
+        verdict = "" if c["ok"] else " (FAIL)"
+        lines.append(f"| {n} | {c['streams_ok']}/{c['streams']}{verdict} | {c['crc_checked']} | "
                      f"{auth} | {small} | {c['paced_reframed']}/{c['paced_chunks']} / "
                      f"{c['full_reframed']}/{c['full_chunks']} |")
         for f in c["failures"][:3] + c["errors"][:3]:
             lines.append(f"|  | {f} | | | | |")
-    lines += ["", "## Noise: (max - min) / median across rounds", "",
+    lines += ["", "## Noise: (max - min) / median across rounds",
+              "", "(For latency figures, of the measured value before direct's is subtracted.)", "",
               "| figure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for key in NOISE_FIGURES + ("latency_p99", "requests_per_s", "tokens_per_s", "mem_idle", "mem_active"):
         sp = figs[key]["spread"]
@@ -384,12 +411,13 @@ def markdown(data: dict[str, Any]) -> str:
     if rs:
         lines += ["", "Spread of the per-round fastgate/nginx ratio: " + ", ".join(
             f"{FIG[k].label} {_pct(v)}" for k, v in rs.items()) + "."]
-    lines += ["", f"Direct's latency p50 per round (us): "
+    lines += ["", "Direct's latency p50 per round (us): "
               + ", ".join(_fmt(v) for v in noise["direct_latency_p50_us_rounds"]) + ".", ""]
     hc = data["harness_cost"]
     lines += ["## Load generator cost (medians)", "",
-              "| target | client CPU/token full speed | fake Ollama CPU/token full speed | client CPU/request "
-              "| fake Ollama CPU/request | proxy CPU use full speed | proxy CPU use small requests |",
+              "| target | client CPU/token full speed | fake Ollama CPU/token full speed "
+              "| client CPU/request | fake Ollama CPU/request | proxy CPU use full speed "
+              "| proxy CPU use small requests |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for n in names:
         h = hc.get(n, {})
@@ -406,6 +434,14 @@ def markdown(data: dict[str, Any]) -> str:
 # -- chart ---------------------------------------------------------------------------------------------------
 
 COLORS = {"direct": "#888888", "fastgate": "#1f77b4", "nginx": "#2ca02c", "seed": "#d62728"}
+EXTRA_COLORS = ("#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
+
+
+def _color(name: str, names: list[str]) -> str:
+    if name in COLORS:
+        return COLORS[name]
+    extra = [n for n in names if n not in COLORS]
+    return EXTRA_COLORS[extra.index(name) % len(EXTRA_COLORS)]
 
 
 def chart(data: dict[str, Any], rounds: list[dict[str, Any]], path: str) -> bool:
@@ -426,7 +462,7 @@ def chart(data: dict[str, Any], rounds: list[dict[str, Any]], path: str) -> bool
         if not samples:
             continue
         ys = [(i + 1) / len(samples) for i in range(len(samples))]
-        ax.plot(samples, ys, label=n, color=COLORS.get(n), linewidth=1.6)
+        ax.plot(samples, ys, label=n, color=_color(n, names), linewidth=1.6)
     ax.set_xscale("log")
     ax.set_xlabel("per-token latency: client arrival - upstream send (us, log)")
     ax.set_ylabel("fraction of tokens")
@@ -437,18 +473,19 @@ def chart(data: dict[str, Any], rounds: list[dict[str, Any]], path: str) -> bool
     ax.legend()
 
     proxies = [n for n in names if n != "direct"]
+    tick_style = {"rotation": 25, "fontsize": 8} if len(proxies) > 3 else {}
     ax = axes[1]
     width = 0.38
     xs = range(len(proxies))
     for off, key, label, hatch in ((-width / 2, "cpu_token_paced", "paced (2 ms)", ""),
                                    (width / 2, "cpu_token_full", "full speed, 32 streams", "//")):
         vals = [figs[key]["median"].get(n, math.nan) for n in proxies]
-        bars = ax.bar([x + off for x in xs], vals, width, label=label, color=[COLORS.get(n) for n in proxies],
-                      hatch=hatch, edgecolor="white")
-        for b, v in zip(bars, vals):
-            if v == v:
+        bars = ax.bar([x + off for x in xs], vals, width, label=label,
+                      color=[_color(n, names) for n in proxies], hatch=hatch, edgecolor="white")
+        for b, v in zip(bars, vals, strict=True):
+            if not _isnan(v):
                 ax.annotate(_fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), proxies)
+    ax.set_xticks(list(xs), proxies, **tick_style)
     ax.set_yscale("log")
     ax.set_ylabel("proxy CPU per token (us, log)")
     ax.set_title("CPU per token (plain: paced, hatched: full speed)")
@@ -456,11 +493,11 @@ def chart(data: dict[str, Any], rounds: list[dict[str, Any]], path: str) -> bool
 
     ax = axes[2]
     vals = [figs["cpu_request"]["median"].get(n, math.nan) for n in proxies]
-    bars = ax.bar(list(xs), vals, 0.6, color=[COLORS.get(n) for n in proxies])
-    for b, v in zip(bars, vals):
-        if v == v:
+    bars = ax.bar(list(xs), vals, 0.6, color=[_color(n, names) for n in proxies])
+    for b, v in zip(bars, vals, strict=True):
+        if not _isnan(v):
             ax.annotate(_fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), proxies)
+    ax.set_xticks(list(xs), proxies, **tick_style)
     ax.set_yscale("log")
     ax.set_ylabel("proxy CPU per request (us, log)")
     ax.set_title("CPU per small request")

@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 import traceback
 from typing import Any
@@ -28,6 +27,8 @@ from .targets import ALL_TARGETS, ROOT, Target, start_target, start_upstream
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("auth", "mem_idle", "mem_active", "paced", "ttfb", "small", "full_speed")
+# The latency phases (per-token latency and time to first byte) run with SCHED_IDLE spinners on every CPU.
+SPIN_PHASES = ("paced", "ttfb")
 # Phases that get a freshly started proxy (warmed up by the auth checks again first).
 FRESH_PHASES = ("mem_active",)
 
@@ -38,14 +39,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pin", action="store_true",
                     help="pin each proxy to the last CPU and the client + fake Ollama to the others")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct is always added)")
+                    help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct is always added); "
+                         "fastgate:VARIANT[+VARIANT] adds fastgate patched by bench/variants.py")
     ap.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"),
                     help="directory for results/<timestamp>/ (default bench/results)")
-    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
-    ap.add_argument("--no-spin", action="store_true", help="no SCHED_IDLE spinners during the latency phase")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--no-spin", action="store_true", help="no SCHED_IDLE spinners during the latency phases (paced, ttfb)")
     ap.add_argument("--log-level", default="INFO", help="fastgate's [log] level (default INFO, its default)")
-    ap.add_argument("--no-lean", action="store_true", help="use the fake Ollama's ordinary (slow) stream path")
+    ap.add_argument("--no-lean", action="store_true",
+                    help="use the fake Ollama's ordinary (slow) stream path")
     ap.add_argument("--latest", action=argparse.BooleanOptionalAction, default=None,
                     help="also copy report.md and chart.png to bench/latest/ (default: yes, except --quick)")
     return ap.parse_args(argv)
@@ -116,11 +120,10 @@ async def run(args: argparse.Namespace) -> str:
         params.lean = False
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for n in names:
-        if n not in ALL_TARGETS:
-            raise SystemExit(f"unknown target {n!r} (known: {', '.join(ALL_TARGETS)})")
-    if "direct" not in names:
-        names.insert(0, "direct")  # every "added" figure is relative to direct
-    names = [n for n in ALL_TARGETS if n in names]
+        if n not in ALL_TARGETS and not n.startswith("fastgate:"):
+            raise SystemExit(f"unknown target {n!r} (known: {', '.join(ALL_TARGETS)}, fastgate:VARIANT)")
+    # direct first (every "added" figure is relative to it), then the standard targets, then variants
+    names = ["direct"] + [n for n in ALL_TARGETS[1:] if n in names] + [n for n in names if ":" in n]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     ncpu = os.cpu_count() or 1
     all_cpus = set(range(ncpu))
@@ -134,7 +137,7 @@ async def run(args: argparse.Namespace) -> str:
     env = environment(args, params)
     print(f"bench: {', '.join(names)}; {params.rounds} rounds; results in {run_dir}", flush=True)
 
-    upstream, upstream_port = start_upstream(run_dir, other_cpus)
+    upstream, upstream_port = start_upstream(run_dir, other_cpus, params.lean)
     # The client keeps every read of a window: a full collection over that heap mid-window would show up
     # as latency. Nothing here makes reference cycles worth collecting during a window; collect in between.
     gc.disable()
@@ -165,7 +168,7 @@ async def run(args: argparse.Namespace) -> str:
                     else:
                         order_here = order
                     gc.collect()
-                    spin = phase == "paced" and not args.no_spin
+                    spin = phase in SPIN_PHASES and not args.no_spin
                     with Spinners(sorted(all_cpus)) if spin else _Null() as spinners:
                         runner.spinner_pids = spinners.pids if spinners else []
                         for n in order_here:
@@ -175,15 +178,15 @@ async def run(args: argparse.Namespace) -> str:
                             except Exception as exc:  # one broken target must not lose the run
                                 traceback.print_exc()
                                 results[n][phase] = {"error": f"{type(exc).__name__}: {exc}"}
-                            print(f"  round {r + 1}/{params.rounds} {phase:<10} {n:<8} "
-                                  f"{report.one_line(phase, results[n][phase])}  ({time.monotonic() - t:.1f} s)",
-                                  flush=True)
+                            line = report.one_line(phase, results[n][phase])
+                            print(f"  round {r + 1}/{params.rounds} {phase:<10} {n:<8} {line}  "
+                                  f"({time.monotonic() - t:.1f} s)", flush=True)
             finally:
                 for n in reversed(order):
                     if n in targets:
                         targets[n].stop()
-            rounds.append({"order": order, "calibration_ms": cal, "system": SystemTimes.now().since(round_sys),
-                           "results": results})
+            rounds.append({"order": order, "calibration_ms": cal,
+                           "system": SystemTimes.now().since(round_sys), "results": results})
     finally:
         upstream.stop()
     env["duration_s"] = round(time.monotonic() - t_start, 1)

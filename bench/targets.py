@@ -66,16 +66,22 @@ level = "{log_level}"
 """
 
 
-def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_level: str) -> Target:
+def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_level: str,
+                   variants: str = "") -> Target:
+    """fastgate as users run it; with `variants`, through bench.variants (patched at startup)."""
     port = free_port()
-    path = os.path.join(run_dir, "fastgate.toml")
+    name = f"fastgate:{variants}" if variants else "fastgate"
+    stem = name.replace(":", "-").replace("+", "-")
+    path = os.path.join(run_dir, f"{stem}.toml")
     with open(path, "w") as f:
         f.write(fastgate_config(port, upstream_port, log_level))
-    proc = spawn("fastgate", [sys.executable, "-m", "fastgate", "serve", "--config", path],
-                 log_path=os.path.join(run_dir, "logs", "fastgate.log"), cpus=cpus, cwd=ROOT)
+    argv = [sys.executable, "-m", "fastgate", "serve", "--config", path]
+    if variants:
+        argv = [sys.executable, "-m", "bench.variants", variants, "serve", "--config", path]
+    proc = spawn(name, argv, log_path=os.path.join(run_dir, "logs", f"{stem}.log"), cpus=cpus, cwd=ROOT)
     wait_port(HOST, port, 20, proc.proc)
     proc.refresh()
-    return Target("fastgate", port, proc)
+    return Target(name, port, proc)
 
 
 # -- nginx -------------------------------------------------------------------------------------------------
@@ -151,8 +157,8 @@ def start_nginx(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Targ
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(nginx_config(prefix, port, upstream_port))
-    proc = spawn("nginx", [binary, "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "logs", "nginx-error.log")],
-                 log_path=os.path.join(run_dir, "logs", "nginx.log"), cpus=cpus)
+    argv = [binary, "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "logs", "nginx-error.log")]
+    proc = spawn("nginx", argv, log_path=os.path.join(run_dir, "logs", "nginx.log"), cpus=cpus)
     wait_port(HOST, port, 20, proc.proc)
     proc.refresh()
     return Target("nginx", port, proc)
@@ -173,11 +179,14 @@ def start_seed(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Targe
     return Target("seed", port, proc)
 
 
-def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | None, log_level: str) -> Target:
+def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | None,
+                 log_level: str) -> Target:
     if name == "direct":
         return Target("direct", upstream_port, None)
     if name == "fastgate":
         return start_fastgate(run_dir, upstream_port, cpus, log_level)
+    if name.startswith("fastgate:"):
+        return start_fastgate(run_dir, upstream_port, cpus, log_level, name.split(":", 1)[1])
     if name == "nginx":
         return start_nginx(run_dir, upstream_port, cpus)
     if name == "seed":
@@ -185,10 +194,11 @@ def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | N
     raise ValueError(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
 
 
-def start_upstream(run_dir: str, cpus: set[int] | None) -> tuple[Managed, int]:
+def start_upstream(run_dir: str, cpus: set[int] | None, lean: bool = True) -> tuple[Managed, int]:
     """The project's fake Ollama (tests/fake_ollama.py), standalone."""
     port = free_port()
-    proc = spawn("fake-ollama", [sys.executable, "-m", "tests.fake_ollama", "--port", str(port)],
+    argv = [sys.executable, "-m", "tests.fake_ollama", "--port", str(port)] + (["--lean"] if lean else [])
+    proc = spawn("fake-ollama", argv,
                  log_path=os.path.join(run_dir, "logs", "fake_ollama.log"), cpus=cpus, cwd=ROOT)
     wait_port(HOST, port, 20, proc.proc)
     proc.refresh()

@@ -26,8 +26,8 @@ from starlette.background import BackgroundTask
 log = logging.getLogger("seed")
 
 # Hop-by-hop and per-connection headers are not forwarded; the key never reaches Ollama.
-DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "x-api-key",
-                        "authorization"}
+DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding",
+                        "x-api-key", "authorization"}
 
 
 def create_app(upstream: str, keys: dict[str, str]) -> FastAPI:
