@@ -215,6 +215,25 @@ class ClientConnection:
             else:  # pragma: no cover
                 raise BadRequest("unexpected data")
 
+    def take_buffered_body(self) -> tuple[list[bytes], bool]:
+        """The body bytes already received, without waiting for more, and whether that is all of it.
+
+        A small request body usually arrives with its head; taking it here lets it go to Ollama in the same
+        write as the head, with no task to pump it.
+        """
+        parts: list[bytes] = []
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _map_h11_error(exc) from None
+            if type(event) is h11.Data:
+                parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                return parts, True
+            else:  # NEED_DATA: the rest is still on its way
+                return parts, False
+
     async def read_body(self, limit: int) -> bytes:
         """Buffer the whole body, refusing more than `limit` bytes."""
         parts: list[bytes] = []

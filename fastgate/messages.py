@@ -219,6 +219,7 @@ class FramingError(Exception):
 
 class LengthFraming:
     __slots__ = ("remaining",)
+    at_boundary = False  # only chunked bodies have chunk boundaries to fast-path
 
     def __init__(self, length: int) -> None:
         self.remaining = length
@@ -232,6 +233,7 @@ class LengthFraming:
 
 class UntilCloseFraming:
     __slots__ = ()
+    at_boundary = False
 
     def feed(self, data: bytes) -> int:
         return -1
@@ -251,6 +253,11 @@ class ChunkedFraming:
         self._state = _SIZE
         self._remaining = 0
         self._partial = b""  # an incomplete size or trailer line carried over between reads
+
+    @property
+    def at_boundary(self) -> bool:
+        """Between chunks, with nothing carried over: the next read should start with a size line."""
+        return self._state == _SIZE and not self._partial
 
     def feed(self, data: bytes) -> int:
         end = len(data)

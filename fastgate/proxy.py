@@ -43,6 +43,21 @@ CLOSE_AFTER = frozenset({400, 408, 413, 431, 501})
 HEALTH_TIMEOUT_S = 5.0
 STREAM_READER_LIMIT = 512 * 1024
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def frame_body_parts(parts: list[bytes], chunked: bool, *, last: bool) -> list[bytes]:
+    """Request body pieces as they go to Ollama: re-chunked when the client sent chunks (h11 took its
+    framing apart, so what Ollama sees is framing fastgate wrote), as they are otherwise."""
+    if not chunked:
+        return parts
+    framed = []
+    for part in parts:
+        if part:
+            framed += (b"%x\r\n" % len(part), part, b"\r\n")
+    if last:
+        framed.append(LAST_CHUNK)
+    return framed
 
 
 @dataclass(slots=True)
@@ -256,6 +271,22 @@ class Proxy:
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
         body_start = bytearray(fwd.body[:MODEL_PREFIX_BYTES]) if fwd.body else bytearray()
+        # The request goes to Ollama in one write when its body is already here (buffered by the gate, or
+        # arrived with the head); only a body still on its way needs a task to pump it.
+        request = fwd.head + fwd.body if fwd.body else fwd.head
+        body_pending = False
+        if fwd.body is None and req.has_body:
+            if conn.waiting_for_100_continue:
+                conn.write(CONTINUE_100)
+                body_pending = True
+            else:
+                try:
+                    parts, complete = conn.take_buffered_body()
+                except GateError as err:
+                    return await self._refuse(ctx, err)
+                body_start += b"".join(parts)[:MODEL_PREFIX_BYTES]
+                request += b"".join(frame_body_parts(parts, req.chunked, last=complete))
+                body_pending = not complete
         try:
             for attempt in (1, 2):
                 upstream, reused = await self.pool.acquire()
@@ -263,12 +294,8 @@ class Proxy:
                     self.pool.release(upstream)
                     return False
                 protocol.exchange = upstream
-                upstream.send_head(fwd.head, req.method)
-                if fwd.body:
-                    upstream.write(fwd.body)
-                elif fwd.body is None and req.has_body:
-                    if conn.waiting_for_100_continue:
-                        conn.write(CONTINUE_100)
+                upstream.send_head(request, req.method)
+                if body_pending:
                     body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked, body_start))
                 try:
                     head = await upstream.response_head()
@@ -276,7 +303,7 @@ class Proxy:
                 except UpstreamClosed as exc:
                     # A pooled connection Ollama closed while it sat idle: nothing was processed, so an
                     # idempotent request may go again on a new connection. Anything else is a 502.
-                    if (attempt == 1 and reused and exc.nothing_received and body_task is None
+                    if (attempt == 1 and reused and exc.nothing_received and not body_pending
                             and req.method in IDEMPOTENT):
                         log.info("[%s] Pooled upstream connection was closed; retrying once", rid.decode())
                         continue
@@ -321,9 +348,9 @@ class Proxy:
         if fwd.principal.models and head.status == 200 and normalize_path(req.path) in MODEL_LISTS:
             outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
         else:
-            conn.write(client_response_head(head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
             try:
-                outcome = await upstream.start_relay(head, conn.transport)
+                outcome = await upstream.start_relay(head, conn.transport, client_response_head(
+                    head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
             finally:
                 protocol.exchange = None
         elapsed = loop.time() - started
@@ -398,13 +425,10 @@ class Proxy:
             async for data in conn.body_events():
                 if len(body_start) < MODEL_PREFIX_BYTES:
                     body_start += data[:MODEL_PREFIX_BYTES - len(body_start)]
-                if chunked:
-                    upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
-                else:
-                    upstream.write(data)
+                upstream.writelines(frame_body_parts([data], chunked, last=False))
                 await upstream.drain()
             if chunked:
-                upstream.write(b"0\r\n\r\n")
+                upstream.write(LAST_CHUNK)
         except ClientClosed:
             upstream.abort(ClientGone())
         except GateError as err:

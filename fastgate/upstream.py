@@ -82,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_buf = bytearray()
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._early: list[bytes] = []
+        self._at_chunk_boundary = False
         self._tail: deque[bytes] = deque(maxlen=TAIL_READS)
         self._sink: Sink | None = None
         self._framing: Framing | None = None
@@ -114,16 +115,32 @@ class UpstreamConnection(asyncio.Protocol):
         # The per-chunk relay path: keep it to a write, a counter and the framing tracker.
         sink = self._sink
         if sink is not None:
-            self._progress += 1
+            if self._at_chunk_boundary:
+                # What Ollama writes per token is one whole chunk per read: its size line, then exactly that
+                # much data and CRLF. Checking that is a find, an int and a compare; anything else (a partial
+                # chunk, several, the last one, an odd size line) takes the general tracker below.
+                i = data.find(b"\r\n", 0, 18)
+                if i > 0:
+                    try:
+                        size = int(data[:i], 16)
+                    except ValueError:
+                        size = 0
+                    if size and i + size + 4 == len(data):
+                        sink.write(data)
+                        self._tail.append(data)  # a reference, not a copy: usage is read from it later
+                        self.body_bytes += len(data)
+                        return
+            framing = self._framing
             try:
-                end = self._framing.feed(data)  # type: ignore[union-attr]
+                end = framing.feed(data)  # type: ignore[union-attr]
             except FramingError:
                 self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
                 return
             if end < 0:
                 sink.write(data)
-                self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
+                self._tail.append(data)
                 self.body_bytes += len(data)
+                self._at_chunk_boundary = framing.at_boundary  # type: ignore[union-attr]
                 return
             if end != len(data):
                 # Bytes beyond the response: they must not reach the client, where they would pass for the
@@ -237,19 +254,30 @@ class UpstreamConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(head)
 
-    def start_relay(self, head: ResponseHead, sink: Sink) -> asyncio.Future[RelayOutcome]:
-        """Relay the body that follows `head` into `sink`, byte for byte. The future tells how it ended."""
+    def start_relay(self, head: ResponseHead, sink: Sink, prefix: bytes = b"") -> asyncio.Future[RelayOutcome]:
+        """Relay the body that follows `head` into `sink`, byte for byte, after `prefix` (the client's
+        response head). The future tells how it ended."""
         self._done = done = self._loop.create_future()
         early, self._early = self._early, []
         already_closed = self.state is ConnState.CLOSED
         framing = framing_for(head)
         if framing is None:
+            if prefix:
+                sink.write(prefix)
             if early:
                 self.reusable = False
             self._finish(RelayOutcome.COMPLETE)
             return done
         self._framing = framing
         self._sink = sink
+        self._at_chunk_boundary = isinstance(framing, ChunkedFraming)
+        if prefix:
+            if early:
+                # The client's response head goes out with the first body bytes when those are already here
+                # (a small answer arrives whole): one write, one wake-up of the client instead of two.
+                self._sink = _PrefixedSink(sink, prefix)
+            else:
+                sink.write(prefix)
         if not already_closed:
             self.state = ConnState.RELAYING
             if early:
@@ -258,6 +286,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.data_received(chunk)
             if self._sink is None:
                 break
+            self._sink = sink
         if already_closed and not done.done():
             # Ollama closed before the relay began: what it sent is all there is.
             until_close = isinstance(framing, UntilCloseFraming)
@@ -336,8 +365,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
     def _tick(self) -> None:
-        if self._progress != self._seen_progress:
-            self._seen_progress = self._progress
+        progress = self._progress + self.body_bytes  # the relay counts bytes, not reads
+        if progress != self._seen_progress:
+            self._seen_progress = progress
             self._stalled_ticks = 0
         else:
             self._stalled_ticks += 1
@@ -448,6 +478,20 @@ class UpstreamPool:
         for conn in list(self._all):
             conn.abort()
 
+
+
+class _PrefixedSink:
+    """Writes `prefix` together with the first write it forwards, then gets out of the way."""
+
+    __slots__ = ("sink", "prefix")
+
+    def __init__(self, sink: Sink, prefix: bytes) -> None:
+        self.sink = sink
+        self.prefix = prefix
+
+    def write(self, data: bytes) -> None:
+        prefix, self.prefix = self.prefix, b""
+        self.sink.write(prefix + data if prefix else data)
 
 
 class BufferSink:
