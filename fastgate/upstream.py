@@ -93,7 +93,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._seen_progress = -1
         self._stalled_ticks = 0
         self._paused_by_client = False
-        self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -354,30 +353,25 @@ class UpstreamConnection(asyncio.Protocol):
     # -- idle-read timeout: a tick counter instead of re-arming a timer on every chunk ------------------------
 
     def _start_timer(self) -> None:
-        self._cancel_timer()
         self._seen_progress = -1
         self._stalled_ticks = 0
-        self._timer = self._loop.call_later(self._pool.tick_s, self._tick)
+        self._pool.watch(self)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pool.unwatch(self)
 
     def _tick(self) -> None:
+        """One look by the pool's watchdog: time out after `ticks_per_timeout` looks without progress."""
         progress = self._progress + self.body_bytes  # the relay counts bytes, not reads
         if progress != self._seen_progress:
             self._seen_progress = progress
             self._stalled_ticks = 0
-        else:
-            self._stalled_ticks += 1
-            if self._stalled_ticks >= self._pool.ticks_per_timeout:
-                self._timed_out()
-                return
-        self._timer = self._loop.call_later(self._pool.tick_s, self._tick)
+            return
+        self._stalled_ticks += 1
+        if self._stalled_ticks >= self._pool.ticks_per_timeout:
+            self._timed_out()
 
     def _timed_out(self) -> None:
-        self._timer = None
         self._terminate(UpstreamTimeout("upstream did not answer in time"), RelayOutcome.UPSTREAM_TIMEOUT)
 
     # -- closing ------------------------------------------------------------------------------------------
@@ -404,6 +398,9 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        # Exchanges waiting on Ollama, looked at by one watchdog timer rather than a timer per exchange.
+        self._busy: set[UpstreamConnection] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
         self.connects = 0
 
     def configure(self, config: UpstreamConfig) -> None:
@@ -464,6 +461,21 @@ class UpstreamPool:
         if self._idle:
             self._sweeper = self.loop.call_later(self.idle_ttl, self._sweep)
 
+    def watch(self, conn: UpstreamConnection) -> None:
+        self._busy.add(conn)
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(self.tick_s, self._watch_tick)
+
+    def unwatch(self, conn: UpstreamConnection) -> None:
+        self._busy.discard(conn)
+
+    def _watch_tick(self) -> None:
+        self._watchdog = None
+        for conn in list(self._busy):
+            conn._tick()
+        if self._busy:
+            self._watchdog = self.loop.call_later(self.tick_s, self._watch_tick)
+
     def _forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
         try:
@@ -475,6 +487,9 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for conn in list(self._all):
             conn.abort()
 
