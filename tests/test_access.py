@@ -183,3 +183,18 @@ async def test_cors_preflight_and_headers(make_gateway: MakeGateway, ollama: Fak
     assert other.status == 403 and other.header("access-control-allow-origin") is None
     assert [r.method for r in ollama.received] == ["POST"]
     await c.close()
+
+
+async def test_running_models_listing_is_trimmed_too(gateway: RunningServer) -> None:
+    give_key(gateway, models=("llama3*",))
+    c = await Client.connect(gateway.port)
+    await c.request("POST", "/api/generate", headers={"X-API-Key": KEY1},
+                    json_body={"model": "qwen2.5:0.5b", "prompt": "x", "stream": False})  # loads a model
+    await c.request("POST", "/api/generate", headers={"X-API-Key": KEY1},
+                    json_body={"model": "llama3.2:latest", "prompt": "x", "stream": False})
+    everything = await c.request("GET", "/api/ps", headers={"X-API-Key": KEY1})
+    mine = await c.request("GET", "/api/ps", headers={"X-API-Key": SECRET})
+    assert mine.status == 200
+    assert sorted(m["name"] for m in everything.json()["models"]) == ["llama3.2:latest", "qwen2.5:0.5b"]
+    assert [m["name"] for m in mine.json()["models"]] == ["llama3.2:latest"]
+    await c.close()

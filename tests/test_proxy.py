@@ -597,3 +597,18 @@ async def test_reload_applies_new_keys_without_dropping_connections(make_gateway
     assert (await c.request("GET", "/api/version", headers={"X-API-Key": KEY2})).status == 401  # removed
     assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-new-key-for-carol"})).status == 200
     await c.close()
+
+
+async def test_per_address_connection_cap(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(server={"max_connections_per_ip": 2})
+    held = [await Client.connect(gw.port) for _ in range(2)]
+    for h in held:
+        assert (await h.request("GET", "/")).status == 200
+    extra = await Client.connect(gw.port)
+    assert (await extra.response()).status == 503
+    await held[0].close()
+    await asyncio.sleep(0.05)
+    again = await Client.connect(gw.port)
+    assert (await again.request("GET", "/")).status == 200
+    for c in (held[1], extra, again):
+        await c.close()
