@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from . import analysis
 from .client import Exchange, connect, connect_many, get_request, send_raw, stream_request
 from .procs import Managed, busy_ns, cpu_ns
-from .targets import API_KEY, BAD_KEY, HOST, Target
+from .targets import BAD_KEY, DENIED_MODEL, HOST, Target
 
 VERSION_BODY = b'{"version":'
 MEM_SETTLE_S = 0.3
+OWN_KEY = object()  # "the key the target is served with", as opposed to None (no key) or a wrong one
 
 
 @dataclass
@@ -91,14 +92,21 @@ class Phases:
     def _host(self, target: Target) -> str:
         return f"{HOST}:{target.port}"
 
-    def _stream_req(self, target: Target, tokens: int, gap_ms: float, key: str | None = API_KEY) -> bytes:
-        return stream_request(self._host(target), key, tokens, gap_ms, lean=self.p.lean)
+    def _stream_req(self, target: Target, tokens: int, gap_ms: float, key: str | None | object = OWN_KEY,
+                    model: str | None = None) -> bytes:
+        """A stream request for `target`, sent with its own key (Target.key) unless `key` says otherwise
+        (None: no key); `model`: another model than the client's default."""
+        k = target.key if key is OWN_KEY else key
+        assert k is None or isinstance(k, str)
+        if model:
+            return stream_request(self._host(target), k, tokens, gap_ms, lean=self.p.lean, model=model)
+        return stream_request(self._host(target), k, tokens, gap_ms, lean=self.p.lean)
 
     # -- correctness of auth, and a warm-up -----------------------------------------------------------------
 
     async def auth(self, target: Target) -> dict[str, object]:
         out: dict[str, object] = {}
-        ok = await send_raw(HOST, target.port, get_request(self._host(target), API_KEY))
+        ok = await send_raw(HOST, target.port, get_request(self._host(target), target.key))
         out["good_key_status"] = _status(ok)
         out["good_key_ok"] = _status(ok) == 200 and VERSION_BODY in ok
         stream = await send_raw(HOST, target.port, self._stream_req(target, 5, 0))
@@ -114,6 +122,11 @@ class Phases:
                    await send_raw(HOST, target.port, self._stream_req(target, 5, 0, key=None))]
             out["bad_key_statuses"] = [_status(b) for b in bad]
             out["bad_key_401"] = all(_status(b) == 401 for b in bad)
+        if target.models:
+            # The key's model allow-list is in force: a model outside it is refused before forwarding.
+            denied = await send_raw(HOST, target.port, self._stream_req(target, 5, 0, model=DENIED_MODEL))
+            out["denied_model_status"] = _status(denied)
+            out["denied_model_403"] = _status(denied) == 403
         return out
 
     # -- 1 and 2a: paced tokens: added latency per token and CPU per token ---------------------------------
@@ -239,7 +252,7 @@ class Phases:
         p = self.p
         meter = Meter(target, self.upstream)
         conns = await connect_many(HOST, target.port, p.small_conns, keep_reads=False)
-        req = get_request(self._host(target), API_KEY)
+        req = get_request(self._host(target), target.key)
         await asyncio.wait_for(asyncio.gather(*(c.request(req) for c in conns)), 30)  # warm: one each
         for c in conns:
             c.start_loop(req)
@@ -311,7 +324,7 @@ class Phases:
         await asyncio.sleep(MEM_SETTLE_S)
         base = target.rss_kib()
         idle = await connect_many(HOST, target.port, p.idle_conns)
-        get = get_request(self._host(target), API_KEY)
+        get = get_request(self._host(target), target.key)
         await asyncio.wait_for(asyncio.gather(*(c.request(get) for c in idle)), 60)
         await asyncio.sleep(MEM_SETTLE_S)
         after = target.rss_kib()

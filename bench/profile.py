@@ -2,6 +2,7 @@
 
     python -m bench.profile --target fastgate --phase full_speed --seconds 8
     python -m bench.profile --target fastgate --phase small --out /tmp/prof
+    python -m bench.profile --target fastgate-limited --phase full_speed
 
 The proxy is pinned to the last CPU and the client and fake Ollama to the others, so that py-spy's
 samples (taken without stopping the process) are rarely of a thread that is merely waiting for its CPU.
@@ -112,7 +113,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="fastgate", choices=("fastgate", "seed"))
+    ap.add_argument("--target", default="fastgate", choices=("fastgate", "fastgate-limited", "seed"),
+                    help="fastgate-limited: a managed key with limits, a model allow-list and usage accounting")
     ap.add_argument("--phase", default="full_speed", choices=PHASES)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")

@@ -45,6 +45,8 @@ FIGURES = [
 FIG = {f.key: f for f in FIGURES}
 # The figures whose round-to-round movement makes up the run's noise figure.
 NOISE_FIGURES = ("latency_p50", "cpu_token_paced", "cpu_token_full", "cpu_request", "ttfb_p50")
+# The figures compared round by round between fastgate-limited and fastgate.
+PAIRED_FIGURES = ("cpu_token_paced", "cpu_token_full", "cpu_request", "latency_p50", "latency_p99", "ttfb_added")
 
 GOALS = [
     # (figure, kind, limit, text)
@@ -94,7 +96,7 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
             "rounds": pr,
         }
     ratios: dict[str, Any] = {}
-    for base in ("nginx", "seed"):
+    for base in ratio_bases(names):
         if base not in names:
             continue
         for fig in FIGURES:
@@ -111,6 +113,22 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
             pr = figures[key]["rounds"]
             rr = [_ratio(a, b) for a, b in zip(pr.get("fastgate", []), pr.get("nginx", []), strict=False)]
             ratio_spread[key] = spread(rr)
+    # fastgate-limited against fastgate, round by round (measured seconds apart in the same round): the
+    # median of the per-round ratios and their spread, next to the ratio of the medians above.
+    paired: dict[str, Any] = {}
+    for name in names:
+        if not name.startswith("fastgate-limited"):
+            continue
+        base = "fastgate" + name[len("fastgate-limited"):]
+        if base not in names:
+            continue
+        for key in PAIRED_FIGURES:
+            pr = figures[key]["rounds"]
+            rr = [_ratio(a, b) for a, b in zip(pr.get(name, []), pr.get(base, []), strict=False)]
+            paired.setdefault(f"{name}/{base}", {})[key] = {
+                "rounds": rr, "median": median(rr), "spread": spread(rr),
+                "ratio_of_medians": _ratio(figures[key]["median"].get(name, math.nan),
+                                           figures[key]["median"].get(base, math.nan))}
     others = [r.get("others_cpus") for rnd in rounds for res in rnd["results"].values() for r in res.values()
               if isinstance(r, dict) and isinstance(r.get("others_cpus"), float)
               and not _isnan(r["others_cpus"])]
@@ -133,6 +151,7 @@ def build(env: dict[str, Any], names: list[str], rounds: list[dict[str, Any]]) -
         "targets": names,
         "figures": figures,
         "ratios": ratios,
+        "paired_ratios": paired,
         "goals": goals(figures, names),
         "correctness": correctness(rounds, names),
         "noise": noise,
@@ -149,6 +168,15 @@ def _strip_samples(rnd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ratio_bases(names: list[str]) -> list[str]:
+    """The targets other targets are divided by: nginx and the seed, and fastgate when a
+    fastgate-limited target ran beside it."""
+    bases = [b for b in ("nginx", "seed") if b in names]
+    if "fastgate" in names and any(n.startswith("fastgate-limited") for n in names):
+        bases.append("fastgate")
+    return bases
+
+
 def _ratio(a: float, b: float) -> float:
     """a / b; undefined when the base is not positive (an "added" figure at or below direct's)."""
     if _isnan(a) or _isnan(b) or b <= 0:
@@ -161,6 +189,8 @@ def goals(figures: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     if "fastgate" not in names:
         return out
     for key, kind, limit, text in GOALS:
+        if kind != "abs" and "nginx" not in names:
+            continue  # a goal relative to nginx, which did not run
         med = figures[key]["median"]
         fg = med.get("fastgate", math.nan)
         ng = med.get("nginx", math.nan)
@@ -190,6 +220,7 @@ def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any
     out: dict[str, Any] = {}
     for n in names:
         c = {"streams_ok": 0, "streams": 0, "crc_checked": 0, "bad_key_401": None, "good_key_ok": True,
+             "denied_model_403": None, "usage_rows": None, "usage_tokens": 0, "last_used_stamped": None,
              "small_non_200": 0, "small_bodies_checked": 0, "small_bodies_bad": 0,
              "paced_chunks": 0, "paced_reframed": 0, "full_chunks": 0, "full_reframed": 0,
              "failures": [], "errors": []}
@@ -212,6 +243,15 @@ def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any
                 if "good_key_ok" in auth:
                     c["good_key_ok"] = (c["good_key_ok"] and bool(auth["good_key_ok"])
                                         and bool(auth.get("stream_ok")))
+                if "denied_model_403" in auth:
+                    c["denied_model_403"] = bool(auth["denied_model_403"]) and c["denied_model_403"] is not False
+            acc = res.get("accounting")
+            if isinstance(acc, dict) and "usage_rows" in acc:
+                # Per round: the rows the round's last fastgate process wrote to its (fresh) key store.
+                c["usage_rows"] = (c["usage_rows"] or 0) + acc["usage_rows"]
+                c["usage_tokens"] += acc.get("usage_tokens", 0)
+                stamped = bool(acc.get("last_used_stamped")) and bool(acc["usage_rows"])
+                c["last_used_stamped"] = stamped and c["last_used_stamped"] is not False
             small = res.get("small", {})
             c["small_non_200"] += small.get("non_200", 0)
             c["small_bodies_checked"] += small.get("bodies_checked", 0)
@@ -223,7 +263,8 @@ def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any
         c["failures"] = c["failures"][:10]
         c["ok"] = (c["streams"] > 0 and c["streams_ok"] == c["streams"] and c["bad_key_401"] is not False
                    and c["good_key_ok"] and not c["small_non_200"] and not c["small_bodies_bad"]
-                   and not c["errors"])
+                   and not c["errors"] and c["denied_model_403"] is not False
+                   and c["usage_rows"] != 0 and c["last_used_stamped"] is not False)
         c["framing_preserved"] = c["paced_reframed"] == 0 and c["full_reframed"] == 0
         out[n] = c
     return out
@@ -273,7 +314,11 @@ def one_line(phase: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + str(r["error"])[:80]
     if phase == "auth":
-        return f"good {r.get('good_key_status')} bad {r.get('bad_key_statuses', 'n/a')}"
+        denied = f" other model {r['denied_model_status']}" if "denied_model_status" in r else ""
+        return f"good {r.get('good_key_status')} bad {r.get('bad_key_statuses', 'n/a')}{denied}"
+    if phase == "accounting":
+        return (f"{r['usage_rows']} usage rows ({r['usage_tokens']:,} tokens, {r['usage_errors']} errors) "
+                f"in the key store, last use {'stamped' if r['last_used_stamped'] else 'NOT stamped'}")
     if phase == "paced":
         return (f"lat p50 {_fmt(r['latency_p50_us'])} us p99 {_fmt(r['latency_p99_us'])} us, "
                 f"cpu/token {_fmt(r['cpu_per_token_us'])} us, ok {r['streams_ok']}/{r['streams']}")
@@ -363,7 +408,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
     ]
     ratios = data["ratios"]
-    for base in ("nginx", "seed"):
+    for base in ratio_bases(names):
         rb = ratios.get(f"vs_{base}")
         if not rb:
             continue
@@ -375,6 +420,17 @@ def markdown(data: dict[str, Any]) -> str:
             row = rb.get(key, {})
             lines.append(f"| {FIG[key].label} | " + " | ".join(
                 "n/a" if _isnan(row.get(n, math.nan)) else f"{row[n]:.2f}x" for n in others) + " |")
+        lines.append("")
+    for pair, figs_p in data.get("paired_ratios", {}).items():
+        lines += [f"## {pair}, round by round", "",
+                  (f"The ratio {pair} in each round (the two measured seconds apart), its median, its "
+                   "spread ((max - min) / median), and the ratio of the medians."), "",
+                  "| figure | per round | median | spread | ratio of medians |", "| --- | --- | --- | --- | --- |"]
+        for key, v in figs_p.items():
+            per = ", ".join("n/a" if _isnan(x) else f"{x:.2f}" for x in v["rounds"])
+            med = "n/a" if _isnan(v["median"]) else f"{v['median']:.3f}x"
+            rom = "n/a" if _isnan(v["ratio_of_medians"]) else f"{v['ratio_of_medians']:.3f}x"
+            lines.append(f"| {FIG[key].label} | {per} | {med} | {_pct(v['spread'])} | {rom} |")
         lines.append("")
     if data["goals"]:
         lines += ["## fastgate's goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
@@ -401,6 +457,14 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{c['full_reframed']}/{c['full_chunks']} |")
         for f in c["failures"][:3] + c["errors"][:3]:
             lines.append(f"|  | {f} | | | | |")
+    for n in names:
+        c = data["correctness"][n]
+        if c.get("usage_rows") is not None or c.get("denied_model_403") is not None:
+            denied = {None: "not checked", True: "403", False: "NOT 403"}[c.get("denied_model_403")]
+            lines += ["", (f"{n}: a model outside the key's allow-list -> {denied}; "
+                           f"{c.get('usage_rows') or 0:,} usage records ({c.get('usage_tokens', 0):,} tokens) "
+                           f"written to the key store over the rounds; key's last use "
+                           f"{'stamped' if c.get('last_used_stamped') else 'NOT stamped'}.")]
     lines += ["", "## Noise: (max - min) / median across rounds",
               "", "(For latency figures, of the measured value before direct's is subtracted.)", "",
               "| figure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]

@@ -23,7 +23,7 @@ from typing import Any
 from . import report
 from .phases import Params, Phases
 from .procs import Spinners, SystemTimes, calibrate_ms, set_affinity
-from .targets import ALL_TARGETS, ROOT, Target, start_target, start_upstream
+from .targets import ALL_TARGETS, KNOWN_TARGETS, ROOT, TARGET_ORDER, Target, start_target, start_upstream
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("auth", "mem_idle", "mem_active", "paced", "ttfb", "small", "full_speed")
@@ -39,8 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pin", action="store_true",
                     help="pin each proxy to the last CPU and the client + fake Ollama to the others")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct is always added); "
-                         "fastgate:VARIANT[+VARIANT] adds fastgate patched by bench/variants.py")
+                    help=f"comma-separated subset of {','.join(KNOWN_TARGETS)} (default {','.join(ALL_TARGETS)}; "
+                         "direct is always added); fastgate:VARIANT[+VARIANT] adds fastgate patched by "
+                         "bench/variants.py; fastgate-limited serves a managed key with limits and usage "
+                         "accounting from a key store")
     ap.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"),
                     help="directory for results/<timestamp>/ (default bench/results)")
@@ -120,10 +122,10 @@ async def run(args: argparse.Namespace) -> str:
         params.lean = False
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for n in names:
-        if n not in ALL_TARGETS and not n.startswith("fastgate:"):
-            raise SystemExit(f"unknown target {n!r} (known: {', '.join(ALL_TARGETS)}, fastgate:VARIANT)")
-    # direct first (every "added" figure is relative to it), then the standard targets, then variants
-    names = ["direct"] + [n for n in ALL_TARGETS[1:] if n in names] + [n for n in names if ":" in n]
+        if n not in KNOWN_TARGETS and not n.startswith(("fastgate:", "fastgate-limited:")):
+            raise SystemExit(f"unknown target {n!r} (known: {', '.join(KNOWN_TARGETS)}, fastgate:VARIANT)")
+    # direct first (every "added" figure is relative to it), then the named targets, then variants
+    names = ["direct"] + [n for n in TARGET_ORDER[1:] if n in names] + [n for n in names if ":" in n]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     ncpu = os.cpu_count() or 1
     all_cpus = set(range(ncpu))
@@ -185,6 +187,15 @@ async def run(args: argparse.Namespace) -> str:
                 for n in reversed(order):
                     if n in targets:
                         targets[n].stop()
+                for n in order:
+                    if n in targets and targets[n].store_path is not None:
+                        # What the round's last process wrote to its key store (flushed on SIGTERM).
+                        try:
+                            results[n]["accounting"] = targets[n].accounting()
+                        except Exception as exc:  # noqa: BLE001 - a report line, not a lost run
+                            results[n]["accounting"] = {"error": f"{type(exc).__name__}: {exc}"}
+                        print(f"  round {r + 1}/{params.rounds} {'accounting':<10} {n:<8} "
+                              f"{report.one_line('accounting', results[n]['accounting'])}", flush=True)
             rounds.append({"order": order, "calibration_ms": cal,
                            "system": SystemTimes.now().since(round_sys), "results": results})
     finally:
