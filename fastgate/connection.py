@@ -269,7 +269,8 @@ class ClientConnection:
     # -- writing -------------------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        if not self.transport.is_closing():  # uvloop raises on a closed transport; the client is gone anyway
+            self.transport.write(data)
 
     async def drain(self) -> None:
         try:

@@ -8,7 +8,6 @@ takes the same time however many of its characters are right.
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import hashlib
 import json
@@ -92,7 +91,7 @@ def _key_from_authorization(value: str) -> PresentedKey | None:
         # `http://user:KEY@host` URLs (LangChain's base_url) arrive as Basic: the password is the key.
         try:
             user, _, password = base64.b64decode(rest, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII input to b64decode
             return None
         secret = password or user
         return PresentedKey(KeySource.BASIC, secret) if secret else None

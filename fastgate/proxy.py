@@ -46,6 +46,18 @@ PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel the body pump and wait until it has really stopped reading from the client."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():  # our own task is being cancelled, not just the pump
+            raise
+
+
 def frame_body_parts(parts: list[bytes], chunked: bool, *, last: bool) -> list[bytes]:
     """Request body pieces as they go to Ollama: re-chunked when the client sent chunks (h11 took its
     framing apart, so what Ollama sees is framing fastgate wrote), as they are otherwise."""
@@ -139,6 +151,9 @@ class Proxy:
                                 header_timeout=server.header_timeout, keepalive_timeout=server.keepalive_timeout,
                                 body_timeout=server.body_timeout)
         conn.metrics_only = metrics_only
+        if conn.peer_ip == "unknown":  # reset before we could even see who it was: nothing to serve
+            conn.abort()
+            return
         per_ip = server.max_connections_per_ip
         if (len(self.connections) >= server.max_connections or self.closing
                 or (per_ip and self._per_ip.get(conn.peer_ip, 0) >= per_ip)):
@@ -168,8 +183,11 @@ class Proxy:
             conn.abort()
         finally:
             protocol.exchange = None
-            if conn.linger:
-                await conn.linger_close()
+            try:
+                if conn.linger:
+                    await conn.linger_close()
+            except Exception:  # noqa: BLE001 - whatever happens, the connection below must be let go
+                log.exception("error while closing a connection from %s", conn.peer_ip)
             conn.close()
             self.connections.discard(conn)
             left = self._per_ip.pop(conn.peer_ip, 1) - 1
@@ -311,8 +329,7 @@ class Proxy:
             else:  # pragma: no cover - the loop always breaks or raises
                 raise AssertionError("unreachable")
         except ClientGone:
-            if body_task is not None:
-                body_task.cancel()
+            await _stop(body_task)
             log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
             self._account(ctx, fwd, 499, None, loop.time() - started, bytes(body_start))
             return False
@@ -323,19 +340,26 @@ class Proxy:
             if isinstance(err, (UpstreamUnreachable, UpstreamTimeout)) or isinstance(err, UpstreamClosed):
                 self.metrics.upstream_up = 0
             body_unfinished = body_task is not None and not body_task.done()
-            if body_task is not None:
-                body_task.cancel()
+            await _stop(body_task)
             return await self._refuse(ctx, err, force_close=body_unfinished or not conn.body_complete)
 
         # From here on the response has begun: a failure can only end it by closing the connection.
         head_at = loop.time()
         self.metrics.upstream_up = 1
         self.metrics.upstream_head.observe(head_at - started)
+        if protocol.gone:
+            # The client left between Ollama's head arriving and this task running: nothing to relay to.
+            upstream.client_gone()
+            await _stop(body_task)
+            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
+            self._account(ctx, fwd, 499, None, head_at - started, bytes(body_start))
+            return False
         early_answer = body_task is not None and not body_task.done()
         if early_answer:
             # Ollama answered before reading the whole body (an existing blob): stop uploading. The client's
-            # unread body makes its connection unusable for another request.
-            body_task.cancel()  # type: ignore[union-attr]
+            # unread body makes its connection unusable for another request. The pump must be over before
+            # anything else reads from the client (the lingering close does).
+            await _stop(body_task)
             upstream.reusable = False
             conn.linger = True  # closing on unread bytes would reset the connection under the answer
         # A body that ends with the connection must say so to the client too.

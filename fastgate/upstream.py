@@ -125,7 +125,11 @@ class UpstreamConnection(asyncio.Protocol):
                     except ValueError:
                         size = 0
                     if size and i + size + 4 == len(data):
-                        sink.write(data)
+                        try:
+                            sink.write(data)
+                        except RuntimeError:  # uvloop: the client's transport closed under us
+                            self.client_gone()
+                            return
                         self._tail.append(data)  # a reference, not a copy: usage is read from it later
                         self.body_bytes += len(data)
                         return
@@ -136,7 +140,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
                 return
             if end < 0:
-                sink.write(data)
+                try:
+                    sink.write(data)
+                except RuntimeError:
+                    self.client_gone()
+                    return
                 self._tail.append(data)
                 self.body_bytes += len(data)
                 self._at_chunk_boundary = framing.at_boundary  # type: ignore[union-attr]
@@ -146,7 +154,11 @@ class UpstreamConnection(asyncio.Protocol):
                 # answer to its next request, and this connection is never trusted again.
                 data = data[:end]
                 self.reusable = False
-            sink.write(data)
+            try:
+                sink.write(data)
+            except RuntimeError:
+                self.client_gone()
+                return
             self._tail.append(data)
             self.body_bytes += end
             self._finish(RelayOutcome.COMPLETE)
@@ -262,7 +274,12 @@ class UpstreamConnection(asyncio.Protocol):
         framing = framing_for(head)
         if framing is None:
             if prefix:
-                sink.write(prefix)
+                try:
+                    sink.write(prefix)
+                except RuntimeError:
+                    self.client_gone()
+                    self._finish(RelayOutcome.CLIENT_GONE)
+                    return done
             if early:
                 self.reusable = False
             self._finish(RelayOutcome.COMPLETE)
@@ -276,7 +293,12 @@ class UpstreamConnection(asyncio.Protocol):
                 # (a small answer arrives whole): one write, one wake-up of the client instead of two.
                 self._sink = _PrefixedSink(sink, prefix)
             else:
-                sink.write(prefix)
+                try:
+                    sink.write(prefix)
+                except RuntimeError:
+                    self.client_gone()
+                    self._finish(RelayOutcome.CLIENT_GONE)
+                    return done
         if not already_closed:
             self.state = ConnState.RELAYING
             if early:

@@ -612,3 +612,69 @@ async def test_burst_of_200_streams_over_50_connections_arrives_byte_complete(ma
     got = sorted(r.json().get("prompt") or r.json()["messages"][0]["content"] for r in ollama.received)
     assert got == sent  # each request reached Ollama exactly once
     await eventually(lambda: gw.proxy.in_flight == 0)
+
+
+async def test_early_answer_to_a_partial_upload_releases_the_connection(make_gateway: MakeGateway,
+                                                                        ollama: FakeOllama) -> None:
+    """Ollama answers 200 for a blob it has before the body is in; fastgate relays it, lingers and then lets
+    the connection go (it used to leak it: the pump and the lingering close both read the client)."""
+    gw = await make_gateway(server={"max_connections": 3})
+    digest = "sha256:" + "cd" * 32
+    ollama.blobs.add(digest)
+    for _ in range(5):  # more than max_connections: a leak would turn into 503s
+        c = await Client.connect(gw.port)
+        c.send(build_request("POST", f"/api/blobs/{digest}",
+                             headers=[("X-API-Key", KEY1), ("Content-Length", "100000")]) + b"x" * 1000)
+        resp = await c.response()
+        assert resp.status == 200
+        await c.close()
+    for _ in range(50):
+        if not gw.proxy.connections:
+            break
+        await asyncio.sleep(0.1)
+    assert not gw.proxy.connections
+    ok = await Client.connect(gw.port)
+    assert (await ok.request("GET", "/api/version", headers={"X-API-Key": KEY1})).status == 200
+    await ok.close()
+
+
+async def test_non_ascii_basic_authorization_is_a_plain_401(client: Client) -> None:
+    client.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Basic \xe9\r\n\r\n")
+    assert (await client.response()).status == 401
+
+
+def test_relay_into_a_closed_client_transport_ends_as_client_gone() -> None:
+    """uvloop raises on writes to a transport that closed before connection_lost reached us."""
+    from fastgate.config import UpstreamConfig
+    from fastgate.messages import parse_response_head
+    from fastgate.upstream import RelayOutcome, UpstreamConnection, UpstreamPool
+
+    class ClosedSink:
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    class FakeTransport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+    loop = asyncio.new_event_loop()
+    try:
+        pool = UpstreamPool(UpstreamConfig(), loop=loop)
+        conn = UpstreamConnection(pool)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.send_head = lambda *a: None  # type: ignore[method-assign]
+        head = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"POST")
+        from fastgate.upstream import ConnState
+        conn.state = ConnState.HEAD_READY
+        done = conn.start_relay(head, ClosedSink(), b"HTTP/1.1 200 OK\r\n\r\n")
+        assert done.done() and done.result() is RelayOutcome.CLIENT_GONE
+        assert transport.aborted  # and Ollama's connection is closed at once
+    finally:
+        pool.close()
+        loop.close()
