@@ -158,6 +158,14 @@ async def test_sighup_reloads_keys_and_keeps_old_config_when_broken(tmp_path: Pa
                 break
             await asyncio.sleep(0.05)
         assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-carols-new-key-1"})).status == 200
+        # the log level is reloaded too: at WARNING the per-request lines stop
+        config.write_text(text + '"api-carols-new-key-1" = "carol"\n\n[log]\nlevel = "WARNING"\n')
+        proc.signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        lines_before = proc.log.count(b"Processing request")
+        assert (await c.request("GET", "/api/version", headers={"X-API-Key": "api-carols-new-key-1"})).status == 200
+        await asyncio.sleep(0.2)
+        assert proc.log.count(b"Processing request") == lines_before
         config.write_text(text.replace("[upstream]", "[upstream]\nbogus = 1"))
         proc.signal(signal.SIGHUP)
         for _ in range(50):
