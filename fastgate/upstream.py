@@ -114,6 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         # The per-chunk relay path: keep it to a write, a counter and the framing tracker.
         sink = self._sink
         if sink is not None:
+            end = -1
+            one_chunk = False
             if self._at_chunk_boundary:
                 # What Ollama writes per token is one whole chunk per read: its size line, then exactly that
                 # much data and CRLF. Checking that is a find, an int and a compare; anything else (a partial
@@ -124,44 +126,29 @@ class UpstreamConnection(asyncio.Protocol):
                         size = int(data[:i], 16)
                     except ValueError:
                         size = 0
-                    if size and i + size + 4 == len(data):
-                        try:
-                            sink.write(data)
-                        except RuntimeError:  # uvloop: the client's transport closed under us
-                            self.client_gone()
-                            return
-                        self._tail.append(data)  # a reference, not a copy: usage is read from it later
-                        self.body_bytes += len(data)
-                        return
-            framing = self._framing
-            try:
-                end = framing.feed(data)  # type: ignore[union-attr]
-            except FramingError:
-                self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
-                return
-            if end < 0:
+                    one_chunk = size > 0 and i + size + 4 == len(data)
+            if not one_chunk:
+                framing = self._framing
                 try:
-                    sink.write(data)
-                except RuntimeError:
-                    self.client_gone()
+                    end = framing.feed(data)  # type: ignore[union-attr]
+                except FramingError:
+                    self._terminate(BadGateway("broken framing from upstream"), RelayOutcome.FRAMING_ERROR)
                     return
-                self._tail.append(data)
-                self.body_bytes += len(data)
-                self._at_chunk_boundary = framing.at_boundary  # type: ignore[union-attr]
-                return
-            if end != len(data):
-                # Bytes beyond the response: they must not reach the client, where they would pass for the
-                # answer to its next request, and this connection is never trusted again.
-                data = data[:end]
-                self.reusable = False
+                if end >= 0 and end != len(data):
+                    # Bytes beyond the response: they must not reach the client, where they would pass for
+                    # the answer to its next request, and this connection is never trusted again.
+                    data = data[:end]
+                    self.reusable = False
+                self._at_chunk_boundary = end < 0 and framing.at_boundary  # type: ignore[union-attr]
             try:
                 sink.write(data)
-            except RuntimeError:
+            except RuntimeError:  # uvloop: the client's transport closed before connection_lost reached us
                 self.client_gone()
                 return
-            self._tail.append(data)
-            self.body_bytes += end
-            self._finish(RelayOutcome.COMPLETE)
+            self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
+            self.body_bytes += len(data)
+            if end >= 0:
+                self._finish(RelayOutcome.COMPLETE)
             return
         self._progress += 1
         self._head_data(data)

@@ -60,25 +60,6 @@ async def read_rest(c: Client, timeout: float = 5.0) -> bytes:
     return bytes(out)
 
 
-async def closed_within(c: Client, timeout: float = 5.0) -> bool:
-    """True when the server closes the connection (EOF or reset) within `timeout`; data is discarded.
-
-    (Not `Client.closed()`: on Python 3.11+ its `except OSError` also catches the timeout, which is an
-    OSError there, so it answers True for a connection that stays open.)
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while (left := deadline - loop.time()) > 0:
-            if not await asyncio.wait_for(c.reader.read(65536), left):
-                return True
-    except asyncio.TimeoutError:
-        return False
-    except ConnectionError:
-        return True
-    return False
-
-
 async def served(port: int) -> RawResponse:
     c = await Client.connect(port)
     try:
@@ -119,7 +100,7 @@ async def test_upstream_restart_cuts_streams_visibly_and_never_replays_them(make
         resp = await c.body(h)
         assert not resp.complete  # no terminating chunk: the client can tell the answer was cut
         assert all(json.loads(ch)["done"] is False for ch in resp.chunks)
-        assert await closed_within(c)
+        assert await c.closed()
         await c.close()
     waiting = await warm.response()
     assert waiting.status == 502  # not sent again: Ollama may have acted on it
@@ -196,7 +177,7 @@ async def test_half_close_while_streaming_counts_as_gone(make_gateway: MakeGatew
     assert loop.time() - eof_at < 1.0
     resp = await c.body(h)
     assert not resp.complete  # cut, and visibly so
-    assert await closed_within(c)
+    assert await c.closed()
     await c.close()
     # the bystander's stream is untouched
     bystander = await other.response()
@@ -375,9 +356,9 @@ async def test_idle_timeouts_close_connections_on_time(make_gateway: MakeGateway
     c = await Client.connect(gw.port)
     if which == "header":
         assert (await c.request("GET", "/api/version", headers=KEYED)).status == 200
-        assert not await closed_within(c, timeout=short + 0.5)
+        assert not await c.closed(timeout=short + 0.5)
     else:
-        assert not await closed_within(c, timeout=short + 0.5)
+        assert not await c.closed(timeout=short + 0.5)
         assert (await c.request("GET", "/api/version", headers=KEYED)).status == 200
     await c.close()
 
@@ -563,7 +544,7 @@ async def test_upstream_closing_after_its_response(make_gateway: MakeGateway, st
             else:
                 # only the close ends the body, so fastgate must close the client's connection too
                 assert resp.header("content-length") is None and resp.header("transfer-encoding") is None
-                assert await closed_within(c, timeout=2)
+                assert await c.closed(timeout=2)
                 assert (await served(gw.port)).status == 200
         finally:
             await c.close()
