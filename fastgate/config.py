@@ -67,6 +67,7 @@ class ServerConfig:
     max_header_bytes: int = 65536
     shutdown_grace: float = 30.0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    hostnames: tuple[str, ...] = ()  # names clients may use in Host for ambient credentials (DNS rebinding)
 
     @property
     def tls(self) -> bool:
@@ -91,6 +92,7 @@ class AuthConfig:
     allow_account_endpoints: bool = False
     max_failures: int = 10
     failure_window: float = 60.0
+    allow_cloud: bool = False  # Ollama cloud models and server-side web tools (they spend the owner's account)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "max_header_bytes": _int(1024),
         "shutdown_grace": _seconds,
         "trusted_proxies": _networks,
+        "hostnames": lambda key, value: _hostnames(key, value),
     }),
     "upstream": (UpstreamConfig, {
         "url": parse_upstream_url,
@@ -233,6 +236,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "allow_account_endpoints": _bool,
         "max_failures": _int(0),
         "failure_window": _seconds,
+        "allow_cloud": _bool,
     }),
     "log": (LogConfig, {
         "level": _log_level,
@@ -258,6 +262,21 @@ def _origins(key: str, value: Any) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
             raise ConfigError(f"{key}: {origin!r} is not an origin (scheme://host[:port], no path)")
     return tuple(value)
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?")
+
+
+def _hostnames(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of host names such as [\"gpu.example.com\"]")
+    names = []
+    for name in value:
+        lowered = name.lower()
+        if not _HOSTNAME.fullmatch(lowered):
+            raise ConfigError(f"{key}: {name!r} is not a host name (no port, no scheme)")
+        names.append(lowered.rstrip("."))
+    return tuple(names)
 
 
 def _parse_keys(raw: Any) -> dict[str, str]:
