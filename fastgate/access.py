@@ -23,7 +23,7 @@ class Role(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Principal:
     user: str
-    key_id: str  # "config:<masked key>" for [keys] entries, the store id for managed keys
+    key_id: str  # "config:<16 hex of the digest>" for [keys] entries, the store id for managed keys
     role: Role = Role.ADMIN
     models: tuple[str, ...] = ()  # glob patterns; empty: every model
     rpm: int | None = None

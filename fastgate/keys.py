@@ -223,13 +223,8 @@ class KeyRing:
         by_digest: dict[bytes, Principal] = {}
         for secret, user in keys.items():
             match = _DIGEST_KEY.fullmatch(secret)
-            if match:
-                digest = bytes.fromhex(match.group(1))
-                key_id = f"config:sha256:{match.group(1)[:8].lower()}"
-            else:
-                digest = _digest(secret)
-                key_id = f"config:{mask(secret)}"
-            by_digest[digest] = Principal(user, key_id)
+            digest = bytes.fromhex(match.group(1)) if match else _digest(secret)
+            by_digest[digest] = Principal(user, config_key_id(digest))
         by_digest.update(managed or {})
         self._by_digest = by_digest
         self._by_id = {p.key_id: p for p in by_digest.values()}
@@ -256,6 +251,17 @@ class KeyRing:
 
     def __repr__(self) -> str:
         return f"KeyRing({len(self._by_digest)} keys)"
+
+
+def config_key_id(digest: bytes) -> str:
+    """A config key's id: from its digest, so two keys never share one (IP trust and usage follow the id).
+
+    Never derived from the masked form, which many keys share. 64 bits of the digest are unique among any
+    realistic number of keys; like the digests the key store keeps, they let someone holding the usage
+    ledger test guesses of a weak key offline, which is why keys should be long and random. A key written
+    in the file as `sha256:<hex>` gets the same id as the clear key it stands for.
+    """
+    return f"config:{digest[:8].hex()}"
 
 
 def _digest(secret: str) -> bytes:
