@@ -89,6 +89,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._done: asyncio.Future[RelayOutcome] | None = None
         self.body_bytes = 0
         self._progress = 0
+        # Request bytes handed to the transport (upload progress): counted where the request body is written,
+        # so a multi-GB blob upload Ollama receives in silence is not taken for a stalled Ollama.
+        self._sent = 0
         self._tail.clear()
         self._seen_progress = -1
         self._stalled_ticks = 0
@@ -185,15 +188,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._progress = 0
         self._tail.clear()
         self.transport.write(head)  # type: ignore[union-attr]
+        self._sent += len(head)  # may carry a whole body already received: its draining is progress too
         self._start_timer()
 
     def write(self, data: bytes) -> None:
         if self.state is not ConnState.CLOSED:
             self.transport.write(data)  # type: ignore[union-attr]
+            self._sent += len(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         if self.state is not ConnState.CLOSED:
             self.transport.writelines(parts)  # type: ignore[union-attr]
+            self._sent += sum(map(len, parts))
 
     async def drain(self) -> None:
         """Wait while Ollama is slower than the client uploading to it."""
@@ -371,7 +377,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _tick(self) -> None:
         """One look by the pool's watchdog: time out after `ticks_per_timeout` looks without progress."""
-        progress = self._progress + self.body_bytes  # the relay counts bytes, not reads
+        # The relay counts bytes, not reads. While a request body is still going out, bytes that left the
+        # transport's buffer for Ollama count too (written minus still buffered: a paused upload is no
+        # progress), so the timeout measures time without progress in either direction.
+        transport = self.transport
+        flushed = self._sent - (transport.get_write_buffer_size() if transport is not None else 0)
+        progress = self._progress + self.body_bytes + flushed
         if progress != self._seen_progress:
             self._seen_progress = progress
             self._stalled_ticks = 0
