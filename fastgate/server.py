@@ -17,7 +17,7 @@ from .logs import log, set_level
 from .managed import ManagedKeys
 from .store import KeyStore, StoreError
 from .proxy import Proxy
-from .tls import server_context
+from .tls import load_certificate, server_context
 
 LISTEN_BACKLOG = 1024
 
@@ -49,7 +49,7 @@ class RunningServer:
             server_context(config.server.tls_cert, config.server.tls_key)  # validate before touching anything
         fixed = self.proxy.reload(config)
         if self.ssl_context is not None and config.server.tls:
-            self.ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+            load_certificate(self.ssl_context, config.server.tls_cert, config.server.tls_key)  # never prompts
         set_level(config.log.level)
         for name in fixed:
             log.warning("Reload: %s changed; that takes a restart, the old value stays in force", name)
