@@ -1,7 +1,7 @@
 """Who a request acts as, and what that identity may do: roles, endpoint scopes, model allow-lists.
 
 Pure: no I/O. A `Principal` is what a valid key (or the IP trust granted with one) resolves to; the gate
-asks `missing_scope` and `forbidden_models` before forwarding, and the proxy uses `filter_model_list` to
+asks `missing_scope` and `model_refusal` before forwarding, and the proxy uses `filter_model_list` to
 trim model listings to what the key may see.
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
+
+from .models import is_cloud_model, models_allowed, names_cloud
 
 
 class Role(enum.Enum):
@@ -57,52 +58,32 @@ def missing_scope(principal: Principal, normal_path: bytes) -> Role | None:
     return Role.ADMIN
 
 
-# Which body fields name a model, per endpoint (wire doc section 5). Paths not listed name no model.
-MODEL_FIELDS: dict[bytes, tuple[str, ...]] = {
-    b"/api/chat": ("model",), b"/api/generate": ("model",), b"/api/embed": ("model",),
-    b"/api/embeddings": ("model",), b"/api/show": ("model", "name"), b"/api/pull": ("model", "name"),
-    b"/api/push": ("model", "name"), b"/api/create": ("model", "name", "from"),
-    b"/api/delete": ("model", "name"), b"/api/copy": ("source", "destination"),
-    b"/v1/chat/completions": ("model",), b"/v1/completions": ("model",), b"/v1/embeddings": ("model",),
-    b"/v1/responses": ("model",), b"/v1/messages": ("model",),
-}
-MODEL_LISTS = frozenset({b"/api/tags", b"/api/ps", b"/v1/models"})
+def judges_models(principal: Principal, allow_cloud: bool) -> bool:
+    """Whether this principal's requests must have their models read: it has an allow-list, or it is not an
+    admin while cloud models are off (a cloud model spends the server owner's ollama.com account)."""
+    return bool(principal.models) or (principal.role is not Role.ADMIN and not allow_cloud)
 
 
-def names_models(normal_path: bytes) -> bool:
-    return normal_path in MODEL_FIELDS or normal_path.startswith(b"/v1/models/")
+def model_refusal(principal: Principal, model: str, allow_cloud: bool) -> str | None:
+    """Why `principal` may not use `model` (a message for a 403), or None when it may."""
+    if is_cloud_model(model) and not allow_cloud and principal.role is not Role.ADMIN:
+        return f"cloud models are disabled on this gateway (auth.allow_cloud): '{model}'"
+    if principal.models and not models_allowed(principal.models, model):
+        return f"this key may not use model '{model}'"
+    return None
 
 
-def models_named(normal_path: bytes, body: bytes) -> list[str]:
-    """Model names a request body (or, for /v1/models/NAME, the path) refers to."""
-    if normal_path.startswith(b"/v1/models/"):
-        return [normal_path[len(b"/v1/models/"):].decode("utf-8", "replace")]
-    fields = MODEL_FIELDS.get(normal_path, ())
-    if not fields or not body:
-        return []
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return []
-    if not isinstance(data, dict):
-        return []
-    return [value for name in fields if isinstance(value := data.get(name), str) and value]
+def web_tools_refusal(principal: Principal, allow_cloud: bool) -> str | None:
+    """Why `principal` may not ask Ollama for server-side web tools (they run on ollama.com), or None."""
+    if not allow_cloud and principal.role is not Role.ADMIN:
+        return "server-side web tools are disabled on this gateway (auth.allow_cloud)"
+    if principal.models and not any(names_cloud(pattern) for pattern in principal.models):
+        return "this key's model list does not name a cloud model, so it may not use server-side web tools"
+    return None
 
 
-def model_allowed(patterns: Sequence[str], model: str) -> bool:
-    """Glob match (`llama3*`, `qwen2.5:*`); a bare name also matches its `:latest` tag, as Ollama resolves it."""
-    if not patterns:
-        return True
-    candidates = (model, f"{model}:latest") if ":" not in model else (model,)
-    return any(fnmatchcase(candidate, pattern) for candidate in candidates for pattern in patterns)
-
-
-def forbidden_models(principal: Principal, models: Iterable[str]) -> list[str]:
-    return [m for m in models if not model_allowed(principal.models, m)]
-
-
-def filter_model_list(normal_path: bytes, body: bytes, patterns: Sequence[str]) -> bytes | None:
-    """The listing with only the models `patterns` allow, or None when the body is not a listing we know."""
+def filter_model_list(normal_path: bytes, body: bytes, allowed: Callable[[str], bool]) -> bytes | None:
+    """The listing with only the models `allowed` accepts, or None when the body is not a listing we know."""
     try:
         data: Any = json.loads(body)
     except (ValueError, RecursionError):
@@ -121,5 +102,5 @@ def filter_model_list(normal_path: bytes, body: bytes, patterns: Sequence[str]) 
         return None
     data[key] = [item for item in items
                  if isinstance(item, dict) and isinstance(name_of(item), str)
-                 and model_allowed(patterns, name_of(item))]
+                 and allowed(name_of(item))]
     return json.dumps(data, separators=(",", ":")).encode()

@@ -92,6 +92,7 @@ class AuthConfig:
     allow_account_endpoints: bool = False
     max_failures: int = 10
     failure_window: float = 60.0
+    max_buffered_bytes: int = 256 * 1024 * 1024  # all request bodies buffered at once (key search, model checks)
     allow_cloud: bool = False  # Ollama cloud models and server-side web tools (they spend the owner's account)
 
 
@@ -236,6 +237,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "allow_account_endpoints": _bool,
         "max_failures": _int(0),
         "failure_window": _seconds,
+        "max_buffered_bytes": _int(0),
         "allow_cloud": _bool,
     }),
     "log": (LogConfig, {

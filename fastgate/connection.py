@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import h11
 
 from .trust import canonical_ip
-from .errors import BadRequest, BodyTooLarge, GateError, HeadersTooLarge, RequestTimeout
+from .budget import BodyBudget
+from .errors import BadRequest, BodyTooLarge, GateError, HeadersTooLarge, RequestTimeout, ServiceUnavailable
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
@@ -30,6 +31,13 @@ DRAIN_LIMIT_BYTES = 64 * 1024
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 1024 * 1024
+# What each body piece h11 hands over costs on top of its bytes when a body is buffered: a chunk header is at
+# least 5 bytes on the wire and its parsing costs far more than copying 64; tiny chunks hit the limits sooner.
+PIECE_COST_BYTES = 64
+PIECES_PER_YIELD = 256
+# A closed connection whose answer is still being flushed gets this long without progress (nginx's
+# send_timeout), then it is reset: close() alone would wait forever on a client that stopped reading.
+SEND_TIMEOUT_S = 60.0
 
 
 class ClientState(enum.Enum):
@@ -51,7 +59,13 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
     """Stream protocol that also tells the current upstream exchange about the client's state."""
 
     exchange: UpstreamConnection | None = None
-    gone = False
+    transport: asyncio.Transport | None = None
+    gone = False  # EOF or connection lost: the client went away
+    lost = False  # connection_lost: the socket is released
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
@@ -75,7 +89,7 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
+        self.gone = self.lost = True
         exchange = self.exchange
         if exchange is not None:
             exchange.client_gone()
@@ -107,6 +121,10 @@ class ClientConnection:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.body_timeout = body_timeout
+        self.send_timeout = SEND_TIMEOUT_S
+        self.identify_deadline: float | None = None
+        self.budget_held = 0
+        self._budget: BodyBudget | None = None
         self.state = ClientState.IDLE
         self.h11: h11.Connection = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         peer = self.transport.get_extra_info("peername")
@@ -166,6 +184,9 @@ class ClientConnection:
             if type(event) is h11.Request:
                 self.state = ClientState.ACTIVE
                 self.requests += 1
+                # Until it is identified (key found, in the head or its body), the whole request must arrive
+                # within the header timeout of its first byte: a slow body is a slowloris too.
+                self.identify_deadline = deadline if deadline is not None else self.loop.time() + self.header_timeout
                 _check_head(event, self.max_header_bytes)
                 if not _has_body(event):
                     # h11 still holds the (empty) end of this message; take it so the cycle is complete.
@@ -192,8 +213,9 @@ class ClientConnection:
                 return None
             raise BadRequest("unexpected data")  # pragma: no cover - h11 yields nothing else here
 
-    async def body_events(self):  # type: ignore[no-untyped-def]
-        """Yield the request body piece by piece (h11 Data payloads) until its end."""
+    async def body_events(self, deadline: float | None = None):  # type: ignore[no-untyped-def]
+        """Yield the request body piece by piece (h11 Data payloads) until its end: each read within
+        body_timeout, and all of it by `deadline` (loop time) when one is given."""
         conn = self.h11
         while True:
             try:
@@ -205,8 +227,13 @@ class ClientConnection:
             elif type(event) is h11.EndOfMessage:
                 return
             elif event is h11.NEED_DATA:
+                timeout = self.body_timeout
+                if deadline is not None:
+                    timeout = min(timeout, deadline - self.loop.time())
+                    if timeout <= 0:
+                        raise RequestTimeout("the request was not complete in time")
                 try:
-                    data = await self._read(self.body_timeout)
+                    data = await self._read(timeout)
                 except ReadTimeout:
                     raise RequestTimeout("timed out reading the request body") from None
                 conn.receive_data(data)
@@ -234,16 +261,37 @@ class ClientConnection:
             else:  # NEED_DATA: the rest is still on its way
                 return parts, False
 
-    async def read_body(self, limit: int) -> bytes:
-        """Buffer the whole body, refusing more than `limit` bytes."""
+    async def read_body(self, limit: int, budget: BodyBudget, *, deadline: float | None = None) -> bytes:
+        """Buffer the whole body: at most `limit` bytes (413), by `deadline` (408), within the budget shared
+        by every connection (503 before reading on). What it takes from the budget stays taken until
+        `release_budget()`.
+
+        Every piece h11 hands over is charged PIECE_COST_BYTES on top of its length, so a body cut into tiny
+        chunks reaches the limits after bounded work, and the loop is yielded every PIECES_PER_YIELD pieces
+        so one read full of chunk headers cannot keep other connections waiting.
+        """
         parts: list[bytes] = []
         size = 0
-        async for data in self.body_events():
-            size += len(data)
+        async for data in self.body_events(deadline):
+            cost = len(data) + PIECE_COST_BYTES
+            size += cost
             if size > limit:
                 raise BodyTooLarge(f"request body larger than {limit} bytes")
+            if not budget.take(cost):
+                raise ServiceUnavailable("too many request bodies are being read at once; try again shortly",
+                                         headers=((b"Retry-After", b"1"),))
+            self.budget_held += cost
+            self._budget = budget
             parts.append(data)
+            if len(parts) % PIECES_PER_YIELD == 0:
+                await asyncio.sleep(0)
         return b"".join(parts)
+
+    def release_budget(self) -> None:
+        """Give back what read_body took from the shared body budget (its body is no longer held)."""
+        if self._budget is not None and self.budget_held:
+            self._budget.give_back(self.budget_held)
+        self.budget_held = 0
 
     @property
     def body_complete(self) -> bool:
@@ -303,8 +351,24 @@ class ClientConnection:
 
     def close(self) -> None:
         self.state = ClientState.CLOSED
-        if not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if not transport.is_closing():
+            transport.close()
+            pending = transport.get_write_buffer_size()
+            if pending:
+                # close() lets the buffered answer go out first, and waits for it without any limit: a client
+                # that stopped reading would hold this socket forever (the connection has already left the
+                # proxy's books). Reset it once the buffer stops shrinking for send_timeout.
+                self.loop.call_later(self.send_timeout, self._check_flush, pending)
+
+    def _check_flush(self, before: int) -> None:
+        if self.protocol.lost:
+            return
+        left = self.transport.get_write_buffer_size()
+        if left and left >= before:
+            self.transport.abort()
+        elif left:
+            self.loop.call_later(self.send_timeout, self._check_flush, left)
 
     def abort(self) -> None:
         self.state = ClientState.CLOSED

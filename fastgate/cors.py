@@ -49,3 +49,11 @@ def response_headers(origin: bytes) -> Headers:
 
 def render(headers: Headers) -> bytes:
     return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
+def without_cors_fields(header_block: bytes) -> bytes:
+    """Header lines (each ending in CRLF) without Access-Control-* and Vary, which fastgate writes itself."""
+    lines = header_block.split(b"\r\n")
+    kept = [line for line in lines[:-1]
+            if not line[:15].lower().startswith((b"access-control-", b"vary:"))]
+    return b"".join(line + b"\r\n" for line in kept)

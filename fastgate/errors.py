@@ -68,6 +68,12 @@ class BodyTooLarge(GateError):
     openai_type = "invalid_request_error"
 
 
+class UnsupportedMediaType(GateError):
+    status = 415
+    public_message = "unsupported content encoding"
+    openai_type = "invalid_request_error"
+
+
 class HeadersTooLarge(GateError):
     status = 431
     public_message = "request header fields too large"

@@ -7,6 +7,7 @@ IP-trust table) changes only in these plain methods; time comes from injected cl
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import time
 from collections.abc import Callable
@@ -17,11 +18,14 @@ from urllib.parse import unquote_to_bytes
 from . import __version__
 from .config import Config
 from .cors import allowed_origin, is_preflight, preflight_headers, response_headers
-from .errors import Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized
-from .access import Principal, Role, forbidden_models, missing_scope, models_named, names_models
+from .errors import BadRequest, Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized, UnsupportedMediaType
+from .access import (
+    Principal, Role, judges_models, missing_scope, model_refusal, web_tools_refusal,
+)
 from .limits import KeyLimits
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
+from .requested import NOTHING, Requested, Route, Unreadable, read_requested, route_for
 from .trust import FailureLimiter, TrustTable, client_ip, in_networks
 
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
@@ -30,6 +34,8 @@ BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 ACCOUNT_PATHS = (b"/api/me", b"/api/signout")
 ACCOUNT_PREFIXES = (b"/api/user/keys",)
 BLOB_PREFIX = b"/api/blobs/"
+# Log labels of credentials a browser sends by itself (IP trust, cached Basic credentials).
+AMBIENT_LABELS = ("ip-trust:", "basic:")
 
 
 @dataclass(slots=True)
@@ -66,6 +72,7 @@ class LocalReply:
     note: str = ""  # for the log line; never holds a full key
     headers: tuple[tuple[bytes, bytes], ...] = ()
     content_type: bytes = b"application/json; charset=utf-8"
+    cors_included: bool = False  # `headers` already hold the CORS fields (a preflight answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class ServeMetrics:
 @dataclass(frozen=True, slots=True)
 class ProbeHealth:
     head_only: bool
+    detailed: bool = False  # an admin asked: versions, uptime and traffic; others learn only up or degraded
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,7 @@ class ReadBody:
     """Buffer the request body (at most `limit` bytes, else 413) and ask again with `decide_with_body`."""
 
     limit: int
+    for_key: bool = False  # the key may be in it: until it is read the caller is unknown (tighter deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,9 @@ class Forward:
     key_label: str  # "x-api-key:api-****0101", or "ip-trust:<label of the key /auth got>"; never a full key
     url: str  # forwarded URL for logs (query without api_key)
     client_ip: str
+    model: str | None = None  # the model the policy read from the request, when it read one
+    trim_listing: bool = False  # a model listing to cut down to what the principal may use
+    upstream_method: bytes = b""  # the method sent to Ollama, when it differs from the client's
 
     @property
     def user(self) -> str:
@@ -159,17 +171,18 @@ class Gate:
             return LocalReply(200, self._info, head_only=req.method == b"HEAD")
         if path == b"/health":
             self._allow(req, (b"GET", b"HEAD"))
-            return ProbeHealth(head_only=req.method == b"HEAD")
+            return ProbeHealth(head_only=req.method == b"HEAD", detailed=self._is_admin(req))
         if path == b"/auth":
             self._allow(req, (b"POST",))
-            return ReadBody(AUTH_BODY_LIMIT_BYTES)
+            return ReadBody(AUTH_BODY_LIMIT_BYTES, for_key=True)
         if self.config.cors.allow_origins and is_preflight(req.method, req.headers):
             # Browsers never send credentials on a preflight: answer it here, without a key.
             origin = allowed_origin(self.config.cors.allow_origins, _header(req, b"origin"))
             if origin is None:
                 raise Forbidden("this origin is not allowed to call this gateway")
             return LocalReply(204, b"", headers=preflight_headers(
-                origin, _header(req, b"access-control-request-headers"), self.config.cors.max_age))
+                origin, _header(req, b"access-control-request-headers"), self.config.cors.max_age),
+                cors_included=True)
         if path == b"/metrics" and self.config.metrics.enabled:
             self._allow(req, (b"GET", b"HEAD"))
             key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
@@ -207,7 +220,7 @@ class Gate:
         """Identify the caller, check what it may do, and build the request for Ollama.
 
         `body` is None until read; the body is asked for (`ReadBody`) only when the head has no key and
-        the body may hold one, or when the key's model allow-list needs the `model` field.
+        the body may hold one, or when the policy must read the models the body names.
         """
         query = req.target.partition(b"?")[2]
         key = key_from_headers(req.headers)
@@ -217,11 +230,13 @@ class Gate:
         if key is None:
             if body is None:
                 if self._body_may_carry_key(req):
-                    return ReadBody(self.config.auth.max_body_bytes)
+                    return ReadBody(self.config.auth.max_body_bytes, for_key=True)
             else:
                 key, forward_body = split_body_key(body)
         ip = self.client_ip(req)
         principal, label = self._identify(key, ip)
+        if label.startswith(AMBIENT_LABELS):
+            self._refuse_drive_by(req)
         normal = normalize_path(req.path)
         if not self.config.auth.allow_account_endpoints and _is_account_path(normal):
             raise Forbidden("Ollama account endpoints are disabled on this gateway")
@@ -229,17 +244,67 @@ class Gate:
         if needed is not None:
             raise Forbidden(f"this key's role ({principal.role.value}) does not allow {req.method.decode()} "
                             f"{normal.decode('latin-1')}: it needs the {needed.value} role")
-        if principal.models and names_models(normal):
-            if body is None and self._body_may_carry_key(req):
+        requested = NOTHING
+        route = route_for(normal)
+        judged = judges_models(principal, self.config.auth.allow_cloud)
+        if judged:
+            if route is None:
+                if principal.models:
+                    raise Forbidden(f"{normal.decode('latin-1')} is not an Ollama endpoint this gateway can check "
+                                    "against this key's model list")
+            elif route.reads_body and body is None and req.has_body:
                 return ReadBody(self.config.auth.max_body_bytes)
-            denied = forbidden_models(principal, models_named(normal, body or b""))
-            if denied:
-                raise Forbidden(f"this key may not use model '{denied[0]}'")
-        forward = self._forward(req, request_id, principal, label, query, forward_body, ip)
+            else:
+                requested = self._judge(req, route, normal, query, forward_body, principal)
+        forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
+                                trim_listing=judged and route is not None and route.listing)
         if principal.limited:
             # Last, so a request refused for any other reason never uses up the key's allowance.
             self.limits.admit(principal, self.clock(), self.wall_clock())
         return forward
+
+    def _judge(self, req: IncomingRequest, route: Route, normal: bytes, query: bytes, body: bytes | None,
+               principal: Principal) -> Requested:
+        """Read the models the request names, exactly as Ollama will, and refuse what the principal may not
+        use. What cannot be read exactly is refused too (fail closed)."""
+        try:
+            requested = read_requested(route, normal, query=query, content_type=_header(req, b"content-type"),
+                                       content_encoding=_joined_header(req, b"content-encoding"), body=body)
+        except Unreadable as exc:
+            if exc.status == 415:
+                raise UnsupportedMediaType(str(exc)) from None
+            raise BadRequest(str(exc)) from None
+        allow_cloud = self.config.auth.allow_cloud
+        for model in requested.models:
+            refusal = model_refusal(principal, model, allow_cloud)
+            if refusal is not None:
+                raise Forbidden(refusal)
+        if requested.web_tools:
+            refusal = web_tools_refusal(principal, allow_cloud)
+            if refusal is not None:
+                raise Forbidden(refusal)
+        return requested
+
+    def _refuse_drive_by(self, req: IncomingRequest) -> None:
+        """Refuse what a web page could make a browser send with a credential the browser adds by itself.
+
+        IP trust and cached Basic credentials are ambient: a page on any site, opened by someone they cover,
+        could reach Ollama through them. Ollama refuses unknown Origins itself, but fastgate removes Origin
+        before forwarding, so it judges here: a cross-site request (Origin not allowed, or Sec-Fetch-Site
+        cross-site) is refused. DNS rebinding makes the page same-origin under an attacker's name, which is
+        why the Host must also be an address, localhost, or one of server.hostnames.
+        """
+        origin = _header(req, b"origin")
+        if origin is not None:
+            if allowed_origin(self.config.cors.allow_origins, origin) is None:
+                raise Forbidden("cross-site requests are refused without an API key header "
+                                "(this origin is not in cors.allow_origins)")
+        elif (_header(req, b"sec-fetch-site") or b"").strip().lower() in (b"cross-site", b"same-site"):
+            raise Forbidden("cross-site requests are refused without an API key header")
+        host = _header(req, b"host")
+        if host is not None and not _host_is_ours(host, self.config.server.hostnames):
+            raise Forbidden("this Host is not one of the gateway's names (server.hostnames); "
+                            "send an API key header to use it")
 
     def cors_headers(self, req: IncomingRequest) -> tuple[tuple[bytes, bytes], ...]:
         """CORS headers for every answer to this request (none unless its Origin is allowed)."""
@@ -272,6 +337,16 @@ class Gate:
             raise self._refuse_key(key, ip, now)
         raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer, "
                            "or POST /auth from this address first")
+
+    def _is_admin(self, req: IncomingRequest) -> bool:
+        """Whether a request that needs no key carries an admin's (or comes from an admin's trusted address).
+        A wrong key counts toward the guessing limit here as anywhere: this must not become a free oracle."""
+        key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
+        try:
+            principal, _ = self._identify(key, self.client_ip(req))
+        except Unauthorized:
+            return False
+        return principal.role is Role.ADMIN
 
     def _check_key(self, key: PresentedKey, ip: str, now: float) -> Principal | None:
         """The key's principal, None for a wrong key. Addresses that guessed wrong too often get 429 first."""
@@ -310,8 +385,12 @@ class Gate:
                           note=f"trusted {ip} as {user} ({key.source.value}:{key.masked}) for {ttl} s")
 
     def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str,
-                 query: bytes, body: bytes | None, ip: str) -> Forward:
+                 query: bytes, body: bytes | None, ip: str, requested: Requested, *,
+                 trim_listing: bool) -> Forward:
         path = req.path
+        # A trimmed listing's length is only known after trimming: a HEAD for one is sent as GET, so the
+        # answer's head can carry the trimmed body's length.
+        method = b"GET" if trim_listing and req.method == b"HEAD" else req.method
         target = self._base_path + path + (b"?" + query if query else b"")
         trusted_peer = bool(self._trusted_proxies) and in_networks(req.peer_ip, self._trusted_proxies)
         forwarded_for = ip.encode()
@@ -327,16 +406,41 @@ class Gate:
         else:
             content_length, chunked = req.content_length, req.chunked
         head = upstream_request_head(
-            method=req.method, target=target,
+            method=method, target=target,
             headers=forwardable_headers(req.raw_headers, forward_origin=self.config.upstream.forward_origin),
             host_header=self._host_header, forwarded_for=forwarded_for, forwarded_proto=forwarded_proto,
             forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
             http10=req.http_version == b"1.0")
-        return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip)
+        return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip,
+                       model=requested.model, trim_listing=trim_listing,
+                       upstream_method=method if method != req.method else b"")
 
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:
     return next((v for n, v in req.headers if n == name), None)
+
+
+def _joined_header(req: IncomingRequest, name: bytes) -> bytes | None:
+    values = [v for n, v in req.headers if n == name]
+    return b",".join(values) if values else None
+
+
+def _host_is_ours(host: bytes, hostnames: tuple[str, ...]) -> bool:
+    """Whether a Host header names this gateway in a way no rebinding page can: an IP literal, localhost,
+    or a configured name (port ignored, case-insensitive, one trailing dot allowed)."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name = text[1:].partition("]")[0]
+    else:
+        name = text.rpartition(":")[0] if text.count(":") == 1 else text
+    name = name.rstrip(".") if name.endswith(".") and not name.endswith("..") else name
+    if name == "localhost" or name in hostnames:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_account_path(normal: bytes) -> bool:

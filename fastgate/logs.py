@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sys
 import time
 
@@ -26,8 +27,25 @@ def new_request_id() -> bytes:
     return b"%08x" % _random.getrandbits(32)
 
 
+# What must never reach a log line raw: anything a client sends (a masked key from a query or JSON body, a
+# model name, a path) could otherwise end the line and write one of its own. C0 and C1 controls, DEL, and the
+# Unicode line and paragraph separators that some log viewers break lines on.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as `\\xNN` escapes, so it stays on one line."""
+    return _UNSAFE.sub(_escape_char, text) if _UNSAFE.search(text) else text
+
+
 class LineFormatter(logging.Formatter):
-    """The seed's line format, with the timestamp rendered once per second instead of once per line."""
+    """The seed's line format, with the timestamp rendered once per second instead of once per line, and
+    control characters in the message escaped (one record is always one line, whatever a client sent)."""
 
     def __init__(self) -> None:
         super().__init__(LINE_FORMAT, DATE_FORMAT)
@@ -40,6 +58,12 @@ class LineFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime(DATE_FORMAT, self.converter(record.created))
         return self._stamp
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        # `record.message` is set by format() just before; escaping here leaves the record itself untouched
+        # for other handlers, and a traceback appended after it keeps its own lines.
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 def _no_caller(*args: object, **kwargs: object) -> tuple[str, int, str, None]:

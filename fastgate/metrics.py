@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
+# Distinct model label values kept; later new names are counted as "other" (a client picks what it sends).
+MAX_MODEL_LABELS = 100
 # Seconds. Model loads take minutes, tokens milliseconds: the buckets span both.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -58,6 +60,7 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str, str], int] = {}
+        self._models: set[str] = set()
         self.auth_failures: dict[str, int] = {}
         self.upstream_head = Histogram()
         self.request_duration = Histogram()
@@ -68,6 +71,11 @@ class Metrics:
         self.requests[key] = self.requests.get(key, 0) + 1
 
     def add_tokens(self, user: str, model: str, prompt: int, completion: int) -> None:
+        if model not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                model = "other"
+            else:
+                self._models.add(model)
         for kind, count in (("prompt", prompt), ("completion", completion)):
             if count:
                 key = (user, model, kind)
@@ -76,7 +84,7 @@ class Metrics:
     def auth_failure(self, reason: str) -> None:
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
 
-    def render(self, *, in_flight: int, connections: int) -> bytes:
+    def render(self, *, in_flight: int, connections: int, buffered_bytes: int = 0, buffer_refusals: int = 0) -> bytes:
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -96,6 +104,11 @@ class Metrics:
         lines.append(f"fastgate_in_flight_requests {in_flight}")
         family("fastgate_client_connections", "gauge", "Open client connections.")
         lines.append(f"fastgate_client_connections {connections}")
+        family("fastgate_buffered_body_bytes", "gauge",
+               "Request-body bytes held in memory now, for key search and model checks (auth.max_buffered_bytes).")
+        lines.append(f"fastgate_buffered_body_bytes {buffered_bytes}")
+        family("fastgate_buffer_refusals_total", "counter", "Requests refused because the body budget was spent.")
+        lines.append(f"fastgate_buffer_refusals_total {buffer_refusals}")
         family("fastgate_upstream_up", "gauge", "1 if Ollama answered the last exchange or probe, 0 if not.")
         lines.append(f"fastgate_upstream_up {max(self.upstream_up, 0)}")
         for name, hist, help_text in (

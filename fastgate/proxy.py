@@ -17,10 +17,13 @@ from dataclasses import dataclass, replace
 import h11
 
 from . import __version__
+from .budget import BodyBudget
 from .config import Config
-from .connection import CONTINUE_100, ClientClosed, ClientConnection, ClientProtocol, ClientState
-from .access import MODEL_LISTS, filter_model_list
-from .cors import render as render_headers
+from .connection import (
+    CONTINUE_100, PIECES_PER_YIELD, ClientClosed, ClientConnection, ClientProtocol, ClientState,
+)
+from .access import filter_model_list, model_refusal
+from .cors import render as render_headers, without_cors_fields
 from .errors import (
     BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
 )
@@ -30,17 +33,18 @@ from .messages import (
     BodyKind, ResponseHead, client_response_head, dechunk, error_response, is_openai_path, json_body,
     local_response,
 )
-from .metrics import Metrics
+from .metrics import Metrics, path_label
 from .upstream import (
     BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
 )
-from .usage import MODEL_PREFIX_BYTES, UsageRecord, model_name, token_counts
+from .usage import UsageRecord, bounded_model, reported_model, token_counts
 
 # Methods safe to send again when a pooled connection turned out closed before any answer.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # Errors after which the rest of the client's bytes cannot be trusted to be a next request.
 CLOSE_AFTER = frozenset({400, 408, 413, 431, 501})
 HEALTH_TIMEOUT_S = 5.0
+HEALTH_PROBE_INTERVAL_S = 1.0
 STREAM_READER_LIMIT = 512 * 1024
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -101,8 +105,11 @@ class Proxy:
         self.closing = False
         self.started = time.monotonic()
         self.metrics = Metrics()
+        self.budget = BodyBudget(config.auth.max_buffered_bytes)
         self.usage_sink: Callable[[UsageRecord], None] | None = None
         self._idle_event: asyncio.Event | None = None
+        self._health_probe: asyncio.Task[dict[str, object]] | None = None
+        self._health_result: tuple[float, dict[str, object]] = (float("-inf"), {"reachable": False})
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new config to the running proxy; returns the settings that need a restart instead."""
@@ -120,6 +127,7 @@ class Proxy:
                              metrics=replace(config.metrics, listen=self.config.metrics.listen))
         self.config = config
         self.gate.reload(config)
+        self.budget.limit = config.auth.max_buffered_bytes
         if self.pool is not None:
             self.pool.configure(config.upstream)
         return fixed
@@ -228,27 +236,35 @@ class Proxy:
             if isinstance(decision, ReadBody):
                 if conn.waiting_for_100_continue:
                     conn.write(CONTINUE_100)  # the key may be in the body: authorisation needs it
-                body = await conn.read_body(decision.limit)
+                body = await conn.read_body(decision.limit, self.budget,
+                                            deadline=conn.identify_deadline if decision.for_key else None)
                 decision = self.gate.decide_with_body(req, body, rid)
+                del body
         except GateError as err:
+            conn.release_budget()
             return await self._refuse(ctx, err)
         except ClientClosed:
+            conn.release_budget()
             return False
 
-        if isinstance(decision, Forward):
-            return await self._forward(ctx, decision)
-        if isinstance(decision, ProbeHealth):
-            decision = await self._health(decision.head_only)
-        elif isinstance(decision, ServeMetrics):
-            decision = self._metrics_reply(decision.head_only)
-        return await self._reply(ctx, decision)
+        try:
+            if isinstance(decision, Forward):
+                return await self._forward(ctx, decision)
+            if isinstance(decision, ProbeHealth):
+                decision = await self._health(decision)
+            elif isinstance(decision, ServeMetrics):
+                decision = self._metrics_reply(decision.head_only)
+            return await self._reply(ctx, decision)
+        finally:
+            # The buffered body lives as long as the decision that carries it (until the exchange ends).
+            conn.release_budget()
 
     async def _reply(self, ctx: RequestContext, reply: LocalReply) -> bool:
         conn = ctx.conn
         close = ctx.close_after or self.closing or not await conn.drain_small_body(ctx.req.content_length)
         conn.write(local_response(reply.status, reply.body, request_id=ctx.rid, close=close,
                                   head_only=reply.head_only, content_type=reply.content_type,
-                                  extra_headers=reply.headers + ctx.cors))
+                                  extra_headers=reply.headers if reply.cors_included else reply.headers + ctx.cors))
         self.metrics.request("-", ctx.path, reply.status)
         log.info("[%s] Answered %d%s", ctx.rid.decode(), reply.status, f": {reply.note}" if reply.note else "")
         return not close
@@ -288,7 +304,6 @@ class Proxy:
         protocol = conn.protocol
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
-        body_start = bytearray(fwd.body[:MODEL_PREFIX_BYTES]) if fwd.body else bytearray()
         # The request goes to Ollama in one write when its body is already here (buffered by the gate, or
         # arrived with the head); only a body still on its way needs a task to pump it.
         request = fwd.head + fwd.body if fwd.body else fwd.head
@@ -302,7 +317,6 @@ class Proxy:
                     parts, complete = conn.take_buffered_body()
                 except GateError as err:
                     return await self._refuse(ctx, err)
-                body_start += b"".join(parts)[:MODEL_PREFIX_BYTES]
                 request += b"".join(frame_body_parts(parts, req.chunked, last=complete))
                 body_pending = not complete
         try:
@@ -312,9 +326,9 @@ class Proxy:
                     self.pool.release(upstream)
                     return False
                 protocol.exchange = upstream
-                upstream.send_head(request, req.method)
+                upstream.send_head(request, fwd.upstream_method or req.method)
                 if body_pending:
-                    body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked, body_start))
+                    body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
                 try:
                     head = await upstream.response_head()
                     break
@@ -331,7 +345,7 @@ class Proxy:
         except ClientGone:
             await _stop(body_task)
             log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
-            self._account(ctx, fwd, 499, None, loop.time() - started, bytes(body_start))
+            self._account(ctx, fwd, 499, None, loop.time() - started)
             return False
         except GateError as err:
             if upstream is not None:
@@ -352,7 +366,7 @@ class Proxy:
             upstream.client_gone()
             await _stop(body_task)
             log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
-            self._account(ctx, fwd, 499, None, head_at - started, bytes(body_start))
+            self._account(ctx, fwd, 499, None, head_at - started)
             return False
         early_answer = body_task is not None and not body_task.done()
         if early_answer:
@@ -369,9 +383,12 @@ class Proxy:
             # A stream may run for minutes: say now who it is for and when it began.
             log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
                      head.status, (head_at - started) * 1000)
-        if fwd.principal.models and head.status == 200 and normalize_path(req.path) in MODEL_LISTS:
+        if fwd.trim_listing and head.status == 200:
             outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
         else:
+            if ctx.cors and self.config.upstream.forward_origin:
+                # Ollama saw the Origin and may have answered CORS itself: one set of these fields, ours.
+                head = replace(head, header_block=without_cors_fields(head.header_block))
             try:
                 outcome = await upstream.start_relay(head, conn.transport, client_response_head(
                     head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
@@ -379,7 +396,7 @@ class Proxy:
                 protocol.exchange = None
         elapsed = loop.time() - started
         self.metrics.request_duration.observe(elapsed)
-        self._account(ctx, fwd, head.status, upstream, elapsed, bytes(body_start))
+        self._account(ctx, fwd, head.status, upstream, elapsed)
         if outcome is RelayOutcome.COMPLETE:
             self.pool.release(upstream)
             if streaming:
@@ -416,13 +433,18 @@ class Proxy:
             ctx.conn.close()
             return outcome
         body = dechunk(bytes(sink.data)) if head.body_kind is BodyKind.CHUNKED else bytes(sink.data)
-        filtered = filter_model_list(normalize_path(ctx.req.path), body, fwd.principal.models)
-        ctx.conn.write(local_response(200, filtered if filtered is not None else b'{"models":[]}',
-                                      request_id=ctx.rid, close=close, extra_headers=ctx.cors))
+        principal, allow_cloud = fwd.principal, self.config.auth.allow_cloud
+        normal = normalize_path(ctx.req.path)
+        filtered = filter_model_list(normal, body, lambda name: model_refusal(principal, name, allow_cloud) is None)
+        if filtered is None:  # not a listing we know how to trim: show none of it
+            filtered = b'{"object":"list","data":[]}' if normal == b"/v1/models" else b'{"models":[]}'
+        # A HEAD was asked of Ollama as GET (see Gate._forward) so that this head carries the trimmed length.
+        ctx.conn.write(local_response(200, filtered, request_id=ctx.rid, close=close, extra_headers=ctx.cors,
+                                      head_only=ctx.req.method == b"HEAD"))
         return outcome
 
     def _account(self, ctx: RequestContext, fwd: Forward, status: int, upstream: UpstreamConnection | None,
-                 elapsed: float, body_start: bytes) -> None:
+                 elapsed: float) -> None:
         """Per-request bookkeeping after the fact: metrics, the key's daily tokens, the usage record."""
         principal = fwd.principal
         self.metrics.request(principal.user, ctx.path, status)
@@ -430,7 +452,9 @@ class Proxy:
         counts = token_counts(tail, openai=is_openai_path(ctx.req.path)) if tail else None
         if counts is None and self.usage_sink is None:
             return
-        model = model_name(body_start, tail) or "-"
+        # The model the policy read from the request (as Ollama reads it), else the one Ollama's own answer
+        # names; never a guess from the request's raw bytes, which a client could fill with decoys.
+        model = bounded_model(fwd.model or reported_model(tail))
         if counts is not None:
             self.metrics.add_tokens(principal.user, model, counts.prompt, counts.completion)
             if principal.tokens_per_day is not None:
@@ -438,19 +462,21 @@ class Proxy:
         if self.usage_sink is not None:
             self.usage_sink(UsageRecord(
                 at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
-                path=ctx.path, status=status, prompt_tokens=counts.prompt if counts else 0,
+                path=path_label(ctx.path), status=status, prompt_tokens=counts.prompt if counts else 0,
                 completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3)))
 
-    async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool,
-                         body_start: bytearray) -> None:
-        """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace. The first
-        bytes are kept (a copy of at most MODEL_PREFIX_BYTES) to name the model in usage records."""
+    async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
+        """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""
+        pieces = 0
         try:
             async for data in conn.body_events():
-                if len(body_start) < MODEL_PREFIX_BYTES:
-                    body_start += data[:MODEL_PREFIX_BYTES - len(body_start)]
                 upstream.writelines(frame_body_parts([data], chunked, last=False))
                 await upstream.drain()
+                pieces += 1
+                if pieces % PIECES_PER_YIELD == 0:
+                    # drain() does not suspend while Ollama keeps up: a read full of tiny chunks would
+                    # otherwise be worked through without letting other connections in.
+                    await asyncio.sleep(0)
             if chunked:
                 upstream.write(LAST_CHUNK)
         except ClientClosed:
@@ -461,7 +487,9 @@ class Proxy:
     # -- metrics -----------------------------------------------------------------------------------------
 
     def _metrics_reply(self, head_only: bool) -> LocalReply:
-        return LocalReply(200, self.metrics.render(in_flight=self.in_flight, connections=len(self.connections)),
+        return LocalReply(200, self.metrics.render(in_flight=self.in_flight, connections=len(self.connections),
+                                                   buffered_bytes=self.budget.used,
+                                                   buffer_refusals=self.budget.refusals),
                           head_only=head_only, content_type=PROMETHEUS_TEXT)
 
     async def _metrics_listener(self, ctx: RequestContext) -> bool:
@@ -472,46 +500,67 @@ class Proxy:
 
     # -- health ------------------------------------------------------------------------------------------
 
-    async def _health(self, head_only: bool) -> LocalReply:
+    async def _health(self, probe: ProbeHealth) -> LocalReply:
+        """fastgate's state and Ollama's. `/health` needs no key, so it must not be an amplifier: however many
+        callers ask, Ollama is probed at most once per HEALTH_PROBE_INTERVAL_S, on a pooled connection, and
+        callers in between share that answer. Only admins see versions, uptime and traffic."""
+        loop = asyncio.get_running_loop()
+        checked_at, upstream_info = self._health_result
+        if loop.time() - checked_at >= HEALTH_PROBE_INTERVAL_S:
+            if self._health_probe is None or self._health_probe.done():
+                self._health_probe = loop.create_task(self._probe_upstream())
+            # shield: a caller that leaves must not cancel the probe other callers wait for
+            upstream_info = await asyncio.shield(self._health_probe)
+        reachable = bool(upstream_info["reachable"])
+        status = 200 if reachable else 503
+        body: dict[str, object] = {"status": "ok" if reachable else "degraded"}
+        if probe.detailed:
+            body["fastgate"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
+                                "connections": len(self.connections), "in_flight": self.in_flight,
+                                "requests_total": self.requests_total}
+            body["upstream"] = upstream_info
+        return LocalReply(status, json_body(body), head_only=probe.head_only)
+
+    async def _probe_upstream(self) -> dict[str, object]:
+        """One `GET /api/version` to Ollama on a pooled connection; the result is kept for the next callers."""
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
-        upstream_info: dict[str, object] = {"reachable": False}
+        info: dict[str, object] = {"reachable": False}
         conn: UpstreamConnection | None = None
         try:
-            conn = await self.pool.connect()
+            conn, _ = await self.pool.acquire()
             url = self.config.upstream.url
             conn.send_head(b"GET %s/api/version HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastgate/%s\r\n\r\n"
                            % (url.base_path.encode(), url.host_header.encode(), __version__.encode()), b"GET")
             head = await asyncio.wait_for(conn.response_head(), HEALTH_TIMEOUT_S)
             sink = BufferSink()
-            await asyncio.wait_for(conn.start_relay(head, sink), HEALTH_TIMEOUT_S)
-            upstream_info = {"reachable": True, "status": head.status}
+            outcome = await asyncio.wait_for(conn.start_relay(head, sink), HEALTH_TIMEOUT_S)
+            info = {"reachable": True, "status": head.status}
             try:
-                upstream_info["version"] = json.loads(bytes(sink.data)).get("version")
+                info["version"] = json.loads(bytes(sink.data)).get("version")
             except (ValueError, AttributeError):
-                upstream_info["version"] = None
+                info["version"] = None
+            if outcome is RelayOutcome.COMPLETE:
+                self.pool.release(conn)
+                conn = None
         except (GateError, asyncio.TimeoutError) as exc:
-            upstream_info["error"] = exc.message if isinstance(exc, GateError) else "timed out"
+            info["error"] = exc.message if isinstance(exc, GateError) else "timed out"
         finally:
             if conn is not None:
                 conn.close()
-        upstream_info["latency_ms"] = round((loop.time() - started) * 1000, 3)
-        reachable = bool(upstream_info["reachable"])
-        body = {
-            "status": "ok" if reachable else "degraded",
-            "fastgate": {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
-                         "connections": len(self.connections), "in_flight": self.in_flight,
-                         "requests_total": self.requests_total},
-            "upstream": upstream_info,
-        }
-        return LocalReply(200 if reachable else 503, json_body(body), head_only=head_only)
+        info["latency_ms"] = round((loop.time() - started) * 1000, 3)
+        self.metrics.upstream_up = 1 if info["reachable"] else 0
+        self._health_result = (loop.time(), info)
+        return info
 
     # -- shutdown ----------------------------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking requests, let in-flight ones finish for `grace` seconds, then cut the rest."""
         self.closing = True
+        if self._health_probe is not None:
+            self._health_probe.cancel()
         for conn in list(self.connections):
             if conn.state is ClientState.IDLE:
                 conn.close()

@@ -2,8 +2,9 @@
 
 The relay keeps references to its last few reads (no copies); when a response ends, these functions scan
 that bounded tail for the counts Ollama reports: `prompt_eval_count`/`eval_count` in the final object of
-native answers, `usage.prompt_tokens`/`completion_tokens` in /v1 answers. The model comes from the start
-of the request body, which the proxy sees anyway. Nothing here runs per chunk.
+native answers, `usage.prompt_tokens`/`completion_tokens` in /v1 answers. The model recorded is the one the
+policy read from the request when it read one, else the one Ollama's answer names: never a guess from the
+request's raw bytes, which a client can fill with decoys. Nothing here runs per chunk.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 TAIL_BYTES = 16 * 1024
-MODEL_PREFIX_BYTES = 4096
+# Usage rows and metric labels hold model names; a client chooses what it sends, so their length is bounded.
+MAX_MODEL_NAME_CHARS = 200
 
 _NATIVE_PROMPT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d{1,12})')
 _NATIVE_COMPLETION = re.compile(rb'"eval_count"\s*:\s*(\d{1,12})')
@@ -65,11 +67,17 @@ def token_counts(tail: bytes, *, openai: bool) -> TokenCounts | None:
     return TokenCounts(prompt or 0, completion or 0)
 
 
-def model_name(*sources: bytes) -> str:
-    """The first `"model": "..."` in the given byte strings, tried in order (request body start, then the
-    response tail). Callers pass bounded slices."""
-    for data in sources:
-        match = _MODEL.search(data) if data else None
-        if match:
-            return match.group(1).decode("utf-8", "replace")
-    return ""
+def reported_model(tail: bytes) -> str:
+    """The model Ollama's answer names: the last `"model": "..."` of the response's tail (the final object
+    of a stream, or the whole small answer). "" when it names none."""
+    name = ""
+    for match in _MODEL.finditer(tail[-TAIL_BYTES:]):
+        name = match.group(1).decode("utf-8", "replace")
+    return name
+
+
+def bounded_model(name: str | None) -> str:
+    """A model name fit for a usage row or a metric label: "-" for none, at most MAX_MODEL_NAME_CHARS."""
+    if not name:
+        return "-"
+    return name if len(name) <= MAX_MODEL_NAME_CHARS else name[:MAX_MODEL_NAME_CHARS] + "..."

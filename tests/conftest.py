@@ -23,7 +23,8 @@ MASKED1 = "api-****0101"
 MakeGateway = Callable[..., Awaitable[RunningServer]]
 # In-process proxy tests run on both loops fastgate supports: uvloop (what `fastgate serve` uses) and plain
 # asyncio (the fallback). Tests that start fastgate as a process already exercise uvloop there.
-BOTH_LOOPS_MODULES = {"test_proxy", "test_secrets", "test_tls", "test_clients"}
+BOTH_LOOPS_MODULES = {"test_proxy", "test_secrets", "test_tls", "test_clients", "test_leaks",
+                      "test_rules"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -39,8 +40,10 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 
 def gateway_config(upstream_url: str, **sections: dict[str, Any]):  # type: ignore[no-untyped-def]
-    data: dict[str, Any] = {"server": {"listen": "127.0.0.1:0"}, "upstream": {"url": upstream_url},
-                            "keys": dict(KEYS)}
+    # gateway.example.com is the Host the raw test client sends: the gateway's configured name, so IP trust
+    # and Basic credentials pass its DNS-rebinding guard.
+    data: dict[str, Any] = {"server": {"listen": "127.0.0.1:0", "hostnames": ["gateway.example.com"]},
+                            "upstream": {"url": upstream_url}, "keys": dict(KEYS)}
     for section, values in sections.items():
         if section == "keys":
             data["keys"] = values

@@ -40,7 +40,10 @@ class Clock:
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
-    return build_config({"keys": {KEY: "alice", KEY2: "bob"}, **sections})
+    # The name requests here are sent to; IP trust and Basic credentials are honoured only for the gateway's
+    # own names (DNS-rebinding guard).
+    server = {"hostnames": ["gate.example.com"], **sections.pop("server", {})}
+    return build_config({"keys": {KEY: "alice", KEY2: "bob"}, "server": server, **sections})
 
 
 def make_gate(config: Config | None = None, clock: Clock | None = None,
@@ -111,7 +114,7 @@ def test_health(method: bytes, head_only: bool) -> None:
 
 def test_auth_asks_for_body() -> None:
     decision = make_gate().decide(req(b"POST", b"/auth", [(b"Content-Length", b"30")]), RID)
-    assert decision == ReadBody(AUTH_BODY_LIMIT_BYTES)
+    assert decision == ReadBody(AUTH_BODY_LIMIT_BYTES, for_key=True)
     assert AUTH_BODY_LIMIT_BYTES == 64 * 1024
 
 
@@ -348,12 +351,12 @@ def test_keyless_body_is_read(method: bytes, framing: list[tuple[bytes, bytes]])
     config = make_config(auth={"max_body_bytes": 1234})
     decision = make_gate(config).decide(req(method, b"/api/chat", [(b"Content-Type", b"application/json"),
                                                                    *framing]), RID)
-    assert decision == ReadBody(1234)
+    assert decision == ReadBody(1234, for_key=True)
 
 
 def test_default_body_limit() -> None:
     decision = make_gate().decide(req(b"POST", b"/api/chat", [(b"Content-Length", b"40")]), RID)
-    assert decision == ReadBody(20 * 1024 * 1024)
+    assert decision == ReadBody(20 * 1024 * 1024, for_key=True)
 
 
 @pytest.mark.parametrize("framing", [[(b"Content-Length", b"999")], [(b"Transfer-Encoding", b"chunked")]])

@@ -31,7 +31,7 @@ async def test_root_describes_the_service_without_a_key(client: Client, ollama: 
 
 
 async def test_health_reports_upstream_version_and_latency(client: Client) -> None:
-    resp = await client.request("GET", "/health")
+    resp = await client.request("GET", "/health", headers={"X-API-Key": KEY1})  # details are for admins
     assert resp.status == 200
     body = resp.json()
     assert body["upstream"]["reachable"] is True
@@ -44,7 +44,7 @@ async def test_health_is_503_when_upstream_is_down(make_gateway: MakeGateway, ol
     gw = await make_gateway()
     await ollama.stop()
     c = await Client.connect(gw.port)
-    resp = await c.request("GET", "/health")
+    resp = await c.request("GET", "/health", headers={"X-API-Key": KEY1})
     assert resp.status == 503
     assert resp.json()["upstream"]["reachable"] is False
     assert resp.json()["upstream"]["error"]
@@ -510,20 +510,20 @@ async def test_smuggled_second_request_never_reaches_ollama(client: Client, olla
 
 async def test_slow_headers_get_408(make_gateway: MakeGateway, ollama: FakeOllama) -> None:
     gw = await make_gateway(server={"header_timeout": 0.5})
-    c = await Client.connect(gw.port)
-    for byte in b"GET /ap":  # 0.35 s of trickling, then silence: the head never completes
-        c.send(bytes([byte]))
-        await asyncio.sleep(0.05)
-    resp = await c.response(timeout=3)
-    assert resp.status == 408
-    assert await c.closed()
+    async with await Client.connect(gw.port) as c:
+        for byte in b"GET /ap":  # 0.35 s of trickling, then silence: the head never completes
+            c.send(bytes([byte]))
+            await asyncio.sleep(0.05)
+        resp = await c.response(timeout=3)
+        assert resp.status == 408
+        assert await c.closed()
     assert ollama.received == []
 
 
 async def test_silent_connection_is_closed_after_header_timeout(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(server={"header_timeout": 0.3})
-    c = await Client.connect(gw.port)
-    assert await c.closed(timeout=3)
+    async with await Client.connect(gw.port) as c:
+        assert await c.closed(timeout=3)
 
 
 async def test_connection_limit_refuses_extra_connections(make_gateway: MakeGateway) -> None:

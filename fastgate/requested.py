@@ -1,0 +1,172 @@
+"""What a request asks Ollama for: the models and server-side tools it names, read exactly as Ollama will.
+
+Pure: no I/O. Owns the table of Ollama's routes (../shared/reference/ollama-routes.md) and, for each, where
+a model is named: JSON body fields, the `/v1/models/NAME` path segment, or the transcription form and query.
+
+The invariant that keeps the model allow-list closed: for any request this module accepts, every value
+Ollama can take as a model name is among `Requested.models`. It reads bodies with `gojson` (the field
+resolution of Go's `encoding/json`: case-folded keys, last non-null match, first value only) and forms with
+`forms` (Go's `FormValue`), and raises `Unreadable` for anything it cannot read exactly as Go will: a
+body that is not one clean JSON value, a model field that is not a string, a compressed body. The caller
+refuses those (400, or 415 for a coding) instead of guessing: a gate that guesses fails open.
+
+The alternative design, forwarding a canonical re-encoding of the judged body, was not taken: it would
+rewrite every inference request (costly on multi-megabyte image bodies, and no longer byte for byte), while
+exact reading plus refusal changes nothing for the requests real clients send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .forms import UnreadableForm, form_field_values
+from .gojson import UnreadableBody, go_key_matches, go_string_field, scan_array, scan_object
+from .models import uses_server_web_tools
+
+
+class Unreadable(ValueError):
+    """The request names its model in a way fastgate cannot read exactly as Ollama will."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one Ollama route names models."""
+
+    fields: tuple[str, ...] = ()  # JSON body fields (Go struct tags) that name a model
+    form: bool = False  # `model` in the query or the form body (Go's FormValue)
+    path_model: bool = False  # the last path segment is the model (`/v1/models/NAME`)
+    web_tools: bool = False  # the body's `tools` may ask Ollama to run web tools on ollama.com
+    listing: bool = False  # the answer lists models (trimmed for keys that may not see them all)
+    # Ollama's cloud passthrough on /v1 first reads `model` with an exact-key map lookup (not the struct's
+    # case-folding), and proxies the request to ollama.com if that names a cloud model: both readings count.
+    exact_model_too: bool = False
+
+    @property
+    def reads_body(self) -> bool:
+        return bool(self.fields) or self.form or self.web_tools
+
+
+NO_MODEL = Route()
+# Every route Ollama serves (read from its source; see the reference). A path that is not here is unknown:
+# it may name a model in a way nobody checks, so keys with a model allow-list may not use it.
+ROUTES: dict[bytes, Route] = {
+    b"/": NO_MODEL, b"/api/version": NO_MODEL, b"/api/status": NO_MODEL,
+    b"/api/tags": Route(listing=True), b"/api/ps": Route(listing=True), b"/v1/models": Route(listing=True),
+    b"/api/pull": Route(("model", "name")), b"/api/push": Route(("model", "name")),
+    b"/api/show": Route(("model", "name")), b"/api/delete": Route(("model", "name")),
+    b"/api/create": Route(("model", "name", "from")), b"/api/copy": Route(("source", "destination")),
+    b"/api/generate": Route(("model",)), b"/api/chat": Route(("model",)),
+    b"/api/embed": Route(("model",)), b"/api/embeddings": Route(("model",)),
+    b"/v1/chat/completions": Route(("model",), exact_model_too=True),
+    b"/v1/completions": Route(("model",), exact_model_too=True),
+    b"/v1/embeddings": Route(("model",), exact_model_too=True),
+    b"/v1/responses": Route(("model",), web_tools=True, exact_model_too=True),
+    b"/v1/messages": Route(("model",), web_tools=True, exact_model_too=True),
+    b"/v1/audio/transcriptions": Route(form=True),
+    b"/api/me": NO_MODEL, b"/api/signout": NO_MODEL,
+    b"/api/experimental/web_search": NO_MODEL, b"/api/experimental/web_fetch": NO_MODEL,
+    b"/api/experimental/model-recommendations": NO_MODEL,
+}
+PREFIX_ROUTES: tuple[tuple[bytes, Route], ...] = (
+    (b"/api/blobs/", NO_MODEL), (b"/api/user/keys/", NO_MODEL), (b"/v1/models/", Route(path_model=True)),
+)
+LISTINGS = frozenset(path for path, route in ROUTES.items() if route.listing)
+# Codings Ollama decodes itself before reading (zstd on /v1) or that a client may send anyway: a compressed
+# body cannot be read here, so it is refused rather than passed on unjudged.
+IDENTITY_CODINGS = frozenset({b"", b"identity"})
+
+
+def route_for(normal_path: bytes) -> Route | None:
+    """The route a normalized path reaches, or None when Ollama has no such route that fastgate knows."""
+    route = ROUTES.get(normal_path)
+    if route is not None:
+        return route
+    for prefix, prefixed in PREFIX_ROUTES:
+        if normal_path.startswith(prefix) and len(normal_path) > len(prefix):
+            return prefixed
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    models: tuple[str, ...]  # every model name Ollama may act on for this request, in field order
+    web_tools: bool = False  # asks for server-side web tools (they run on ollama.com)
+
+    @property
+    def model(self) -> str | None:
+        """The model this request runs (for usage records): the first named."""
+        return self.models[0] if self.models else None
+
+
+NOTHING = Requested(())
+
+
+def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_type: bytes | None,
+                   content_encoding: bytes | None, body: bytes | None) -> Requested:
+    """What `route` asks of Ollama, from the path, query and (buffered) body. Raises Unreadable."""
+    if route.path_model:
+        name = normal_path.rpartition(b"/")[2]
+        try:
+            return Requested((name.decode("utf-8"),))
+        except UnicodeDecodeError:
+            raise Unreadable("model name in the path is not valid UTF-8") from None
+    if not route.reads_body:
+        return NOTHING
+    if body and (content_encoding or b"").strip().lower() not in IDENTITY_CODINGS:
+        raise Unreadable("compressed request bodies cannot be checked by this gateway; send it uncompressed",
+                         status=415)
+    if route.form:
+        try:
+            return Requested(tuple(form_field_values(query, content_type, body or b"", "model")))
+        except UnreadableForm as exc:
+            raise Unreadable(str(exc)) from None
+    if not body:
+        return NOTHING  # Ollama answers "missing request body" itself
+    try:
+        members = scan_object(body)
+        if members is None:
+            return NOTHING  # valid JSON that is not an object: Go's decode into a struct fails (400)
+        models = tuple(value for name in route.fields
+                       if (value := go_string_field(members, name)))
+        if route.exact_model_too:
+            exact = _exact_string_member(members, "model")
+            if exact and exact not in models:
+                models += (exact,)
+        web = route.web_tools and _uses_web_tools(normal_path, body, members)
+    except UnreadableBody as exc:
+        raise Unreadable(str(exc)) from None
+    return Requested(models, web)
+
+
+def _exact_string_member(members: list, name: str) -> str | None:  # type: ignore[type-arg]
+    """What `json.Unmarshal` into a map gives for key `name`: the last member with exactly that name."""
+    last = next((m for m in reversed(members) if m.name == name), None)
+    return last.text if last is not None and last.kind == "string" else None
+
+
+def _uses_web_tools(normal_path: bytes, body: bytes, members: list) -> bool:  # type: ignore[type-arg]
+    """Whether the body's `tools` ask for a server-side web tool, resolved as Go reads `tools[*].type`.
+
+    A later `"tools": null` resets the slice in Go; it is ignored here (the earlier array still counts),
+    which can only refuse more, never less."""
+    tools = [m for m in members if m.name is not None and go_key_matches(m.name, "tools")]
+    last = next((m for m in reversed(tools) if m.kind != "null"), None)
+    if last is None:
+        return False
+    if last.kind != "array":
+        raise UnreadableBody("field 'tools' must be an array")
+    types = []
+    for element in scan_array(body, last.value_start, last.end):
+        if element.kind == "null":
+            continue
+        if element.kind != "object":
+            raise UnreadableBody("each of 'tools' must be an object")
+        tool = scan_object(body, element.start, element.end)
+        assert tool is not None
+        types.append(go_string_field(tool, "type") or "")
+    return uses_server_web_tools(normal_path, types)
+
