@@ -49,7 +49,8 @@ DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b"]
 
 # Faults that act before anything is written, and faults that act after two stream items.
 _PRE_FAULTS = frozenset(
-    {"reset-before-status", "stall", "malformed-status", "malformed-header", "status-500", "slow-first-byte"}
+    {"reset-before-status", "close-before-status", "stall", "malformed-status", "malformed-header", "status-500",
+     "slow-first-byte"}
 )
 _MID_FAULTS = frozenset({"reset-mid-stream", "close-mid-stream", "stall-mid-stream", "error-mid-stream"})
 FAULTS = _PRE_FAULTS | _MID_FAULTS
@@ -257,8 +258,58 @@ def _go_type(v: Any) -> str:
     return "number"
 
 
+# Go's encoding/json decodes a body into a struct: keys match fields case-insensitively with simple folding
+# (U+017F and U+212A fold to s and k), the last match wins and null leaves a field unchanged; nesting to
+# 10,000 levels and numbers of any length in unknown fields are fine. The fake keeps one entry per folded key
+# so handlers can look fields up by their lower-case tag, as Go's struct decoding finds them.
+_GO_FOLD = str.maketrans({"\u017f": "s", "\u212a": "k"})
+
+
+def _go_field_name(key: str) -> str:
+    folded = key.translate(_GO_FOLD)
+    return folded.lower() if folded.isascii() else key
+
+
+def _go_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in pairs:
+        name = _go_field_name(key)
+        if value is None and name in fields:
+            continue
+        fields[name] = value
+    return fields
+
+
+def _go_number(text: str) -> Any:
+    return int(text) if len(text) < 4000 else float("inf")
+
+
+class _GoLikeDecoder(json.JSONDecoder):
+    def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 25_000))  # Go accepts 10,000 levels of nesting
+        try:
+            return super().raw_decode(s, idx)
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+_GO_LIKE_DECODER = _GoLikeDecoder(object_pairs_hook=_go_object, parse_int=_go_number)
+
+
 def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+def _split_option(opts: dict[str, Any]) -> tuple[int, float, bool] | None:
+    """options.fake_split_final = N (>= 2): the object carrying the token counts (native `done:true`, /v1
+    `usage`; the whole body of a non-streamed answer) is written in N pieces, fake_split_gap_ms apart (default
+    20); with fake_split_chunks true each piece of a streamed object is an HTTP chunk of its own."""
+    n = opts.get("fake_split_final")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        return None
+    gap = opts.get("fake_split_gap_ms", 20)
+    return n, float(gap if isinstance(gap, (int, float)) else 20) / 1000.0, opts.get("fake_split_chunks") is True
 
 
 class _Gone(Exception):
@@ -301,7 +352,7 @@ class _Req:
     __slots__ = (
         "method", "target", "path", "route_path", "query", "headers", "hmap", "conn_id", "http10",
         "keep_alive", "close_after", "expect_continue", "fault", "chunks", "hasher", "blob_size",
-        "early", "unread", "proto_error", "cors_headers", "items_sent", "head_sent", "t0", "openai",
+        "early", "unread", "proto_error", "cors_headers", "items_sent", "head_sent", "t0", "openai", "split",
     )
 
     def __init__(self, conn_id: int, ev: h11.Request | None = None, proto_error: bytes = b"") -> None:
@@ -314,6 +365,7 @@ class _Req:
         self.early = False  # answered from the headers alone, body never read
         self.unread = False  # body left unread on the wire (Go then closes after the reply)
         self.cors_headers: list[tuple[str, str]] = []
+        self.split: tuple[int, float, bool] | None = None  # see _split_option
         self.items_sent = 0
         self.head_sent = False
         self.t0 = 0
@@ -636,7 +688,26 @@ class _Conn(asyncio.Protocol):
         if req.fault in _MID_FAULTS:  # truncate the one-shot body to half, then misbehave
             self._write(data[: len(head) + (len(data) - len(head)) // 2])
             await self._mid_fault(req)
+        if req.split is not None and len(data) > len(head):
+            self._write(head)
+            await self._write_split(req, data[len(head):])
+            return
         self._write(data)
+
+    async def _write_split(self, req: _Req, data: bytes, *, chunked_payload: bool = False) -> None:
+        """Write `data` in `req.split` pieces with a pause between them (options.fake_split_final): the way a
+        final object reaches a proxy over several reads. `chunked_payload`: `data` is one chunk's payload and,
+        with fake_split_chunks, each piece becomes a chunk of its own; otherwise pieces of the chunk's bytes."""
+        assert req.split is not None
+        pieces, gap, as_chunks = req.split
+        if chunked_payload and not as_chunks:
+            data, chunked_payload = _chunk(data), False
+        size = max(1, -(-len(data) // pieces))
+        for n, at in enumerate(range(0, len(data), size)):
+            if n:
+                await asyncio.sleep(gap)
+            part = data[at:at + size]
+            self._write(_chunk(part) if chunked_payload else part)
 
     async def _error(
         self, req: _Req, status: int, msg: str, *, plain: bool = False, bind: bool = False
@@ -679,6 +750,13 @@ class _Conn(asyncio.Protocol):
                 payload = b"data: " + _gojson(item) + b"\n\n" if sse else _gojson(item) + b"\n"
             else:
                 payload = item
+            if req.split is not None and isinstance(item, dict) and (item.get("done") is True or "usage" in item):
+                # the object with the token counts, in pieces (options.fake_split_final)
+                if not req.head_sent:
+                    self._write(self._head(req, 200, head, None, chunked))
+                await self._write_split(req, payload, chunked_payload=chunked)
+                req.items_sent += 1
+                continue
             frame = _chunk(payload) if chunked else payload
             if not req.head_sent:
                 frame = self._head(req, 200, head, None, chunked) + frame
@@ -791,6 +869,8 @@ class _Conn(asyncio.Protocol):
             return True
         if fault == "reset-before-status":
             self.reset()
+        elif fault == "close-before-status":
+            self.close()  # FIN with nothing written, as an idle timeout racing the request would look
         elif fault == "stall":
             await self.loop.create_future()
         elif fault == "malformed-status":
@@ -944,7 +1024,7 @@ class _Conn(asyncio.Protocol):
             err = "EOF"
         else:
             try:
-                obj, _ = json.JSONDecoder().raw_decode(text, start)  # Go ignores trailing data
+                obj, _ = _GO_LIKE_DECODER.raw_decode(text, start)  # Go ignores trailing data
             except json.JSONDecodeError as e:
                 if e.pos >= len(text.rstrip(" \t\r\n")):
                     err = "unexpected EOF"
@@ -1057,6 +1137,7 @@ class _Conn(asyncio.Protocol):
         reason = "length" if "num_predict" in opts else "stop"
         gap = float(opts.get("fake_gap_ms", 0) or 0) / 1000.0
         ts = bool(opts.get("fake_timestamps", False))
+        req.split = _split_option(opts)
         if chat:
             msgs = [m for m in data["messages"] if isinstance(m, dict)]
             words = sum(len(str(m.get("content", "")).split()) for m in msgs)
@@ -1257,6 +1338,7 @@ class _Conn(asyncio.Protocol):
         reason = "length" if limit is not None else "stop"
         gap = float(opts.get("fake_gap_ms", data.get("fake_gap_ms", 0)) or 0) / 1000.0
         ts = bool(opts.get("fake_timestamps", data.get("fake_timestamps", False)))
+        req.split = _split_option({**data, **opts})
         prompt_text = json.dumps(data.get("messages")) if chat else str(data.get("prompt", ""))
         prompt_tokens = 10 + len(prompt_text) // 4
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}

@@ -726,3 +726,16 @@ async def test_bad_request_and_standalone_main(tmp_path: Path) -> None:
         proc.terminate()
         await asyncio.wait_for(proc.communicate(), 5)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("body, model", [
+    (b'{"Model":"qwen2.5:0.5b","stream":false}', "qwen2.5:0.5b"),  # keys fold as Go's struct fields do
+    (b'{"model":"qwen2.5:0.5b","MODEL":"llama3.2:latest","stream":false}', "llama3.2:latest"),  # last wins
+    (b'{"model":"qwen2.5:0.5b","model":null,"stream":false}', "qwen2.5:0.5b"),  # null leaves it
+    (b'{"x":' + b"[" * 3000 + b"]" * 3000 + b',"x2":' + b"9" * 5000 + b',"model":"qwen2.5:0.5b","stream":false}',
+     "qwen2.5:0.5b"),  # deep nesting and huge numbers elsewhere are fine in Go
+])
+async def test_bodies_are_read_as_go_reads_them(fake: FakeOllama, body: bytes, model: str) -> None:
+    resp = await call(fake, "POST", "/api/generate", body=body)
+    assert resp.status == 200, resp.body
+    assert resp.json()["model"] == model
