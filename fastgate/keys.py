@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from json.decoder import scanstring
 from urllib.parse import unquote_plus
 
 from .access import Principal
+from .gojson import UnreadableBody, remove_members, scan_object
 
 QUERY_KEY_NAME = "api_key"
 BODY_KEY_NAME = "api_key"
@@ -120,90 +120,37 @@ def split_query_key(query: bytes) -> tuple[PresentedKey | None, bytes]:
     return found, b"&".join(kept)
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-
-
-@dataclass(frozen=True, slots=True)
-class _Member:
-    name: str
-    value: object
-    start: int  # index of the opening quote of the name
-    end: int  # index just past the value
-
-
-def _top_level_members(text: str) -> list[_Member] | None:
-    """Members of a top-level JSON object with their spans in `text`; None if `text` is not one.
-
-    Built on the json module's own (C) scanners so the spans are exact and parsing stays fast on
-    multi-megabyte bodies (base64 images).
-    """
-    idx = _WS.match(text, 0).end()  # type: ignore[union-attr]
-    if text[idx:idx + 1] != "{":
-        return None
-    idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-    members: list[_Member] = []
-    try:
-        if text[idx:idx + 1] == "}":
-            idx += 1
-        else:
-            while True:
-                if text[idx:idx + 1] != '"':
-                    return None
-                start = idx
-                name, idx = scanstring(text, idx + 1, True)
-                idx = _WS.match(text, idx).end()  # type: ignore[union-attr]
-                if text[idx:idx + 1] != ":":
-                    return None
-                idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-                value, idx = _DECODER.raw_decode(text, idx)
-                members.append(_Member(name, value, start, idx))
-                idx = _WS.match(text, idx).end()  # type: ignore[union-attr]
-                sep = text[idx:idx + 1]
-                idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-                if sep == "}":
-                    break
-                if sep != ",":
-                    return None
-    except (ValueError, IndexError, RecursionError):
-        return None
-    if _WS.match(text, idx).end() != len(text):  # type: ignore[union-attr]
-        return None
-    return members
-
-
 def split_body_key(body: bytes) -> tuple[PresentedKey | None, bytes]:
     """Find a top-level `"api_key"` string in a JSON object body; return it and the body without it.
 
-    Every other byte of the body stays as it was (members and their formatting), so only the member and
-    one adjacent separator disappear. Bodies that are not a JSON object are returned unchanged.
+    The body is read once with `gojson`, exactly as Ollama's Go decoder reads it. Every member named exactly
+    `api_key` is removed (so no copy of a key reaches Ollama), with one adjacent separator each; every other
+    byte stays as it was. The key is the last of them, as a JSON decoder keeps the last duplicate, and only
+    if it is a non-empty string. A body that is not one readable JSON object (bad JSON, data after it) is
+    returned unchanged with no key.
     """
-    if b'"api_key"' not in body:
+    # A key named api_key is written either literally or with \u escapes: skip the parse for other bodies.
+    if b'"api_key"' not in body and b"\\u" not in body:
         return None, body
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
+        members = scan_object(body)
+    except UnreadableBody:
+        return None, body
+    if members is None:
+        return None, body
+    last = next((member for member in reversed(members) if member.name == BODY_KEY_NAME), None)
+    if last is None:
         return None, body
     found: PresentedKey | None = None
-    first_pass = True
-    while True:
-        members = _top_level_members(text)
-        if members is None:
-            return (found, text.encode("utf-8")) if not first_pass else (None, body)
-        idx = next((i for i in range(len(members) - 1, -1, -1) if members[i].name == BODY_KEY_NAME), None)
-        if idx is None:
-            return (found, text.encode("utf-8")) if not first_pass else (None, body)
-        member = members[idx]
-        # JSON decoders keep the last duplicate, so only the last api_key is the one the client meant.
-        if first_pass and isinstance(member.value, str) and member.value:
-            found = PresentedKey(KeySource.BODY, member.value)
-        first_pass = False
-        if idx + 1 < len(members):
-            text = text[:member.start] + text[members[idx + 1].start:]
-        elif idx > 0:
-            text = text[:members[idx - 1].end] + text[member.end:]
-        else:
-            text = text[:member.start] + text[member.end:]
+    if last.kind == "string":
+        secret = last.text
+        if secret is None:
+            # Invalid UTF-8 or a lone surrogate escape: still the key the client sent (it will not match any
+            # key, and a wrong key counts as one), read leniently instead of as Go's U+FFFD.
+            secret = scanstring(str(body[last.value_start:last.end], "utf-8", "surrogateescape"), 1, True)[0]
+        if secret:
+            found = PresentedKey(KeySource.BODY, secret)
+    return found, remove_members(body, members, BODY_KEY_NAME)
 
 
 _DIGEST_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})")

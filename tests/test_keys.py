@@ -238,7 +238,6 @@ def test_non_string_body_key_is_no_key(value: bytes) -> None:
     b'{"api_key":"K"}x',
     b'{"api_key" "K"}',
     b'{api_key:"K"}',
-    b'{"api_key":"K","x":"\xff"}',  # invalid UTF-8
     b'\xff{"api_key":"K"}',
     b'{"api_key":"K\x01"}',  # control character in a string
     b'--boundary\r\nContent-Disposition: form-data; name="api_key"\r\n\r\nK\r\n--boundary--\r\n',
@@ -247,6 +246,41 @@ def test_bodies_that_are_not_a_json_object_stay_unchanged(body: bytes) -> None:
     key, stripped = split_body_key(body)
     assert key is None
     assert stripped == body
+
+
+@pytest.mark.parametrize("body, secret, expected", [
+    # Go reads invalid UTF-8 inside strings (as U+FFFD), so these are JSON objects Ollama accepts: the key must
+    # go. (Python's json refused them, and the old reading forwarded the key to Ollama unchanged.)
+    (b'{"api_key":"K","x":"\xff"}', "K", b'{"x":"\xff"}'),
+    (b'{"x":"\xc0\xaf","api_key":"K"}', "K", b'{"x":"\xc0\xaf"}'),
+    # an unreadable key is still the client's key (it matches no key), and it is removed too
+    (b'{"api_key":"\xffK","x":1}', "\udcffK", b'{"x":1}'),
+])
+def test_invalid_utf8_body_still_loses_its_key(body: bytes, secret: str, expected: bytes) -> None:
+    key, stripped = split_body_key(body)
+    assert key == PresentedKey(KeySource.BODY, secret)
+    assert stripped == expected
+
+
+@pytest.mark.parametrize("body, secret, expected", [
+    # Members are named by their decoded key, as Go decodes it: escapes count, folding does not (fastgate's
+    # own field, never Ollama's) - other spellings are left for Ollama to ignore.
+    (b'{"api\\u005fkey":"K","x":1}', "K", b'{"x":1}'),
+    (b'{"\\u0061pi_key":"A","api_key":"B"}', "B", b"{}"),
+    (b'{"API_KEY":"A","x":1}', None, b'{"API_KEY":"A","x":1}'),
+])
+def test_body_key_names_are_decoded(body: bytes, secret: str | None, expected: bytes) -> None:
+    key, stripped = split_body_key(body)
+    assert key == (PresentedKey(KeySource.BODY, secret) if secret else None)
+    assert stripped == expected
+
+
+def test_many_duplicate_body_keys_are_removed_in_one_pass() -> None:
+    # The old reading re-parsed the body once per duplicate (quadratic); now one scan removes them all.
+    body = b'{"model":"m",' + b",".join(b'"api_key":"k%d"' % i for i in range(2000)) + b',"stream":false}'
+    key, stripped = split_body_key(body)
+    assert key == PresentedKey(KeySource.BODY, "k1999")
+    assert stripped == b'{"model":"m","stream":false}'
 
 
 def test_big_base64_body() -> None:

@@ -1,0 +1,486 @@
+"""Read JSON request bodies exactly as Ollama's Go `encoding/json` does, or refuse them.
+
+What this module owns: the one reading of a request body's JSON that the policy trusts. fastgate allows or
+refuses a request by the model it names, but Ollama acts on the model *it* reads. Ollama decodes bodies
+with `json.NewDecoder(body).Decode(&req)` into structs with `string` fields, and Go's reading differs from
+Python's `json` module in ways a client can use to show fastgate one model and Ollama another:
+
+- keys match struct fields case-insensitively under Unicode simple folding (`"Model"`, `"ſource"` with
+  U+017F, `"\u212aey"`), and every matching key assigns, so the last one wins;
+- `null` leaves a string field unchanged (`{"model":"a","model":null}` reads as "a");
+- only the first JSON value is read: bytes after it are ignored;
+- invalid UTF-8 and unpaired `\\u` surrogates in strings become U+FFFD instead of an error;
+- nesting is allowed to 10,000 levels, and numbers of any length are accepted where they are skipped.
+
+So this module resolves fields by Go's rules, and refuses (raises `UnreadableBody`, an HTTP 400) whatever it
+cannot read exactly as Go would: JSON Go's scanner rejects, anything but whitespace after the value, a model
+field holding a non-string (Go fails with a type error) or a string that is not valid UTF-8 (Go would read
+U+FFFD, which no model name holds). Failing closed keeps the invariant the policy relies on: when fastgate
+accepts a body, the value it sees for a field is the value Ollama will use.
+
+Invariants:
+- `scan_object`/`scan_array` validate the value once, left to right, in time linear in its length: regexes
+  over bytes consume strings and runs of shallow values in C, and nesting is walked with an explicit stack
+  (no recursion, so 10,000 levels need no recursion limit). Values are never decoded into Python objects,
+  so numbers are never converted (no 4300-digit limit) and a string's text is decoded only when asked for.
+- Spans are byte offsets into the caller's `body`; nothing is copied, and `remove_members` keeps every byte
+  it does not remove.
+- Pure: no I/O, standard library only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+__all__ = ["MAX_DEPTH", "Element", "Kind", "Member", "UnreadableBody", "go_key_matches", "go_string_field",
+           "remove_members", "scan_array", "scan_object", "string_text"]
+
+# encoding/json's scanner refuses a value nested deeper than this (maxNestingDepth); the top-level object
+# counts as the first level. Verified with Go 1.27: 10,000 nested arrays decode, 10,001 do not.
+MAX_DEPTH = 10_000
+
+Kind = Literal["string", "null", "object", "array", "number", "bool"]
+
+
+class UnreadableBody(ValueError):
+    """A body fastgate cannot read exactly as Go would. The message is fit for an HTTP 400 answer."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grammar (RFC 8259 as Go's scanner applies it): whitespace is only space, tab, CR and LF; strings hold no
+# raw byte below 0x20 and only the escapes \" \\ \/ \b \f \n \r \t \uXXXX; any other byte (including invalid
+# UTF-8) is accepted inside strings, as Go does. Possessive quantifiers (`*+`, `++`, `?+`) never backtrack,
+# so every pattern runs in linear time, and a long string is one C-level loop over a character class.
+
+_WS = rb"[ \t\r\n]*+"
+# The bytes a string holds as they are: written as a positive class (not [^"\\\x00-\x1f]) because the regex
+# compiler turns it into a 256-bit table, one lookup per byte, about twice as fast on multi-MiB strings.
+_PLAIN = rb"[\x20\x21\x23-\x5b\x5d-\xff]"
+_ESCAPE_TAIL = rb'(?:["\\/bfnrt]|u[0-9a-fA-F]{4})'  # what may follow a backslash
+# "Unrolled" (plain run, then escape + plain run, repeated): one loop iteration per escape, not per byte.
+_STRING_BODY = _PLAIN + rb"*+(?:\\" + _ESCAPE_TAIL + _PLAIN + rb"*+)*+"
+_STRING = rb'"' + _STRING_BODY + rb'"'
+_NUMBER = rb"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+"
+_SCALAR = rb"(?:" + _STRING + rb"|" + _NUMBER + rb"|true|false|null)"
+
+# How many container levels one regex call takes. Values nested deeper are walked a level at a time with an
+# explicit stack; shallower ones (messages: [{role, content}], a tool's parameters) are consumed whole in C.
+# Each level doubles the pattern's size: 3 keeps the patterns a few KiB and quick to compile at import.
+_FAST_LEVELS = 3
+
+
+def _item_pattern(levels: int) -> bytes:
+    """A value nested at most `levels` containers deep; only valid JSON matches (no trailing commas)."""
+    if levels == 0:
+        return _SCALAR
+    inner = _item_pattern(levels - 1)
+    # After each element: a comma that is not followed by the closer, or the closer itself (not consumed).
+    array = rb"\[" + _WS + rb"(?:" + inner + _WS + rb"(?:," + _WS + rb"(?=[^\]])|(?=\])))*+\]"
+    obj = (rb"\{" + _WS + rb"(?:" + _STRING + _WS + rb":" + _WS + inner + _WS
+           + rb'(?:,' + _WS + rb'(?=")|(?=\})))*+\}')
+    return rb"(?:" + _SCALAR + rb"|" + array + rb"|" + obj + rb")"
+
+
+@dataclass(frozen=True, slots=True)
+class _FastPatterns:
+    """The patterns for one nesting allowance (how many more levels may open before Go's limit)."""
+
+    item: re.Pattern[bytes]  # one value
+    array_tail: re.Pattern[bytes]  # after an element: (`,` element)*, then whitespace
+    object_tail: re.Pattern[bytes]  # after a member: (`,` key `:` value)*, then whitespace
+    member: re.Pattern[bytes]  # key `:` [value, then `,` or `}`]; the value group is unset if it goes deeper
+
+
+def _compile(levels: int) -> _FastPatterns:
+    item = _item_pattern(levels)
+    return _FastPatterns(
+        item=re.compile(item),
+        array_tail=re.compile(_WS + rb"(?:," + _WS + item + _WS + rb")*+"),
+        object_tail=re.compile(_WS + rb"(?:," + _WS + _STRING + _WS + rb":" + _WS + item + _WS + rb")*+"),
+        member=re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS + rb"(?:(" + item + rb")" + _WS
+                          + rb"(?:(,)" + _WS + rb"|\}))?"),
+    )
+
+
+# Compiled on first use (a few tens of ms for the full set), so importing fastgate stays quick. Within
+# _FAST_LEVELS of MAX_DEPTH the allowance shrinks, so the fast path never accepts nesting Go refuses.
+_PATTERNS: dict[int, _FastPatterns] = {}
+
+
+def _patterns(open_levels: int) -> _FastPatterns:
+    """The fast patterns for a value inside `open_levels` open containers."""
+    allowance = min(_FAST_LEVELS, MAX_DEPTH - open_levels)
+    found = _PATTERNS.get(allowance)
+    if found is None:
+        found = _PATTERNS[allowance] = _compile(allowance)
+    return found
+
+
+_KEY = re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS)
+_SPACE = re.compile(_WS)
+# Error reporting only: whether a string token is whole, and how far a malformed one got.
+_STRING_TOKEN = re.compile(_STRING)
+_STRING_PREFIX = re.compile(rb'"' + _STRING_BODY)
+
+_OPEN_ARRAY, _CLOSE_ARRAY, _OPEN_OBJECT, _CLOSE_OBJECT = b"[]{}"
+_COMMA, _QUOTE = ord(","), ord('"')
+_LOOKING_FOR_KEY = "looking for beginning of object key string"
+_KIND_BY_FIRST_BYTE: dict[int, Kind] = {
+    ord('"'): "string", ord("{"): "object", ord("["): "array", ord("t"): "bool", ord("f"): "bool",
+    ord("n"): "null", **{b: "number" for b in b"-0123456789"}}
+
+
+def _fail(body: bytes, pos: int, end: int, context: str) -> UnreadableBody:
+    """The error for a body that breaks the grammar at `pos` (the start of the token that does not fit)."""
+    pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
+    if pos < end and body[pos] == _QUOTE:
+        token = _STRING_TOKEN.match(body, pos, end)
+        if token is None:  # a string that does not close properly: point at the byte that breaks it
+            pos = _STRING_PREFIX.match(body, pos, end).end()  # type: ignore[union-attr]
+            context = "in string literal"
+        elif context == _LOOKING_FOR_KEY:  # a good key without its colon
+            pos = _SPACE.match(body, token.end(), end).end()  # type: ignore[union-attr]
+            context = "after object key"
+    if pos >= end:
+        return UnreadableBody("request body is not valid JSON: unexpected end of JSON input")
+    byte = body[pos]
+    shown = repr(chr(byte)) if 0x20 < byte < 0x7F else f"0x{byte:02x}"
+    return UnreadableBody(f"request body is not valid JSON: invalid character {shown} {context} (byte {pos})")
+
+
+def _too_deep(pos: int) -> UnreadableBody:
+    return UnreadableBody(f"request body is not valid JSON: nested deeper than {MAX_DEPTH} levels (byte {pos})")
+
+
+def _value_end(body: bytes, pos: int, end: int, depth: int) -> int:
+    """Check the JSON value starting exactly at `pos` and return the offset just past it.
+
+    `depth` is the number of containers already open around the value. Iterative: `closers` is the stack of
+    open containers, so deep nesting costs memory proportional to its depth, never Python recursion.
+    """
+    closers: list[int] = []
+    space = _SPACE.match
+    try_fast = True  # False right after a fast tail stopped before this value: it is deeper than they go
+    while True:
+        # At the start of a value.
+        open_levels = depth + len(closers)
+        match = _patterns(open_levels).item.match(body, pos, end) if try_fast else None
+        if match is not None:
+            pos = match.end()
+        else:
+            opener = body[pos] if pos < end else -1
+            if opener == _OPEN_ARRAY:
+                closer = _CLOSE_ARRAY
+            elif opener == _OPEN_OBJECT:
+                closer = _CLOSE_OBJECT
+            else:
+                raise _fail(body, pos, end, "looking for beginning of value")
+            if open_levels >= MAX_DEPTH:
+                raise _too_deep(pos)
+            pos = space(body, pos + 1, end).end()  # type: ignore[union-attr]
+            if pos < end and body[pos] == closer:
+                pos += 1  # empty container: a complete value
+            else:
+                closers.append(closer)
+                if opener == _OPEN_OBJECT:
+                    key = _KEY.match(body, pos, end)
+                    if key is None:
+                        raise _fail(body, pos, end, _LOOKING_FOR_KEY)
+                    pos = key.end()
+                try_fast = True
+                continue  # to the first element
+        # Just past a complete value: close containers until one has another element.
+        while closers:
+            patterns = _patterns(depth + len(closers))
+            closer = closers[-1]
+            if closer == _CLOSE_ARRAY:
+                pos = patterns.array_tail.match(body, pos, end).end()  # type: ignore[union-attr]
+            else:
+                pos = patterns.object_tail.match(body, pos, end).end()  # type: ignore[union-attr]
+            byte = body[pos] if pos < end else -1
+            if byte == closer:
+                closers.pop()
+                pos += 1
+            elif byte == _COMMA:
+                pos = space(body, pos + 1, end).end()  # type: ignore[union-attr]
+                if closer == _CLOSE_OBJECT:
+                    key = _KEY.match(body, pos, end)
+                    if key is None:
+                        raise _fail(body, pos, end, _LOOKING_FOR_KEY)
+                    pos = key.end()
+                try_fast = False
+                break  # to the next element
+            else:
+                raise _fail(body, pos, end, "after array element" if closer == _CLOSE_ARRAY
+                            else "after object key:value pair")
+        else:
+            return pos
+
+
+def _first_value(body: bytes, start: int, end: int | None) -> tuple[int, int]:
+    """(start of the first value, end of the span), refusing an empty body as Go does (io.EOF)."""
+    end = len(body) if end is None else end
+    pos = _SPACE.match(body, start, end).end()  # type: ignore[union-attr]
+    if pos >= end:
+        raise UnreadableBody("request body is empty: expected a JSON object")
+    return pos, end
+
+
+def _check_rest(body: bytes, pos: int, end: int, trailing_ok: bool) -> None:
+    # Go's Decoder stops after the first value and ignores the rest, so a second value could carry a model
+    # fastgate never judged (or judged instead): only whitespace may follow.
+    if trailing_ok:
+        return
+    pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
+    if pos < end:
+        raise UnreadableBody(f"request body is not valid JSON: data after the JSON value (byte {pos})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strings
+
+# Escapes, with a surrogate pair first so it combines into one character as Go's unquote does.
+_ESCAPE = re.compile(r'\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(.))')
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def string_text(body: bytes, start: int, end: int) -> str | None:
+    """The text of the valid JSON string token body[start:end] (quotes included); None where Go would put
+    U+FFFD (invalid UTF-8, an unpaired surrogate escape), since that is not the text the client wrote."""
+    try:
+        text = str(memoryview(body)[start + 1:end - 1], "utf-8")  # escapes are ASCII: decoding first is safe
+    except UnicodeDecodeError:
+        return None
+    if "\\" not in text:
+        return text
+    unpaired = False
+
+    def unescape(match: re.Match[str]) -> str:
+        nonlocal unpaired
+        high, low, single, simple = match.groups()
+        if high is not None:
+            return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+        if single is not None:
+            code = int(single, 16)
+            unpaired = unpaired or 0xD800 <= code <= 0xDFFF
+            return chr(code)
+        return _SIMPLE_ESCAPES[simple]
+
+    text = _ESCAPE.sub(unescape, text)
+    return None if unpaired else text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objects and arrays
+
+
+def _key_text(body: bytes, start: int, end: int) -> str | None:
+    # Keys are short and mostly plain: a copy and one decode beat the general path.
+    raw = body[start + 1:end - 1]
+    if b"\\" in raw:
+        return string_text(body, start, end)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Member(NamedTuple):
+    """One member of a scanned object. Spans are offsets into the scanned body.
+
+    A named tuple rather than a dataclass: bodies can hold hundreds of thousands of members, and a tuple is
+    built several times faster than a frozen dataclass instance.
+    """
+
+    name: str | None  # decoded key; None when it holds invalid UTF-8 or an unpaired surrogate escape
+    kind: Kind
+    start: int  # the opening quote of the key
+    value_start: int  # the first byte of the value
+    end: int  # just past the value
+    body: bytes
+
+    @property
+    def text(self) -> str | None:
+        """The string value's text (decoded on each access); None for other kinds or unreadable text."""
+        if self.kind != "string":
+            return None
+        return string_text(self.body, self.value_start, self.end)
+
+    def __repr__(self) -> str:  # the body can be megabytes: leave it out
+        return f"Member({self.name!r}, {self.kind}, {self.start}, {self.value_start}, {self.end})"
+
+
+class Element(NamedTuple):
+    """One element of a scanned array. Spans are offsets into the scanned body."""
+
+    kind: Kind
+    start: int  # the first byte of the value
+    end: int  # just past the value
+    body: bytes
+
+    @property
+    def text(self) -> str | None:
+        """The string value's text (decoded on each access); None for other kinds or unreadable text."""
+        if self.kind != "string":
+            return None
+        return string_text(self.body, self.start, self.end)
+
+    def __repr__(self) -> str:
+        return f"Element({self.kind}, {self.start}, {self.end})"
+
+
+# Builds a named tuple without its Python-level __new__: a third of the per-member cost on bodies with
+# hundreds of thousands of members.
+_new_tuple = tuple.__new__
+
+
+def _separator(body: bytes, pos: int, end: int, closer: int, context: str) -> tuple[int, bool]:
+    """After a value deeper than the fast patterns: (position of the next entry or past the closer, more?)."""
+    pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
+    byte = body[pos] if pos < end else -1
+    if byte == _COMMA:
+        return _SPACE.match(body, pos + 1, end).end(), True  # type: ignore[union-attr]
+    if byte == closer:
+        return pos + 1, False
+    raise _fail(body, pos, end, context)
+
+
+def scan_object(body: bytes, start: int = 0, end: int | None = None, *,
+                trailing_ok: bool = False) -> list[Member] | None:
+    """Validate the first JSON value in body[start:end] as Go's scanner does and return the members of the
+    object it is, in order, duplicates included; None when it is valid JSON but not an object.
+
+    Raises UnreadableBody for anything Go's scanner rejects (nesting is counted from `start`), for an empty
+    span, and for anything but whitespace after the value unless `trailing_ok`. To walk a nested object, pass
+    a member's span: `scan_object(body, m.value_start, m.end)`.
+    """
+    pos, end = _first_value(body, start, end)
+    if body[pos] != _OPEN_OBJECT:
+        _check_rest(body, _value_end(body, pos, end, 0), end, trailing_ok)
+        return None
+    members: list[Member] = []
+    pos = _SPACE.match(body, pos + 1, end).end()  # type: ignore[union-attr]
+    if pos < end and body[pos] == _CLOSE_OBJECT:
+        pos += 1
+    else:
+        member_at = _patterns(1).member.match  # values sit inside the object: one level open
+        more = True
+        while more:
+            # One regex call per member: key, colon, value (if no deeper than the fast patterns go) and the
+            # separator after it.
+            match = member_at(body, pos, end)
+            if match is None:
+                raise _fail(body, pos, end, _LOOKING_FOR_KEY)
+            key_start, key_end = match.span(1)
+            value_start, value_end = match.span(2)
+            if value_start >= 0:
+                more = match.start(3) >= 0
+                pos = match.end()
+            else:  # deeper than the fast patterns (or malformed): walk it
+                value_start = match.end()
+                value_end = _value_end(body, value_start, end, 1)
+                pos, more = _separator(body, value_end, end, _CLOSE_OBJECT, "after object key:value pair")
+            members.append(_new_tuple(Member, (_key_text(body, key_start, key_end),
+                                               _KIND_BY_FIRST_BYTE[body[value_start]], key_start, value_start,
+                                               value_end, body)))
+    _check_rest(body, pos, end, trailing_ok)
+    return members
+
+
+def scan_array(body: bytes, start: int = 0, end: int | None = None, *,
+               trailing_ok: bool = False) -> list[Element] | None:
+    """Like `scan_object`, for an array: its elements in order; None when the value is not an array."""
+    pos, end = _first_value(body, start, end)
+    if body[pos] != _OPEN_ARRAY:
+        _check_rest(body, _value_end(body, pos, end, 0), end, trailing_ok)
+        return None
+    elements: list[Element] = []
+    pos = _SPACE.match(body, pos + 1, end).end()  # type: ignore[union-attr]
+    if pos < end and body[pos] == _CLOSE_ARRAY:
+        pos += 1
+    else:
+        item_at = _patterns(1).item.match  # elements sit inside the array: one level open
+        more = True
+        while more:
+            value_start = pos
+            match = item_at(body, pos, end)
+            value_end = match.end() if match is not None else _value_end(body, pos, end, 1)
+            pos, more = _separator(body, value_end, end, _CLOSE_ARRAY, "after array element")
+            elements.append(_new_tuple(Element, (_KIND_BY_FIRST_BYTE[body[value_start]], value_start, value_end,
+                                                 body)))
+    _check_rest(body, pos, end, trailing_ok)
+    return elements
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fields
+
+# The non-ASCII characters Go's key matching (bytes.EqualFold over unicode.SimpleFold orbits) treats as equal
+# to an ASCII letter. Asked of Go 1.27 itself (tests/go_oracle/json, op "folds"), not guessed: only these two.
+# U+0130 (İ) and U+0131 (ı) are *not* among them (they fold to i only under full or Turkish case mapping).
+_FOLDS_TO_ASCII = str.maketrans({"\u017f": "s", "\u212a": "k"})
+
+
+def go_key_matches(key: str, field_name: str) -> bool:
+    """Whether Go decodes a member with this key into the struct field tagged `field_name` (ASCII)."""
+    if key == field_name:
+        return True
+    if len(key) != len(field_name):  # folding maps each character to one character
+        return False
+    folded = key.translate(_FOLDS_TO_ASCII)
+    return folded.isascii() and folded.lower() == field_name.lower()
+
+
+def go_string_field(members: Sequence[Member], field_name: str) -> str | None:
+    """The value Go leaves in a `string` field tagged `field_name` after decoding these members.
+
+    Every member whose key matches (exactly or under Go's folding) assigns in order, so the last one wins;
+    null assigns nothing. Any other kind makes Go's Decode fail (a type error), and a string Go would read
+    with U+FFFD cannot be judged: both raise UnreadableBody. None when nothing assigned.
+    """
+    value: str | None = None
+    for member in members:
+        if member.name is None or not go_key_matches(member.name, field_name):
+            continue
+        if member.kind == "null":
+            continue
+        if member.kind != "string":
+            raise UnreadableBody(f"field {field_name!r} must be a string, not {member.kind}")
+        text = member.text
+        if text is None:
+            raise UnreadableBody(f"invalid UTF-8 (or an unpaired \\u surrogate) in field {field_name!r}")
+        value = text
+    return value
+
+
+def remove_members(body: bytes, members: Sequence[Member], name: str) -> bytes:
+    """`body` without every member whose key is exactly `name`, each with one adjacent comma.
+
+    `members` are the object's members as `scan_object` returned them. All other bytes stay as they were, so
+    the result is still the same JSON object minus those members. Linear in the body, however many go.
+    """
+    kept = [not (member.name == name) for member in members]
+    if all(kept):
+        return body
+    cuts: list[tuple[int, int]] = []  # byte ranges to drop, in order, not overlapping
+    if not any(kept):
+        cuts.append((members[0].start, members[-1].end))
+    else:
+        last_kept = max(i for i, keep in enumerate(kept) if keep)
+        for i, member in enumerate(members[:last_kept]):
+            if not kept[i]:
+                # The member, its comma and the whitespace up to the next member's key.
+                cuts.append((member.start, members[i + 1].start))
+        if last_kept + 1 < len(members):
+            # Removed members after the last kept one: from the end of the kept value through the last one.
+            cuts.append((members[last_kept].end, members[-1].end))
+    pieces: list[bytes] = []
+    pos = 0
+    for cut_start, cut_end in cuts:
+        pieces.append(body[pos:cut_start])
+        pos = cut_end
+    pieces.append(body[pos:])
+    return b"".join(pieces)
