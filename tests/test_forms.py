@@ -362,6 +362,16 @@ def test_many_small_fields_are_refused_before_go_runs_out_of_memory() -> None:
     assert ours(b"", MP, multipart(*[part(b"f", b"x" * (1 << 20))] * 9, part(b"model", b"m"))) == ["m"]
 
 
+def test_file_parts_do_not_count_as_field_data_but_empty_filenames_do() -> None:
+    # Go stores a part as a file only for a non-empty filename; filename="" is a value, held in memory.
+    def upload(filename: bytes) -> bytes:
+        file = cd_part(b'form-data; name="f"; filename="' + filename + b'"', b"x" * (1 << 20))
+        return multipart(*[file] * 11, M)
+
+    assert ours(b"", MP, upload(b"a.wav")) == ["m"]
+    assert ours(b"", MP, upload(b"")) is None
+
+
 # --- property tests against Go ---
 
 # Mostly well-formed names and values, with the odd ones often enough to meet each rule.
