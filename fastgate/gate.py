@@ -25,7 +25,7 @@ from .access import (
 from .limits import KeyLimits
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
-from .requested import NOTHING, Requested, Route, Unreadable, read_requested, route_for
+from .requested import NOTHING, BufferedBody, Requested, Route, Unreadable, read_requested, route_for
 from .trust import FailureLimiter, TrustTable, client_ip, in_networks
 
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
@@ -193,11 +193,19 @@ class Gate:
 
         return self._decide_forward(req, request_id, None)
 
-    def decide_with_body(self, req: IncomingRequest, body: bytes, request_id: bytes) -> Decision:
-        """Decide again once the body asked for by `ReadBody` is in."""
+    def decide_with_body(self, req: IncomingRequest, body: bytes | BufferedBody, request_id: bytes) -> Decision:
+        """Decide again once the body asked for by `ReadBody` is in (raw, or already read by `read_body`)."""
+        if isinstance(body, bytes):
+            body = self.buffered_body(req, body)
         if req.path == b"/auth":
-            return self._authenticate(req, body)
+            return self._authenticate(req, body.raw)
         return self._decide_forward(req, request_id, body)
+
+    @staticmethod
+    def buffered_body(req: IncomingRequest, raw: bytes) -> BufferedBody:
+        """The body as `decide_with_body` will read it; `read_all()` on it may run on another thread."""
+        query_key = split_query_key(req.target.partition(b"?")[2])[0]
+        return BufferedBody(raw, key_search=key_from_headers(req.headers) is None and query_key is None)
 
     def client_ip(self, req: IncomingRequest) -> str:
         if not self._trusted_proxies:
@@ -216,7 +224,7 @@ class Gate:
         # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
         return req.has_body and req.method in BODY_METHODS and not req.path.startswith(BLOB_PREFIX)
 
-    def _decide_forward(self, req: IncomingRequest, request_id: bytes, body: bytes | None) -> Decision:
+    def _decide_forward(self, req: IncomingRequest, request_id: bytes, body: BufferedBody | None) -> Decision:
         """Identify the caller, check what it may do, and build the request for Ollama.
 
         `body` is None until read; the body is asked for (`ReadBody`) only when the head has no key and
@@ -226,13 +234,13 @@ class Gate:
         key = key_from_headers(req.headers)
         query_key, query = split_query_key(query)
         key = key or query_key
-        forward_body = body
         if key is None:
             if body is None:
                 if self._body_may_carry_key(req):
                     return ReadBody(self.config.auth.max_body_bytes, for_key=True)
             else:
-                key, forward_body = split_body_key(body)
+                key = body.split()[0]
+        forward_body = body.forwarded if body is not None else None
         ip = self.client_ip(req)
         principal, label = self._identify(key, ip)
         if label.startswith(AMBIENT_LABELS):
@@ -255,7 +263,7 @@ class Gate:
             elif route.reads_body and body is None and req.has_body:
                 return ReadBody(self.config.auth.max_body_bytes)
             else:
-                requested = self._judge(req, route, normal, query, forward_body, principal)
+                requested = self._judge(req, route, normal, query, body, principal)
         forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
                                 trim_listing=judged and route is not None and route.listing)
         if principal.limited:
@@ -263,10 +271,12 @@ class Gate:
             self.limits.admit(principal, self.clock(), self.wall_clock())
         return forward
 
-    def _judge(self, req: IncomingRequest, route: Route, normal: bytes, query: bytes, body: bytes | None,
+    def _judge(self, req: IncomingRequest, route: Route, normal: bytes, query: bytes, body: BufferedBody | None,
                principal: Principal) -> Requested:
         """Read the models the request names, exactly as Ollama will, and refuse what the principal may not
         use. What cannot be read exactly is refused too (fail closed)."""
+        if route.form and sum(1 for n, _ in req.headers if n == b"content-type") > 1:
+            raise BadRequest("more than one Content-Type")  # Go reads the first; another parser may not
         try:
             requested = read_requested(route, normal, query=query, content_type=_header(req, b"content-type"),
                                        content_encoding=_joined_header(req, b"content-encoding"), body=body)

@@ -45,6 +45,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 CLOSE_AFTER = frozenset({400, 408, 413, 431, 501})
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_PROBE_INTERVAL_S = 1.0
+OFFLOAD_READ_BYTES = 256 * 1024
 STREAM_READER_LIMIT = 512 * 1024
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -236,10 +237,15 @@ class Proxy:
             if isinstance(decision, ReadBody):
                 if conn.waiting_for_100_continue:
                     conn.write(CONTINUE_100)  # the key may be in the body: authorisation needs it
-                body = await conn.read_body(decision.limit, self.budget,
-                                            deadline=conn.identify_deadline if decision.for_key else None)
+                raw = await conn.read_body(decision.limit, self.budget,
+                                           deadline=conn.identify_deadline if decision.for_key else None)
+                body = self.gate.buffered_body(req, raw)
+                if len(raw) >= OFFLOAD_READ_BYTES:
+                    # Reading a big JSON body is linear but not free (tens of ms per MiB of small tokens): do
+                    # it on a worker thread so other connections are served meanwhile.
+                    await conn.loop.run_in_executor(None, body.read_all)
                 decision = self.gate.decide_with_body(req, body, rid)
-                del body
+                del raw, body
         except GateError as err:
             conn.release_budget()
             return await self._refuse(ctx, err)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .forms import UnreadableForm, form_field_values
-from .gojson import UnreadableBody, go_key_matches, go_string_field, scan_array, scan_object
+from .gojson import Member, UnreadableBody, go_key_matches, go_string_field, scan_array, scan_object
+from .keys import PresentedKey, split_body_key
 from .models import uses_server_web_tools
 
 
@@ -105,8 +106,59 @@ class Requested:
 NOTHING = Requested(())
 
 
+class BufferedBody:
+    """A request body fastgate buffered, read at most once: the key it may carry (when the head had none),
+    the bytes that go on to Ollama, and the JSON members of those bytes.
+
+    Reading is pure and touches nothing shared, so a large body can be read on a worker thread (`read_all`)
+    while the event loop serves other connections; the gate then finds the results already there.
+    """
+
+    __slots__ = ("raw", "key_search", "_split", "_members", "_scanned", "_error")
+
+    def __init__(self, raw: bytes, *, key_search: bool) -> None:
+        self.raw = raw
+        self.key_search = key_search  # the head had no key: look for "api_key" and remove it
+        self._split: tuple[PresentedKey | None, bytes] | None = None
+        self._members: list[Member] | None = None
+        self._scanned = False
+        self._error: UnreadableBody | None = None
+
+    def split(self) -> tuple[PresentedKey | None, bytes]:
+        """The key found in the body (None without key search) and the body as it goes to Ollama."""
+        if self._split is None:
+            self._split = split_body_key(self.raw) if self.key_search else (None, self.raw)
+        return self._split
+
+    @property
+    def forwarded(self) -> bytes:
+        return self.split()[1]
+
+    def members(self) -> list[Member] | None:
+        """The forwarded body's top-level members (None: not an object). Raises UnreadableBody."""
+        if self._error is not None:
+            raise self._error
+        if not self._scanned:
+            try:
+                self._members = scan_object(self.forwarded)
+            except UnreadableBody as exc:
+                self._error = exc
+                raise
+            self._scanned = True
+        return self._members
+
+    def read_all(self) -> BufferedBody:
+        """Do every parse now (for a worker thread); errors are kept for the caller to meet."""
+        self.split()
+        try:
+            self.members()
+        except UnreadableBody:
+            pass
+        return self
+
+
 def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_type: bytes | None,
-                   content_encoding: bytes | None, body: bytes | None) -> Requested:
+                   content_encoding: bytes | None, body: BufferedBody | None) -> Requested:
     """What `route` asks of Ollama, from the path, query and (buffered) body. Raises Unreadable."""
     if route.path_model:
         name = normal_path.rpartition(b"/")[2]
@@ -116,18 +168,19 @@ def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_ty
             raise Unreadable("model name in the path is not valid UTF-8") from None
     if not route.reads_body:
         return NOTHING
-    if body and (content_encoding or b"").strip().lower() not in IDENTITY_CODINGS:
+    data = body.forwarded if body is not None else b""
+    if data and (content_encoding or b"").strip().lower() not in IDENTITY_CODINGS:
         raise Unreadable("compressed request bodies cannot be checked by this gateway; send it uncompressed",
                          status=415)
     if route.form:
         try:
-            return Requested(tuple(form_field_values(query, content_type, body or b"", "model")))
+            return Requested(tuple(form_field_values(query, content_type, data, "model")))
         except UnreadableForm as exc:
             raise Unreadable(str(exc)) from None
-    if not body:
+    if body is None or not data:
         return NOTHING  # Ollama answers "missing request body" itself
     try:
-        members = scan_object(body)
+        members = body.members()
         if members is None:
             return NOTHING  # valid JSON that is not an object: Go's decode into a struct fails (400)
         models = tuple(value for name in route.fields
@@ -136,7 +189,7 @@ def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_ty
             exact = _exact_string_member(members, "model")
             if exact and exact not in models:
                 models += (exact,)
-        web = route.web_tools and _uses_web_tools(normal_path, body, members)
+        web = route.web_tools and _uses_web_tools(normal_path, data, members)
     except UnreadableBody as exc:
         raise Unreadable(str(exc)) from None
     return Requested(models, web)
