@@ -14,6 +14,7 @@ import asyncio
 import enum
 import re
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 import h11
@@ -24,6 +25,12 @@ from .errors import BadRequest, BodyTooLarge, GateError, HeadersTooLarge, Reques
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
+
+try:  # the kernel's count of bytes sent but not yet acknowledged by the peer (Linux and most Unixes)
+    from fcntl import ioctl as _ioctl
+    from termios import TIOCOUTQ as _TIOCOUTQ
+except ImportError:  # pragma: no cover - Windows
+    _ioctl = None
 
 READ_SIZE = 256 * 1024
 # Unread request bodies up to this size are drained so the connection can stay alive after an early answer.
@@ -37,6 +44,7 @@ PIECE_COST_BYTES = 64
 PIECES_PER_YIELD = 256
 # A closed connection whose answer is still being flushed gets this long without progress (nginx's
 # send_timeout), then it is reset: close() alone would wait forever on a client that stopped reading.
+# Progress is any byte the client takes, counted in fastgate's buffer and in the kernel's send queue.
 SEND_TIMEOUT_S = 60.0
 
 
@@ -354,20 +362,31 @@ class ClientConnection:
         transport = self.transport
         if not transport.is_closing():
             transport.close()
-            pending = transport.get_write_buffer_size()
-            if pending:
+            if transport.get_write_buffer_size():
                 # close() lets the buffered answer go out first, and waits for it without any limit: a client
                 # that stopped reading would hold this socket forever (the connection has already left the
-                # proxy's books). Reset it once the buffer stops shrinking for send_timeout.
-                self.loop.call_later(self.send_timeout, self._check_flush, pending)
+                # proxy's books). Reset it once it has taken nothing for send_timeout.
+                self.loop.call_later(self.send_timeout, self._check_flush, self._unsent())
+
+    def _unsent(self) -> int:
+        """What the client has yet to take: fastgate's write buffer, plus the kernel's unacknowledged bytes
+        (which drain first: the socket turns writable again only once half of them are gone)."""
+        left = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _ioctl is not None and sock is not None:
+            try:
+                left += struct.unpack("i", _ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                pass
+        return left
 
     def _check_flush(self, before: int) -> None:
         if self.protocol.lost:
-            return
-        left = self.transport.get_write_buffer_size()
-        if left and left >= before:
+            return  # flushed: the socket is released
+        left = self._unsent()
+        if left >= before:
             self.transport.abort()
-        elif left:
+        else:
             self.loop.call_later(self.send_timeout, self._check_flush, left)
 
     def abort(self) -> None:

@@ -7,11 +7,13 @@ import logging
 import signal
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import __version__
 from .config import Config
+from .connection import ClientProtocol
 from .errors import ConfigError
 from .logs import log, set_level
 from .managed import ManagedKeys
@@ -41,6 +43,8 @@ class RunningServer:
     ssl_context: ssl.SSLContext | None = None
     metrics_server: asyncio.AbstractServer | None = None
     managed: ManagedKeys | None = None
+    # Every accepted connection not yet collected, whatever the proxy thinks of it: stop() leaves none open.
+    accepted: weakref.WeakSet[ClientProtocol] = field(default_factory=weakref.WeakSet)
 
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
@@ -64,6 +68,11 @@ class RunningServer:
         if self.metrics_server is not None:
             self.metrics_server.close()
         await self.proxy.shutdown(self.proxy.config.server.shutdown_grace if grace is None else grace)
+        # The proxy cut what it still had on its books; a socket it already let go of may still be flushing a
+        # last answer to a client that does not read (or be lingering after an early 503): reset those too.
+        for protocol in list(self.accepted):
+            if not protocol.lost and protocol.transport is not None:
+                protocol.transport.abort()
         await self.server.wait_closed()
         if self.managed is not None:
             await self.managed.stop()  # the last usage records go to the store
@@ -84,19 +93,28 @@ async def start(config: Config) -> RunningServer:
         managed = ManagedKeys(store, proxy.gate)
         await managed.start()
         proxy.set_usage_sink(managed.record)
+    accepted: weakref.WeakSet[ClientProtocol] = weakref.WeakSet()
+
+    def tracked(factory: Callable[[], ClientProtocol]) -> Callable[[], ClientProtocol]:
+        def make() -> ClientProtocol:
+            protocol = factory()
+            accepted.add(protocol)
+            return protocol
+        return make
+
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        proxy.protocol_factory, listen.host, listen.port, ssl=ssl_context, backlog=LISTEN_BACKLOG,
+        tracked(proxy.protocol_factory), listen.host, listen.port, ssl=ssl_context, backlog=LISTEN_BACKLOG,
         reuse_address=True, ssl_handshake_timeout=config.server.header_timeout if ssl_context else None)
     sock: socket.socket = server.sockets[0]
     host, port = sock.getsockname()[:2]
     metrics_server = None
     metrics = config.metrics
     if metrics.enabled and metrics.listen is not None:
-        metrics_server = await loop.create_server(proxy.metrics_protocol_factory, metrics.listen.host,
+        metrics_server = await loop.create_server(tracked(proxy.metrics_protocol_factory), metrics.listen.host,
                                                   metrics.listen.port, reuse_address=True)
     return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context,
-                         metrics_server, managed)
+                         metrics_server, managed, accepted)
 
 
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,

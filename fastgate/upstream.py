@@ -339,7 +339,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._pool._forget(self)
         self._cancel_timer()
         if self.transport is not None:
-            if graceful:
+            # close() would wait, without a limit, for unsent request bytes (an upload Ollama answered early
+            # and stopped reading) to go out: a graceful close is only for a connection with nothing pending.
+            if graceful and not self.transport.get_write_buffer_size():
                 self.transport.close()
             else:
                 self.transport.abort()

@@ -87,6 +87,12 @@ class Client:
         except (ConnectionError, OSError, ssl_module.SSLError):
             pass
 
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 def build_request(method: str, target: str, *, headers: dict[str, str] | list[tuple[str, str]] | None = None,
                   body: bytes | None = None, host: str | None = "gateway.example.com") -> bytes:

@@ -110,38 +110,41 @@ async def test_serve_runs_the_proxy_in_the_foreground(tmp_path: Path, ollama: Fa
 async def test_sigterm_lets_streams_finish_and_refuses_new_connections(tmp_path: Path, ollama: FakeOllama) -> None:
     config = write_config(tmp_path / "fastgate.toml", ollama.url, keys=KEYS)
     proc = await FastgateProcess.start("serve", "--config", str(config))
-    c = await Client.connect(proc.port)
-    idle = await Client.connect(proc.port)
-    assert (await idle.request("GET", "/")).status == 200
-    c.send(build_request("POST", "/api/generate", headers={"X-API-Key": KEY1}, body=json.dumps(
-        {"model": "llama3.2:latest", "prompt": "hi", "options": {"num_predict": 10, "fake_gap_ms": 60}}).encode()))
-    head = await c.response_head()  # the stream has started
-    assert head.status == 200
-    proc.signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
-    with pytest.raises(OSError):
-        await Client.connect(proc.port)
-    assert await idle.closed()  # idle keep-alive connections are closed at once
-    rest = await c.body(head)  # the stream in flight finishes
-    assert rest.complete and rest.lines[-1]["done"] is True
-    assert await proc.wait() == 0
-    await c.close()
+    try:
+        async with await Client.connect(proc.port) as c, await Client.connect(proc.port) as idle:
+            assert (await idle.request("GET", "/")).status == 200
+            c.send(build_request("POST", "/api/generate", headers={"X-API-Key": KEY1}, body=json.dumps(
+                {"model": "llama3.2:latest", "prompt": "hi", "options": {"num_predict": 10, "fake_gap_ms": 60}}).encode()))
+            head = await c.response_head()  # the stream has started
+            assert head.status == 200
+            proc.signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(OSError):
+                await Client.connect(proc.port)
+            assert await idle.closed()  # idle keep-alive connections are closed at once
+            rest = await c.body(head)  # the stream in flight finishes
+            assert rest.complete and rest.lines[-1]["done"] is True
+            assert await proc.wait() == 0
+    finally:
+        await proc.stop()
 
 
 async def test_sigterm_grace_period_cuts_endless_streams(tmp_path: Path, ollama: FakeOllama) -> None:
     config = write_config(tmp_path / "fastgate.toml", ollama.url, keys=KEYS)
     config.write_text(config.read_text().replace("[upstream]", "shutdown_grace = 0.5\n\n[upstream]"))
     proc = await FastgateProcess.start("serve", "--config", str(config))
-    c = await Client.connect(proc.port)
-    c.send(build_request("POST", "/api/generate", headers={"X-API-Key": KEY1}, body=json.dumps(
-        {"model": "llama3.2:latest", "prompt": "hi", "options": {"num_predict": 10000, "fake_gap_ms": 20}}).encode()))
-    await c.reader.readuntil(b"\n\r\n")
-    proc.signal(signal.SIGTERM)
-    assert await proc.wait(timeout=10) == 0
-    assert await c.closed()
+    try:
+        async with await Client.connect(proc.port) as c:
+            c.send(build_request("POST", "/api/generate", headers={"X-API-Key": KEY1}, body=json.dumps(
+                {"model": "llama3.2:latest", "prompt": "hi", "options": {"num_predict": 10000, "fake_gap_ms": 20}}).encode()))
+            await c.reader.readuntil(b"\n\r\n")
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait(timeout=10) == 0
+            assert await c.closed()
+    finally:
+        await proc.stop()
     disconnect = await ollama.wait_for_disconnect(timeout=2)
     assert disconnect.items_sent < 10000
-    await c.close()
 
 
 async def test_sighup_reloads_keys_and_keeps_old_config_when_broken(tmp_path: Path, ollama: FakeOllama) -> None:
