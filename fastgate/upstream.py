@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import socket
 from collections import deque
 from typing import Protocol
@@ -28,9 +29,13 @@ from .messages import (
 )
 
 EARLY_BODY_PAUSE_BYTES = 256 * 1024
-# Ollama's closing object (with its token counts), an SSE usage event and the terminators can arrive in
-# separate reads; the last few reads always hold them.
-TAIL_READS = 4
+# Usage is read from the response's last TAIL_BYTES, kept as references to the reads that hold them: Ollama's
+# closing object (with its token counts), an SSE usage event and the terminators can arrive in any number of
+# reads. Reads are let go of once a newer 2 * TAIL_BYTES are in, so the per-read cost stays a compare.
+TAIL_KEEP_BYTES = 2 * TAIL_BYTES
+# Chunk framing between two chunks' data ("\r\n" ending one, the next size line): removed from a chunked
+# tail so that an object Ollama's answer split across chunks reads as one. JSON text holds no raw CR or LF.
+_CHUNK_SEAM = re.compile(rb"\r\n[0-9A-Fa-f]{1,16}(?:;[^\r\n]*)?\r\n")
 
 
 class Sink(Protocol):
@@ -83,7 +88,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._early: list[bytes] = []
         self._at_chunk_boundary = False
-        self._tail: deque[bytes] = deque(maxlen=TAIL_READS)
+        self._tail: deque[bytes] = deque()
+        self._tail_start = 0  # body offset of the first read in _tail
+        self._tail_chunked = False
         self._sink: Sink | None = None
         self._framing: Framing | None = None
         self._done: asyncio.Future[RelayOutcome] | None = None
@@ -150,6 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._tail.append(data)  # a reference, not a copy: usage is read from it after the end
             self.body_bytes += len(data)
+            if self.body_bytes - self._tail_start > TAIL_KEEP_BYTES:
+                self._trim_tail()
             if end >= 0:
                 self._finish(RelayOutcome.COMPLETE)
             return
@@ -187,6 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_bytes = 0
         self._progress = 0
         self._tail.clear()
+        self._tail_start = 0
+        self._tail_chunked = False
         self.transport.write(head)  # type: ignore[union-attr]
         self._sent += len(head)  # may carry a whole body already received: its draining is progress too
         self._start_timer()
@@ -207,9 +218,18 @@ class UpstreamConnection(asyncio.Protocol):
             self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
 
+    def _trim_tail(self) -> None:
+        tail = self._tail
+        kept = self.body_bytes - self._tail_start
+        while len(tail) > 1 and kept - len(tail[0]) >= TAIL_BYTES:
+            kept -= len(tail.popleft())
+        self._tail_start = self.body_bytes - kept
+
     def tail(self) -> bytes:
-        """The last few reads of the response just relayed (for usage accounting), at most TAIL_BYTES."""
-        return b"".join(self._tail)[-TAIL_BYTES:]
+        """The last TAIL_BYTES of the response body just relayed (for usage accounting), whatever reads they
+        came in; for a chunked body, with the framing between chunks taken out."""
+        data = b"".join(self._tail)[-TAIL_BYTES:]
+        return _CHUNK_SEAM.sub(b"", data) if self._tail_chunked else data
 
     async def response_head(self) -> ResponseHead:
         assert self._head_waiter is not None
@@ -279,7 +299,7 @@ class UpstreamConnection(asyncio.Protocol):
             return done
         self._framing = framing
         self._sink = sink
-        self._at_chunk_boundary = isinstance(framing, ChunkedFraming)
+        self._at_chunk_boundary = self._tail_chunked = isinstance(framing, ChunkedFraming)
         if prefix:
             if early:
                 # The client's response head goes out with the first body bytes when those are already here
