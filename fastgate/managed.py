@@ -4,12 +4,19 @@ Every second it asks the store whether keys changed (a cheap revision check) and
 managed keys; usage records and last-used times collect in memory and go to the store in one transaction
 per second. SQLite calls run in a worker thread so a slow disk or a CLI writer holding the lock never
 stalls the event loop.
+
+The store file itself is watched too (its device and inode, once a second): a file moved over it or restored
+from a backup is reopened and its keys replace the ones loaded before; a deleted one leaves the last keys in
+force and is reported loudly until a file is back (see `_check_file` for why). At shutdown the last usage
+rows wait for the store's write lock only within the shutdown grace; rows it cannot take are spilled to a
+file next to the store, which the next start imports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -17,11 +24,20 @@ from .access import Principal, Role
 from .gate import Gate
 from .limits import DAY_S
 from .logs import log
-from .store import KeyRecord, KeyStore, StoreError
+from .store import (
+    BUSY_TIMEOUT_S, FileId, KeyRecord, KeyStore, StoreBusy, StoreError, file_id, spill_path, spill_usage,
+)
 from .usage import UsageRecord
 
 POLL_S = 1.0
 MAX_PENDING_ROWS = 100_000  # if the store is unwritable for long, drop the oldest rather than grow
+# A periodic write waits this long for the store's write lock; if another process holds it longer, the rows
+# stay in memory for the next round. Short, so that shutdown never waits long for a round in progress.
+ROUND_WRITE_WAIT_S = 1.0
+# The final write at shutdown waits for the lock until the shutdown grace ends, but at least this long.
+FINAL_WRITE_MIN_WAIT_S = 1.0
+# A lasting store problem (file gone, lock held) is logged when it starts, then again this often.
+REPEAT_LOG_S = 60.0
 
 
 def principal_of(record: KeyRecord) -> Principal:
@@ -31,27 +47,75 @@ def principal_of(record: KeyRecord) -> Principal:
 
 class ManagedKeys:
     def __init__(self, store: KeyStore, gate: Gate, *, wall_clock: Callable[[], float] = time.time) -> None:
-        self.store = store
+        self.store: KeyStore | None = store  # None while the file at `path` cannot be opened
+        self.path = store.path
+        self._file_id: FileId | None = store.file_id  # the file `store` has open
         self.gate = gate
         self.wall_clock = wall_clock
         self._token: int | None = None
+        self._active = 0  # managed keys loaded last
         self._pending: list[UsageRecord] = []
         self._last_used: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._spill_waiting = False  # rows an earlier run spilled that could not be imported yet
+        self._problems: dict[str, float] = {}  # problem -> monotonic time it was last logged
 
     async def start(self) -> None:
         await self.refresh()
+        await self._import_spill()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop polling and write the usage still pending. `deadline` (event-loop time; by default
+        BUSY_TIMEOUT_S from now) bounds the wait for the store's write lock; rows it cannot write by then are
+        spilled next to the store for the next start to import, never dropped."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + BUSY_TIMEOUT_S
+        self._stopping.set()
+        task = self._task
+        if task is not None:
+            # Let a round in progress finish rather than cancel it mid-write: a cancelled write leaves a batch
+            # nobody knows to be written or not. Its lock wait is at most ROUND_WRITE_WAIT_S.
+            done, _ = await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0.0) + ROUND_WRITE_WAIT_S)
+            if not done:  # a hung file system: its batch is back in _pending (at worst written twice)
+                log.warning("Key store %s: the last poll did not finish; stopping it", self.path)
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        problem: str | None = None
+        try:
+            current = await asyncio.to_thread(file_id, self.path)
+        except OSError as exc:
+            current, problem = None, f"cannot look at {self.path}: {exc.strerror}"
+        if self.store is None or current != self._file_id:
+            # Gone or replaced since the last round: rows written to the old file now would be lost with it.
+            # The spill lies at the path, so the store next found there imports them.
+            problem = problem or f"{self.path} is no longer the file fastgate opened"
+        else:
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self.flush()
-        await asyncio.to_thread(self.store.close)
+                await self.flush(wait_s=max(deadline - loop.time(), FINAL_WRITE_MIN_WAIT_S))
+            except StoreError as exc:
+                problem = str(exc)
+        if self._pending or self._last_used:
+            await asyncio.to_thread(self._spill, problem or "store unavailable")
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    def _spill(self, problem: str) -> None:
+        rows, last_used = self._pending, self._last_used
+        self._pending, self._last_used = [], {}
+        try:
+            path = spill_usage(self.path, rows, last_used, uuid.uuid4().hex)
+        except OSError as exc:
+            log.error("Could not write %d usage rows before shutdown (%s), nor save them to %s (%s): they are "
+                      "lost", len(rows), problem, spill_path(self.path), exc.strerror)
+            return
+        log.error("Could not write %d usage rows before shutdown (%s); saved them to %s, which the next start "
+                  "imports", len(rows), problem, path)
 
     def record(self, usage: UsageRecord) -> None:
         """Usage sink for the proxy: called once per forwarded request, never blocks."""
@@ -65,24 +129,103 @@ class ManagedKeys:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(POLL_S)
             try:
+                await asyncio.wait_for(self._stopping.wait(), POLL_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                if not await self._check_file():
+                    continue
                 await self.refresh()
                 await self.flush()
+                self._resolved("busy", "Key store %s: usage written again", self.path)
+                if self._spill_waiting:
+                    await self._import_spill()
+            except StoreBusy as exc:
+                self._problem("busy", "%s (another connection holds the write lock); %d usage rows wait in "
+                              "memory and are retried every second", exc, len(self._pending))
             except StoreError as exc:
                 log.error("Key store: %s", exc)
 
+    async def _check_file(self) -> bool:
+        """Is the file at the store's path still the one open? A replacement is reopened; False while none can
+        be used (then nothing is read or written and the keys loaded last stay in force).
+
+        Why a deleted store keeps the last keys rather than dropping every managed key: every revocation made
+        before the deletion was already applied (the store is polled every second), so no revoked key comes
+        back; and a revocation can only ever be made in a store file: the first file that appears at the path
+        (a restored backup, or the empty store any `fastgate keys` command creates there) is loaded at once,
+        and its revocations with it. Dropping the keys would turn an accidental `rm` or a backup tool's
+        move-and-restore into an outage for every user without making any key safer. What cannot happen
+        while the file is gone is a new revocation, so that is what the log says, loudly and repeatedly."""
+        try:
+            current = await asyncio.to_thread(file_id, self.path)
+            reason = "deleted or moved away"
+        except OSError as exc:
+            current, reason = None, exc.strerror or str(exc)
+        if current is None:
+            self._problem("gone", "Key store %s is gone (%s): still serving the %d managed keys loaded last, but "
+                          "revocations cannot be read until a store file is back at that path (restore it: any "
+                          "store file that appears there is loaded at once, even the empty one a `fastgate keys` "
+                          "command creates); %d usage rows wait in memory", self.path, reason, self._active,
+                          len(self._pending))
+            return False
+        self._resolved("gone", "Key store %s is back", self.path)
+        if current == self._file_id and self.store is not None:
+            return True
+        return await self._reopen(current)
+
+    async def _reopen(self, current: FileId) -> bool:
+        old, self.store = self.store, None
+        if old is not None:
+            # SQLite pairs a database with its -wal and -shm files by name, not by inode: the old connections
+            # are closed first (the last one checkpoints into the old file and removes them), else the new
+            # file would be read through the old file's WAL index.
+            await asyncio.to_thread(old.close)
+        self._file_id = current
+        try:
+            self.store = await asyncio.to_thread(KeyStore, self.path)
+        except StoreError as exc:
+            self._problem("unusable", "Key store %s was replaced by a file that cannot be used (%s): still serving "
+                          "the %d managed keys loaded last; retrying every second", self.path, exc, self._active)
+            return False
+        self._file_id = self.store.file_id
+        self._resolved("unusable", "Key store %s can be used again", self.path)
+        self._token = None  # whatever its revision number, its keys are read afresh
+        await self.refresh()
+        log.warning("Key store %s was replaced by another file: reopened it, %d managed keys active (they "
+                    "replace the ones loaded before)", self.path, self._active)
+        return True
+
+    def _problem(self, kind: str, message: str, *args: object) -> None:
+        """Log a lasting problem at ERROR when it starts, then every REPEAT_LOG_S while it lasts."""
+        now = time.monotonic()
+        last = self._problems.get(kind)
+        if last is None or now - last >= REPEAT_LOG_S:
+            self._problems[kind] = now
+            log.error(message, *args)
+
+    def _resolved(self, kind: str, message: str, *args: object) -> bool:
+        if self._problems.pop(kind, None) is None:
+            return False
+        log.info(message, *args)
+        return True
+
     async def refresh(self) -> None:
         """Reload the keys if the store changed since the last look (CLI changes land within POLL_S)."""
-        token = await asyncio.to_thread(self.store.change_token)
+        store = self.store
+        if store is None:
+            return
+        token = await asyncio.to_thread(store.change_token)
         if token == self._token:
             return
         now = self.wall_clock()
-        records = await asyncio.to_thread(self.store.active_by_digest, now)
+        records = await asyncio.to_thread(store.active_by_digest, now)
         day_start = now - now % DAY_S
         for record in records.values():
             if record.tokens_per_day is not None:
-                used = await asyncio.to_thread(self.store.tokens_used_since, record.id, day_start)
+                used = await asyncio.to_thread(store.tokens_used_since, record.id, day_start)
                 # Pending rows are not in the store yet; the in-memory count already has them.
                 self.gate.limits.set_tokens_today(record.id, max(used, self.gate.limits.tokens_today(record.id, now)),
                                                   now)
@@ -90,17 +233,38 @@ class ManagedKeys:
         if self._token is not None:
             log.info("Key store changed: %d managed keys active", len(records))
         self._token = token
+        self._active = len(records)
 
-    async def flush(self) -> None:
+    async def flush(self, wait_s: float = ROUND_WRITE_WAIT_S) -> None:
+        """Write pending usage rows and last-used stamps in one transaction, waiting at most `wait_s` for the
+        write lock. On failure (or cancellation) they go back to the front of the queue: nothing is lost."""
+        store = self.store
+        if store is None or (not self._pending and not self._last_used):
+            return
         rows, self._pending = self._pending, []
         last_used, self._last_used = self._last_used, {}
         try:
-            if rows:
-                await asyncio.to_thread(self.store.record_usage, rows)
-            if last_used:
-                await asyncio.to_thread(self.store.touch_last_used, last_used)
-        except StoreError:
+            await asyncio.to_thread(store.write_usage, rows, last_used, wait_s=wait_s)
+        except BaseException:
             self._pending[:0] = rows  # try again next time rather than lose them
             for key_id, at in last_used.items():
                 self._last_used.setdefault(key_id, at)
             raise
+
+    async def _import_spill(self) -> None:
+        """Import usage rows an earlier run spilled next to the store (its lock was held at shutdown)."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            imported, unreadable = await asyncio.to_thread(store.import_spill, ROUND_WRITE_WAIT_S)
+        except StoreError as exc:
+            self._spill_waiting = True
+            self._problem("spill", "Key store %s: usage rows saved by an earlier run in %s are not imported yet "
+                          "(%s); retrying every second", self.path, spill_path(self.path), exc)
+            return
+        self._spill_waiting = False
+        self._resolved("spill", "Key store %s: saved usage rows imported", self.path)
+        if imported or unreadable:
+            log.warning("Key store %s: imported %d usage rows an earlier run saved in %s%s", self.path, imported,
+                        spill_path(self.path), f" ({unreadable} unreadable lines skipped)" if unreadable else "")

@@ -64,10 +64,13 @@ class RunningServer:
         return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
+        grace = self.proxy.config.server.shutdown_grace if grace is None else grace
+        # The last usage flush waits for the store's lock within the same grace, not after it.
+        deadline = asyncio.get_running_loop().time() + grace
         self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        await self.proxy.shutdown(self.proxy.config.server.shutdown_grace if grace is None else grace)
+        await self.proxy.shutdown(grace)
         # The proxy cut what it still had on its books; a socket it already let go of may still be flushing a
         # last answer to a client that does not read (or be lingering after an early 503): reset those too.
         for protocol in list(self.accepted):
@@ -75,7 +78,7 @@ class RunningServer:
                 protocol.transport.abort()
         await self.server.wait_closed()
         if self.managed is not None:
-            await self.managed.stop()  # the last usage records go to the store
+            await self.managed.stop(deadline)  # the last usage records go to the store (or to its spill file)
 
 
 async def start(config: Config) -> RunningServer:

@@ -11,6 +11,9 @@ Invariants:
   transaction takes the write lock up front (`BEGIN IMMEDIATE`) and waits up to `BUSY_TIMEOUT_S` for it, so
   nobody sees "database is locked" under ordinary contention.
 - Time is always a parameter; nothing here reads the clock.
+- Usage rows a proxy could not write (the write lock held past its shutdown grace) are appended to a spill
+  file next to the store (`spill_usage`) and imported once (`import_spill`): each spilled batch is recorded in
+  `meta` in the same transaction as its rows, so an import cut short is never counted twice.
 
 Blocking I/O (file access, fsync, lock waits): a caller on an event loop runs these calls in a worker thread.
 A `KeyStore` may be shared between threads; its calls are serialised by a lock.
@@ -26,9 +29,10 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; only the type checker needs it
@@ -40,6 +44,9 @@ SECRET_PREFIX = "fg_"
 SECRET_BYTES = 32  # 256 bits of entropy from `secrets`
 DISPLAY_PREFIX_CHARS = len(SECRET_PREFIX) + 4  # "fg_ab12": enough to tell keys apart, too little to guess
 BUSY_TIMEOUT_S = 10.0
+SPILL_SUFFIX = ".usage-spill.jsonl"  # next to the store: usage rows waiting to be imported
+_USAGE_COLUMNS = ("at", "user", "key_id", "model", "path", "status", "prompt_tokens", "completion_tokens",
+                  "duration_ms")
 ROLES = ("user", "admin")
 USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id"}  # --by value -> column
 ERROR_STATUS_MIN = 400
@@ -88,6 +95,48 @@ _GLOB = re.compile(r"[^\s,]+")
 
 class StoreError(Exception):
     """A key-store operation failed; the message is meant for the operator (it never holds a secret)."""
+
+
+class StoreBusy(StoreError):
+    """The write lock stayed with another connection for longer than the caller was willing to wait."""
+
+
+FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_id(path: str) -> FileId | None:
+    """Which file is at `path` now, None when there is none. Compared with `KeyStore.file_id`, it tells a store
+    file that was replaced (moved over, restored from a backup) or deleted while open. Other OSErrors raise."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def spill_path(store_path: str) -> str:
+    return store_path + SPILL_SUFFIX
+
+
+def spill_usage(store_path: str, rows: Sequence[UsageRecord], last_used: Mapping[str, float], batch: str) -> str:
+    """Append usage rows (and last-used stamps) the store could not take to the spill file next to it, flushed
+    to disk; `KeyStore.import_spill` brings them in later. `batch` must be unique (it makes the import
+    idempotent). Returns the spill file's path; raises OSError when it cannot be written."""
+    path = spill_path(store_path)
+    lines = [json.dumps({"batch": batch, **asdict(row)}, separators=(",", ":")) for row in rows]
+    if last_used:
+        lines.append(json.dumps({"batch": batch, "last_used": dict(last_used)}, separators=(",", ":")))
+    data = ("\n".join(lines) + "\n").encode()
+    # Private to its owner, like the store: usage rows say who ran what.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +225,7 @@ class KeyStore:
         self._watch: sqlite3.Connection | None = None
         self._seen_data_version: int | None = None
         self._revision = 0
+        self.file_id: FileId | None = None
         try:
             if not os.path.exists(path):
                 # Usage rows say who ran what: create the file private to its owner (the WAL and shm files
@@ -187,6 +237,8 @@ class KeyStore:
             # PRAGMA data_version only moves for commits made by *other* connections, so change_token() asks a
             # connection of its own that never writes: then every write, from this process or another, shows.
             self._watch = self._connect()
+            # The file these connections have open, to tell later whether the path still names it.
+            self.file_id = file_id(path)
         except (sqlite3.Error, OSError) as exc:
             self.close()
             raise StoreError(f"key store {path}: cannot open: {exc}") from None
@@ -196,10 +248,15 @@ class KeyStore:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions, so reads never hold a snapshot open between calls
-        # and writes say where their transaction begins. timeout is SQLite's busy_timeout.
-        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        # and writes say where their transaction begins. timeout is SQLite's busy_timeout. mode=rw: the file
+        # was created above if it had to be; one deleted in between is an error, never a new empty store.
+        return sqlite3.connect(f"file://{quote(os.path.abspath(self.path))}?mode=rw", uri=True,
+                               timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
 
     def _migrate(self) -> None:
+        # Up to date (the usual case): no need for the write lock, which another process may hold for a while.
+        if self._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
         with self._transaction() as db:
             # Checked inside the write lock: two processes opening a fresh file migrate it once.
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -235,12 +292,17 @@ class KeyStore:
         return self._db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction. IMMEDIATE takes the write lock first, so waiting for it goes through the busy
-        timeout; a deferred transaction that upgrades to a writer can fail at once with SQLITE_BUSY in WAL."""
-        with self._lock:
+        timeout; a deferred transaction that upgrades to a writer can fail at once with SQLITE_BUSY in WAL.
+        `wait_s` bounds the wait for the lock (BUSY_TIMEOUT_S otherwise); StoreBusy when it runs out."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            raise StoreBusy(f"key store {self.path}: busy (another call in this process is waiting for it)")
+        try:
             db = self._conn()
             try:
+                if wait_s is not None:
+                    db.execute(f"PRAGMA busy_timeout = {int(max(wait_s, 0.0) * 1000)}")
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     yield db
@@ -251,7 +313,13 @@ class KeyStore:
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                raise StoreError(f"key store {self.path}: {exc}") from None
+                busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+                raise (StoreBusy if busy else StoreError)(f"key store {self.path}: {exc}") from None
+            finally:
+                if wait_s is not None:
+                    db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        finally:
+            self._lock.release()
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
         with self._lock:
@@ -352,25 +420,88 @@ class KeyStore:
     def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
         """Stamp last use for many keys in one transaction. Times never move backwards; unknown ids are ignored
         (a key may have been deleted since the proxy saw it). Does not move `change_token()`."""
-        pairs = ids_with_times.items() if isinstance(ids_with_times, Mapping) else ids_with_times
-        params = [(at, key_id) for key_id, at in pairs]
-        if not params:
-            return
-        with self._transaction() as db:
-            db.executemany("UPDATE keys SET last_used_at = max(coalesce(last_used_at, ?1), ?1) WHERE id = ?2",
-                           params)
+        self.write_usage((), ids_with_times)
+
+    @staticmethod
+    def _stamp_last_used(db: sqlite3.Connection, params: builtins.list[tuple[float, str]]) -> None:
+        db.executemany("UPDATE keys SET last_used_at = max(coalesce(last_used_at, ?1), ?1) WHERE id = ?2", params)
 
     # -- usage ------------------------------------------------------------------------------------------
 
     def record_usage(self, rows: Iterable[UsageRow]) -> None:
         """Append a batch of usage rows in one transaction (one fsync for the batch, never one per request)."""
-        params = [(r.at, r.user, r.key_id, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens,
-                   r.duration_ms) for r in rows]
-        if not params:
+        self.write_usage(rows, ())
+
+    def write_usage(self, rows: Iterable[UsageRow],
+                    last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
+                    wait_s: float | None = None) -> None:
+        """Usage rows and last-used stamps in one transaction: one wait for the lock, one fsync. `wait_s` bounds
+        the wait for the write lock (StoreBusy after it)."""
+        pairs = last_used.items() if isinstance(last_used, Mapping) else last_used
+        stamps = [(at, key_id) for key_id, at in pairs]
+        params = [self._usage_params(r) for r in rows]
+        if not params and not stamps:
             return
-        with self._transaction() as db:
-            db.executemany("INSERT INTO usage (at, user, key_id, model, path, status, prompt_tokens, "
-                           "completion_tokens, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+        with self._transaction(wait_s) as db:
+            if params:
+                self._insert_usage(db, params)
+            if stamps:
+                self._stamp_last_used(db, stamps)
+
+    @staticmethod
+    def _usage_params(r: UsageRow) -> tuple[Any, ...]:
+        return (r.at, r.user, r.key_id, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens,
+                r.duration_ms)
+
+    @staticmethod
+    def _insert_usage(db: sqlite3.Connection, params: builtins.list[tuple[Any, ...]]) -> None:
+        db.executemany(f"INSERT INTO usage ({', '.join(_USAGE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       params)
+
+    def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
+        """Bring in the usage rows a proxy spilled next to this file (see `spill_usage`), then remove the spill
+        file. Returns (rows imported, unreadable lines skipped). A batch already imported (the file outlived
+        an earlier import) is skipped: its id went into `meta` with its rows."""
+        path = spill_path(self.path)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return 0, 0
+        except OSError as exc:
+            raise StoreError(f"usage spill {path}: cannot read: {exc.strerror}") from None
+        batches: dict[str, tuple[builtins.list[tuple[Any, ...]], builtins.list[tuple[float, str]]]] = {}
+        unreadable = 0
+        for line in lines:
+            try:
+                item = json.loads(line)
+                batch = str(item.pop("batch"))
+                rows, stamps = batches.setdefault(batch, ([], []))
+                if "last_used" in item:
+                    stamps.extend((float(at), str(key_id)) for key_id, at in item["last_used"].items())
+                else:
+                    rows.append(self._usage_params(UsageRow(**item)))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                unreadable += 1  # a line cut short by a crash mid-write: the others are still good
+        imported = 0
+        with self._transaction(wait_s) as db:
+            for batch, (rows, stamps) in batches.items():
+                marker = f"spill:{batch}"
+                if db.execute("SELECT 1 FROM meta WHERE name = ?", (marker,)).fetchone() is not None:
+                    continue
+                if rows:
+                    self._insert_usage(db, rows)
+                if stamps:
+                    self._stamp_last_used(db, stamps)
+                db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (marker, len(rows)))
+                imported += len(rows)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"usage spill {path}: imported, but cannot remove it: {exc.strerror}") from None
+        return imported, unreadable
 
     def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
         """Totals per user, model or key id (`by`), for rows at or after `since`, ordered by group."""

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import os
 import pty
 import signal
+import sqlite3
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,9 +28,11 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import KEY1, MakeGateway
+import fastgate.managed
+from fastgate.store import KeyStore, spill_path
+from tests.conftest import KEY1, KEYS, MakeGateway
 from tests.fake_ollama import FakeOllama
-from tests.proc import READY, free_port
+from tests.proc import READY, FastgateProcess, free_port, write_config
 from tests.rawhttp import Client, RawResponse
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,6 +47,15 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0,
     while not await check():
         assert loop.time() < deadline, f"condition not met within {timeout} s"
         await asyncio.sleep(every)
+
+
+@asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Client]:
+    c = await Client.connect(port)
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 # -- item 5: upload progress counts as activity for upstream.read_timeout ------------------------------------
@@ -260,3 +275,201 @@ async def test_sighup_with_an_encrypted_tls_key_fails_and_keeps_the_old_certific
         assert failed_in_time, bytes(proc.log).decode(errors="replace")
         assert str(new_key).encode() in proc.log and b"encrypted" in proc.log
         assert await served_certificate(port, ca) == der(old_cert)  # still serving, with the old certificate
+
+
+# -- item 1: a store file replaced or deleted under a running gateway ---------------------------------------
+
+def copy_store(src: Path, dst: Path) -> None:
+    """A consistent copy of a live store (SQLite's online backup), as a backup tool would make."""
+    source, target = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
+def add_keys(db: Path, *users: str) -> dict[str, tuple[str, str]]:
+    """user -> (key id, secret), written with a connection closed again before the gateway starts."""
+    with KeyStore(str(db)) as store:
+        return {user: (record.id, secret) for user in users
+                for record, secret in [store.add(user, now=time.time())]}
+
+
+async def key_status(c: Client, secret: str) -> int:
+    return (await c.request("GET", "/api/version", headers={"X-API-Key": secret})).status
+
+
+def store_logs(caplog: pytest.LogCaptureFixture, text: str, level: int = logging.ERROR) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+async def test_replaced_store_is_reopened_and_its_revocations_apply(make_gateway: MakeGateway, tmp_path: Path,
+                                                                    gate_logs: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "keys.db"
+    keys = add_keys(db, "alice", "bob")
+    gw = await make_gateway(store={"path": str(db)}, auth={"max_failures": 0})
+    async with connected(gw.port) as c:
+        assert await key_status(c, keys["alice"][1]) == 200 and await key_status(c, keys["bob"][1]) == 200
+        # A restored backup in which alice's key is revoked is moved over the store the gateway has open.
+        restored = tmp_path / "restored.db"
+        copy_store(db, restored)
+        with KeyStore(str(restored)) as other:
+            other.revoke(keys["alice"][0], time.time())
+        os.replace(restored, db)
+
+        async def alice_refused() -> bool:
+            return await key_status(c, keys["alice"][1]) == 401
+
+        await eventually(alice_refused)
+        assert await key_status(c, keys["bob"][1]) == 200
+        assert store_logs(gate_logs, "was replaced", logging.WARNING)
+        # From now on the new file is the one watched: a CLI revocation in it lands too.
+        with KeyStore(str(db)) as cli:
+            cli.revoke(keys["bob"][0], time.time())
+
+        async def bob_refused() -> bool:
+            return await key_status(c, keys["bob"][1]) == 401
+
+        await eventually(bob_refused)
+
+
+async def test_deleted_store_keeps_the_last_keys_logs_loudly_and_picks_up_a_restored_file(
+        make_gateway: MakeGateway, tmp_path: Path, gate_logs: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "keys.db"
+    keys = add_keys(db, "alice", "bob")
+    gw = await make_gateway(store={"path": str(db)}, auth={"max_failures": 0})
+    assert gw.managed is not None
+    backup = tmp_path / "backup.db"
+    copy_store(db, backup)
+    async with connected(gw.port) as c:
+        assert await key_status(c, keys["alice"][1]) == 200
+        db.unlink()
+
+        async def reported() -> bool:
+            return bool(store_logs(gate_logs, "is gone"))
+
+        await eventually(reported)
+        # Keeps serving the keys loaded last (see ManagedKeys._check_file for why) ...
+        for _ in range(3):
+            assert await key_status(c, keys["alice"][1]) == 200
+        # ... and says so once, then periodically rather than every second.
+        for _ in range(3):
+            await gw.managed._check_file()
+        assert len(store_logs(gate_logs, "is gone")) == 1
+        monkeypatch.setattr(fastgate.managed, "REPEAT_LOG_S", 0.0)
+        await gw.managed._check_file()
+        assert len(store_logs(gate_logs, "is gone")) >= 2
+        assert "revocations cannot be read" in store_logs(gate_logs, "is gone")[0]
+        # The backup (taken before alice's requests) comes back, with bob's key revoked meanwhile: the gateway
+        # loads it, and the usage of the requests served while the file was gone lands in it rather than in
+        # the deleted file.
+        with KeyStore(str(backup)) as restored:
+            restored.revoke(keys["bob"][0], time.time())
+        os.replace(backup, db)
+
+        async def bob_refused() -> bool:
+            return await key_status(c, keys["bob"][1]) == 401
+
+        await eventually(bob_refused)
+        with KeyStore(str(db)) as store:
+            async def alice_usage_landed() -> bool:
+                rows = {s.group: s for s in await asyncio.to_thread(store.usage, None, "user")}
+                return "alice" in rows and rows["alice"].requests >= 3  # the three served while it was gone
+
+            await eventually(alice_usage_landed)
+
+
+# -- item 3: SIGTERM while another process holds the store's write lock -------------------------------------
+
+SHUTDOWN_GRACE_S = 1.0
+SHUTDOWN_MARGIN_S = 4.0  # the poll round in progress and the final write's minimum wait, plus process exit
+USAGE_REQUESTS = 5
+
+
+def store_config(tmp_path: Path, upstream_url: str, grace: float) -> Path:
+    config = write_config(tmp_path / "fastgate.toml", upstream_url, keys=KEYS,
+                          extra='[store]\npath = "keys.db"\n\n[auth]\nmax_failures = 0\n')
+    # server.shutdown_grace goes at the end of the [server] table, which write_config opens first.
+    config.write_text(config.read_text().replace("[upstream]", f"shutdown_grace = {grace}\n\n[upstream]", 1))
+    return config
+
+
+def hold_write_lock(db: Path) -> sqlite3.Connection:
+    """Another connection in an exclusive write transaction, as a `sqlite3` shell or a backup job could be."""
+    locker = sqlite3.connect(db, isolation_level=None, timeout=0)
+    locker.execute("BEGIN EXCLUSIVE")
+    return locker
+
+
+async def make_usage(port: int) -> None:
+    async with connected(port) as c:
+        for _ in range(USAGE_REQUESTS):
+            assert (await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})).status == 200
+
+
+def usage_requests(db: Path, user: str) -> int:
+    with KeyStore(str(db)) as store:
+        return sum(s.requests for s in store.usage(by="user") if s.group == user)
+
+
+async def test_sigterm_with_the_store_locked_past_the_grace_spills_usage_for_the_next_start(
+        tmp_path: Path, ollama: FakeOllama) -> None:
+    config = store_config(tmp_path, ollama.url, SHUTDOWN_GRACE_S)
+    db = tmp_path / "keys.db"
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    locker = None
+    try:
+        locker = hold_write_lock(db)
+        await make_usage(proc.port)
+        proc.signal(signal.SIGTERM)
+        # Shutdown stays within the grace plus a small margin although the lock is never released ...
+        code = await proc.wait(timeout=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
+        assert code == 0, proc.log.decode(errors="replace")
+    finally:
+        if locker is not None:
+            locker.close()  # rolls back: nothing of the locker's lands
+        await proc.stop()
+    # ... and the rows it could not write wait in the spill file next to the store.
+    spill = Path(spill_path(str(db)))
+    rows = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert sum(1 for row in rows if row.get("user") == "user1") == USAGE_REQUESTS
+    assert oct(spill.stat().st_mode & 0o777) == oct(0o600)
+    assert b"saved them to" in proc.log and usage_requests(db, "user1") == 0
+    # The next start imports them, once.
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        async def imported() -> bool:
+            return not spill.exists()
+
+        await eventually(imported)
+        assert usage_requests(db, "user1") == USAGE_REQUESTS
+        assert b"imported 5 usage rows" in proc.log
+    finally:
+        assert await proc.stop() == 0
+    assert usage_requests(db, "user1") == USAGE_REQUESTS
+
+
+async def test_sigterm_with_the_store_locked_for_a_while_writes_usage_once_the_lock_is_free(
+        tmp_path: Path, ollama: FakeOllama) -> None:
+    grace = 10.0  # long enough that the lock is surely released within it
+    config = store_config(tmp_path, ollama.url, grace)
+    db = tmp_path / "keys.db"
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        locker = hold_write_lock(db)
+        await make_usage(proc.port)
+        proc.signal(signal.SIGTERM)
+
+        async def shutting_down() -> bool:
+            return b"Shutting down" in proc.log
+
+        await eventually(shutting_down)
+        locker.close()
+        assert await proc.wait(timeout=grace + SHUTDOWN_MARGIN_S) == 0
+    finally:
+        await proc.stop()
+    assert usage_requests(db, "user1") == USAGE_REQUESTS
+    assert not Path(spill_path(str(db))).exists()
+
