@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import signal
 import socket
 import ssl
+import stat
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +25,9 @@ from .proxy import Proxy
 from .tls import load_certificate, server_context
 
 LISTEN_BACKLOG = 1024
+# [keys] entries written as "sha256:<hex>" are digests (keys.KeyRing reads them so), not secrets.
+_DIGEST_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
+_GROUP_OR_OTHER_READ = stat.S_IRGRP | stat.S_IROTH
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -120,9 +126,26 @@ async def start(config: Config) -> RunningServer:
                          metrics_server, managed, accepted)
 
 
+def warn_if_keys_exposed(config: Config) -> None:
+    """Warn when the config file holds clear keys that group or others can read (startup and every reload):
+    anyone with a login on the box could use them. Keys written as sha256:<hex> digests are not secrets."""
+    clear = sum(1 for key in config.keys if not _DIGEST_KEY.fullmatch(key))
+    if not clear or not config.source:
+        return
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError:
+        return  # it was read a moment ago; one gone since is not this check's business
+    if mode & _GROUP_OR_OTHER_READ:
+        log.warning("Config file %s holds %d API keys in clear and group or others can read it (mode %03o): run "
+                    "chmod 600 %s, or write the keys as sha256:<hex> digests", config.source, clear,
+                    stat.S_IMODE(mode), config.source)
+
+
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
                 on_ready: Callable[[RunningServer], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the config via `reread`."""
+    warn_if_keys_exposed(config)
     running = await start(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -147,6 +170,7 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
 def _reload(running: RunningServer, reread: Callable[[], Config]) -> None:
     try:
         config = reread()
+        warn_if_keys_exposed(config)
         running.reload(config)
     except ConfigError as exc:
         log.error("Reload failed, keeping the running config: %s", exc)

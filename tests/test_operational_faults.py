@@ -473,3 +473,53 @@ async def test_sigterm_with_the_store_locked_for_a_while_writes_usage_once_the_l
     assert usage_requests(db, "user1") == USAGE_REQUESTS
     assert not Path(spill_path(str(db))).exists()
 
+
+# -- item 4: a config file with clear keys that group or others can read -----------------------------------
+
+EXPOSED = b"group or others can read it"
+
+
+async def reloaded(proc: FastgateProcess, times: int) -> None:
+    async def done() -> bool:
+        return proc.log.count(b"Reloaded") >= times
+
+    await eventually(done)
+
+
+async def test_world_readable_config_with_clear_keys_is_warned_about_at_startup_and_on_reload(
+        tmp_path: Path, ollama: FakeOllama) -> None:
+    config = write_config(tmp_path / "fastgate.toml", ollama.url, keys=KEYS)
+    config.chmod(0o644)
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        warned = [line for line in proc.log.splitlines() if EXPOSED in line]  # logged before "listening"
+        assert warned, proc.log.decode(errors="replace")
+        first = warned[0]
+        assert b"WARNING" in first and str(config).encode() in first and b"mode 644" in first
+        assert b"chmod 600" in first and KEY1.encode() not in proc.log
+        config.chmod(0o600)
+        proc.signal(signal.SIGHUP)
+        await reloaded(proc, 1)
+        assert proc.log.count(EXPOSED) == 1  # private now: no warning
+        config.chmod(0o640)
+        proc.signal(signal.SIGHUP)
+        await reloaded(proc, 2)
+        assert proc.log.count(EXPOSED) == 2 and b"mode 640" in proc.log
+    finally:
+        assert await proc.stop() == 0
+
+
+async def test_readable_config_holding_only_key_digests_is_not_warned_about(tmp_path: Path,
+                                                                           ollama: FakeOllama) -> None:
+    digests = {f"sha256:{hashlib.sha256(key.encode()).hexdigest()}": user for key, user in KEYS.items()}
+    config = write_config(tmp_path / "fastgate.toml", ollama.url, keys=digests)
+    config.chmod(0o644)
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        async with connected(proc.port) as c:
+            assert await key_status(c, KEY1) == 200  # the digests are the keys
+        proc.signal(signal.SIGHUP)
+        await reloaded(proc, 1)
+        assert EXPOSED not in proc.log
+    finally:
+        assert await proc.stop() == 0
