@@ -6,9 +6,12 @@ property-based tests that generate bodies with every bypass class and compare go
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from fastgate.gojson import (
     MAX_DEPTH,
@@ -21,6 +24,7 @@ from fastgate.gojson import (
     scan_object,
     string_text,
 )
+from tests.gooracle import ask_go
 
 FIELDS = ("model", "name", "from", "source", "destination", "api_key")
 
@@ -390,3 +394,246 @@ def test_remove_many_duplicates() -> None:
 def test_member_is_a_named_tuple_of_its_spans() -> None:
     body = b'{"a":"b"}'
     assert scan_object(body) == [Member("a", "string", 1, 5, 8, body)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against real Go: tests/go_oracle/json decodes each body with json.NewDecoder(r).Decode(&req), as Ollama does
+
+
+def go_reads(bodies: list[bytes]) -> list[dict]:
+    return ask_go("json", [{"body": base64.b64encode(body).decode()} for body in bodies])
+
+
+def check_against_go(body: bytes, go: dict, *, trailing_ok: bool = False) -> bool:
+    """The invariant fastgate relies on; True when gojson accepted the body (so it was checked)."""
+    try:
+        ours = fields_of(body, trailing_ok=trailing_ok)
+    except UnreadableBody:
+        ours = None
+    if ours is None:
+        return False
+    assert not go["error"], (body, go["error_text"])  # Go decoded it without error
+    if not trailing_ok:
+        assert not go["trailing"], body  # and read everything there was to read
+    for name in FIELDS:
+        assert (ours[name] or "") == go["fields"][name], (body, name, ours[name], go["fields"][name])
+    return True
+
+
+# Each bypass class, and its neighbours: gojson must either refuse or agree with Go.
+BYPASS_BODIES = [
+    b'{"Model":"x"}', b'{"MODEL":"x","model":"y"}', b'{"model":"y","MODEL":"x"}',
+    '{"\u017fource":"x","destination":"y"}'.encode(), '{"api_\u212aey":"k"}'.encode(),
+    b'{"\\u017fource":"x"}', b'{"api_\\u212aey":"k"}', b'{"api_\\u212Aey":"k"}',
+    '{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode(), b'{"name":"a","nam\\u0130":"x","n\\u0131me":"y"}',
+    b'{"model":"x","model":null}', b'{"model":null,"model":"x"}', b'{"model":null}',
+    b'{"model":"a"} {"model":"b"}', b'{"model":"a"}{"model":"b"}', b'{"model":"a"}x', b'{"model":"a"}\x00',
+    b'{"model":"a"}\n\n', b'{"model":"a"}\xff',
+    b'{"model":"\xff"}', b'{"model":"a\xc0\xaf"}', b'{"model":"\xed\xa0\x80"}', b'{"model":"\xe2\x82A"}',
+    b'{"model":"\\ud800"}', b'{"model":"\\udc00x"}', b'{"model":"\\ud83d\\ude00"}', b'{"model":"\\ud83d\\u0041"}',
+    b'{"mod\xffel":"x","model":"y"}', b'{"mod\\ud800el":"x","model":"y"}', b'{"prompt":"\xff","model":"y"}',
+    b'{"mod\\u0065l":"x"}', b'{"model":"a","mo\\u0064el":"b"}', b'{"\\u006d\\u006F\\u0064\\u0065\\u006c":"x"}',
+    b'{"model":5}', b'{"model":"a","model":5,"model":"b"}', b'{"model":["a"]}', b'{"model":{"a":"b"}}',
+    b'{"model":true}', b'{"name":false,"model":"m"}',
+    b'{"x":' + b"1" * 5000 + b',"model":"m"}', b'{"x":-' + b"1" * 5000 + b'.5e-1,"model":"m"}',
+    b'{"x":' + nested(5000) + b',"model":"m"}', b'{"x":' + nested(MAX_DEPTH - 1) + b',"model":"m"}',
+    b'{"x":' + nested(MAX_DEPTH) + b',"model":"m"}', nested(MAX_DEPTH + 1),
+    b"{" + b",".join(b'"model":"m%d"' % i for i in range(2000)) + b"}",
+    b'{"model":"m","options":{"model":"x"},"messages":[{"model":"y"}]}',
+    b"", b"  ", b"null", b'["model"]', b'"model"', b"\xef\xbb\xbf{}", b'{"model":"a",}', b'{"model":"a" "x":1}',
+    b'{"model":"a","x":[1,]}', b'{"model":"a","x":01}', b'{"model":"a","x":NaN}', b'{"model":"a\x01"}',
+    b'{\x0c"model":"a"}', b'{"model":"a","x":"\\x"}', b'{"model":"llama3","stream":false,"prompt":"hi"}',
+]
+
+
+def test_bypass_bodies_against_go() -> None:
+    readings = go_reads(BYPASS_BODIES)
+    accepted = [check_against_go(body, go) for body, go in zip(BYPASS_BODIES, readings)]
+    assert sum(accepted) >= 20  # not vacuous
+    by_body = dict(zip(BYPASS_BODIES, readings))
+    # What Go was verified to do, each the reason for one rule:
+    assert by_body[b'{"Model":"x"}']["fields"]["model"] == "x"  # case-insensitive keys
+    assert by_body['{"\u017fource":"x","destination":"y"}'.encode()]["fields"]["source"] == "x"  # simple folding
+    assert by_body['{"api_\u212aey":"k"}'.encode()]["fields"]["api_key"] == "k"
+    assert by_body['{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode()]["fields"]["name"] == "a"  # İ, ı: no
+    assert by_body[b'{"model":"x","model":null}']["fields"]["model"] == "x"  # null keeps the value
+    assert by_body[b'{"model":"a"} {"model":"b"}'] == {**by_body[b'{"model":"a"} {"model":"b"}'], "error": False,
+                                                       "trailing": True}  # the rest is ignored
+    assert by_body[b'{"model":"\xff"}']["fields"]["model"] == "\ufffd"  # invalid UTF-8 becomes U+FFFD
+    assert by_body[b'{"model":"\\ud800"}']["fields"]["model"] == "\ufffd"
+    assert by_body[b'{"model":"a","model":5,"model":"b"}']["error"]  # a type error fails the decode...
+    assert by_body[b'{"model":"a","model":5,"model":"b"}']["fields"]["model"] == "b"  # ...after the rest is read
+    assert not by_body[b'{"x":' + nested(MAX_DEPTH - 1) + b',"model":"m"}']["error"]  # 10,000 levels
+    assert by_body[b'{"x":' + nested(MAX_DEPTH) + b',"model":"m"}']["error_text"] == "exceeded max depth"
+    assert not by_body[b'{"x":' + b"1" * 5000 + b',"model":"m"}']["error"]  # long numbers skipped
+
+
+def test_gos_folding_is_ours() -> None:
+    """Every non-ASCII character Go matches to an ASCII letter, and no other, as go_key_matches says."""
+    go_folds = ask_go("json", [{"op": "folds"}])[0]["folds"]
+    assert go_folds == {**{c: [] for c in "abcdefghijklmnopqrstuvwxyz"}, "k": [0x212A], "s": [0x17F]}
+    # Candidates: every character Python relates to an ASCII letter by any case mapping.
+    candidates = [chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c <= 0xDFFF
+                  and any(len(m) == 1 and m.isascii() and m.isalpha()
+                          for m in (chr(c).lower(), chr(c).upper(), chr(c).casefold()))]
+    assert {"\u017f", "\u212a", "\u0131", "\u0130"} <= set(candidates) | {"\u0130"}
+    for char in [*candidates, "\u0130"]:
+        for letter in "abcdefghijklmnopqrstuvwxyz":
+            assert go_key_matches(char, letter) is (ord(char) in go_folds[letter]), (char, letter)
+            assert go_key_matches(char, letter.upper()) is (ord(char) in go_folds[letter]), (char, letter)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property-based: generated bodies with every bypass class, compared with Go a batch at a time
+
+LETTER_VARIANTS = {"s": "sS\u017f", "k": "kK\u212a", "i": "iI\u0131\u0130"}
+KEY_BASES = [*FIELDS, *FIELDS, "models", "mode", "nam", "api-key", "apikey", "prompt", "sources", "destinatio",
+             "x", "", "stream"]
+INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xed\xbf\xbf",
+                b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xef\xbf"]
+LONE_SURROGATES = [b"\\ud800", b"\\uDBFF", b"\\udc00", b"\\uDFFF", b"\\ud83d\\u0041", b"\\ude00\\ud83d"]
+WHITESPACE = [b"", b"", b"", b" ", b"\n", b"\t", b"\r\n  "]
+TEXT_ALPHABET = st.sampled_from(list("abcXYZ019:/._-") + ["\u00e9", "\u2603", "\U0001f600", "\ufffd", '"', "\\",
+                                                          "\n", "\x00", "\x1f", "\x7f", "/", " ", "\u017f"])
+
+
+@st.composite
+def key_texts(draw: st.DrawFn) -> str:
+    """A field name (or a near miss) in random case, with ſ, K, ı or İ standing in for s, k, i sometimes."""
+    base = draw(st.sampled_from(KEY_BASES))
+    upper = draw(st.integers(0, 2 ** len(base) - 1))  # a bit per character: fewer draws, faster generation
+    swap = draw(st.integers(0, 2 ** len(base) - 1)) if draw(st.booleans()) else 0
+    chars = []
+    for i, char in enumerate(base):
+        if swap >> i & 1 and char in LETTER_VARIANTS:
+            char = LETTER_VARIANTS[char][2 + (upper >> i & 1 if char == "i" else 0)]
+        elif upper >> i & 1:
+            char = char.upper()
+        chars.append(char)
+    return "".join(chars)
+
+
+SHORT_ESCAPES = {'"': b'\\"', "\\": b"\\\\", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n", "\r": b"\\r", "\t": b"\\t"}
+
+
+@st.composite
+def encoded_strings(draw: st.DrawFn, text: str) -> bytes:
+    """`text` as a JSON string token, each character raw or escaped; sometimes with bytes Go reads as U+FFFD."""
+    escape = draw(st.integers(0, 2 ** len(text) - 1))  # which characters to write as \\u escapes
+    hex_format = draw(st.sampled_from([b"\\u%04x", b"\\u%04X"]))
+    out = [b'"']
+    for i, char in enumerate(text):
+        code, escaped = ord(char), escape >> i & 1
+        if char == "/" and escaped:
+            out.append(b"\\/")
+        elif char in '"\\' or code < 0x20:  # must be escaped: short form when there is one
+            out.append(hex_format % code if escaped or char not in SHORT_ESCAPES else SHORT_ESCAPES[char])
+        elif escaped:
+            units = [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + (code & 0x3FF)]
+            out.extend(hex_format % unit for unit in units)
+        else:
+            out.append(char.encode())
+    if draw(st.integers(0, 9)) == 0:  # something Go reads as U+FFFD, somewhere in the string
+        where = draw(st.integers(1, len(out)))
+        out.insert(where, draw(st.sampled_from(INVALID_UTF8 + LONE_SURROGATES)))
+    out.append(b'"')
+    return b"".join(out)
+
+
+NUMBERS = st.one_of(
+    st.integers(-(10**20), 10**20).map(lambda n: str(n).encode()),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+    st.sampled_from([b"0", b"-0", b"1E5", b"1e-5", b"0.0", b"-1.5e+309", b"1" * 400, b"9" * 5000 + b".5e-7"]))
+
+
+@st.composite
+def values(draw: st.DrawFn, depth: int, *, field: bool = False) -> bytes:
+    ws = st.sampled_from(WHITESPACE)
+    kinds = ["string", "string", "null", "bool", "number", "array", "object"]
+    if field:  # a field's value: mostly what Go accepts, so resolution is exercised
+        kinds = ["string"] * 6 + ["null"] * 3 + ["number", "bool", "array", "object"]
+    if depth <= 0:
+        kinds = [k for k in kinds if k not in ("array", "object")]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "string":
+        return draw(encoded_strings(draw(st.text(TEXT_ALPHABET, max_size=8))))
+    if kind == "null":
+        return b"null"
+    if kind == "bool":
+        return draw(st.sampled_from([b"true", b"false"]))
+    if kind == "number":
+        return draw(NUMBERS)
+    if kind == "array":
+        items = draw(st.lists(values(depth - 1), max_size=3))
+        return b"[" + draw(ws) + b",".join(item + draw(ws) for item in items) + b"]"
+    members = draw(st.lists(members_(depth - 1), max_size=3))
+    return b"{" + draw(ws) + b",".join(members) + b"}"
+
+
+@st.composite
+def members_(draw: st.DrawFn, depth: int) -> bytes:
+    ws = st.sampled_from(WHITESPACE)
+    key = draw(key_texts())
+    field = any(go_key_matches(key, name) for name in FIELDS)
+    return (draw(encoded_strings(key)) + draw(ws) + b":" + draw(ws) + draw(values(depth, field=field))
+            + draw(ws))
+
+
+TRAILERS = [b""] * 6 + [b" \n", b"x", b'{"model":"evil"}', b"\x00", b"\xff", b"]", b" 1", b"{"]
+MUTATION_BYTES = b'{}[],:"\\ \x00\xff\x0ba1-'
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> bytes:
+    ws = st.sampled_from(WHITESPACE)
+    if draw(st.integers(0, 9)) == 0:
+        body = draw(ws) + draw(values(2)) + draw(ws)  # any value at the top
+    else:
+        members = draw(st.lists(members_(2), max_size=7))
+        body = draw(ws) + b"{" + draw(ws) + b",".join(members) + b"}" + draw(ws)
+    body += draw(st.sampled_from(TRAILERS))
+    if draw(st.integers(0, 5)) == 0:  # one byte changed, added or dropped: mostly invalid JSON
+        where = draw(st.integers(0, len(body)))
+        byte = bytes([draw(st.sampled_from(MUTATION_BYTES))])
+        body = draw(st.sampled_from([body[:where] + byte + body[where + 1:], body[:where] + byte + body[where:],
+                                     body[:where] + body[where + 1:]]))
+    return body
+
+
+BATCH_SIZE = 30
+
+
+# Reproducible (derandomized, no example database). No shrinking: every assertion names the body at fault,
+# and shrinking a batch costs a Go process per attempt (minutes, past the per-test timeout).
+@settings(max_examples=30, derandomize=True, database=None, deadline=None,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(st.lists(bodies(), min_size=BATCH_SIZE, max_size=BATCH_SIZE))
+def test_generated_bodies_read_as_go_reads_them(batch: list[bytes]) -> None:
+    """A batch of bodies per example, one Go process per batch.
+
+    For each body: whenever gojson accepts it, Go decoded it without error, read nothing after it, and holds
+    the same value in every field; with api_key members removed, the same holds and nothing else changed.
+    """
+    stripped_bodies = []
+    for body in batch:
+        try:
+            members = scan_object(body)
+        except UnreadableBody:
+            continue
+        if members is not None:
+            stripped = remove_members(body, members, "api_key")
+            left = scan_object(stripped)
+            assert left is not None and [m.name for m in left] == [m.name for m in members if m.name != "api_key"]
+            stripped_bodies.append(stripped)
+    readings = go_reads(batch + stripped_bodies)
+    for body, go in zip(batch, readings):
+        accepted = check_against_go(body, go)
+        check_against_go(body, go, trailing_ok=True)
+        top_is_object = body.lstrip(b" \t\r\n")[:1] == b"{"
+        if (not go["error"] and not go["trailing"] and top_is_object
+                and not any("\ufffd" in value for value in go["fields"].values())):
+            # Conversely, a body Go reads cleanly is refused only for text Go would mangle: never here.
+            assert accepted, body
+    for body, go in zip(stripped_bodies, readings[len(batch):]):
+        check_against_go(body, go)
