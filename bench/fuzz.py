@@ -11,9 +11,11 @@ mutated requests to fastgate over raw TCP, several connections at a time, and ch
 - nothing unexpected reaches the fake Ollama: every request it receives carries exactly one X-Request-Id
   of fastgate's format, exactly one Host (Ollama's own), fastgate's X-Forwarded-For/-Proto, no key header,
   no `api_key` query parameter, no hop-by-hop or Origin header, both a Content-Length and a
-  Transfer-Encoding never; it never has a path that appeared only inside a body (`SMUGGLED` marker), an
-  account path (/api/me, /api/signout, /api/user/keys), or comes from an input that held no valid key; and
-  the fake's own HTTP parser never rejects what fastgate sent it.
+  Transfer-Encoding never; it never has a path that appeared only inside a body (`SMUGGLED` marker) or an
+  account path (/api/me, /api/signout, /api/user/keys); it is attributed to one request of one input (by the
+  X-Request-Id the client saw, or the `fz=` marker in its target) and that request carried a valid key (a
+  request that cannot be attributed fails too); and the fake's own HTTP parser never rejects what fastgate
+  sent it.
 
 Inputs are deterministic given (seed, input number): `random.Random(f"{seed}:{i}")` builds each one, so a
 run with the same seed tries the same inputs in the same order (how many depends on the time given).
@@ -607,7 +609,66 @@ def check_case(case: Case, out: Outcome) -> tuple[list[tuple[str, str]], list[Re
 # ---------------------------------------------------------------------------------------------------------
 # What reached the fake Ollama
 
-MARKER = re.compile(r"[?&]fz=(\d+)\.")
+MARKER = re.compile(r"[?&](fz=(\d+)\.(\w+))")  # the whole marker (fz=12.3, fz=12.inner), its input number
+_REQUEST_LINE = re.compile(rb"([A-Za-z]+) (\S+) HTTP/")  # not anchored: a pipelined request may follow a body
+_CHUNK_SEAM = re.compile(rb"\r\n[0-9a-fA-F]+[ \t]*(?:;[^\r\n]*)?\r\n")
+
+
+def _span_holds_key(span: bytes) -> bool:
+    """A key anywhere in one request's bytes, also when chunk framing cut it in two."""
+    return _holds_key(span) or _holds_key(_CHUNK_SEAM.sub(b"", span))
+
+
+def _target_path(target: bytes) -> bytes:
+    path = target.split(b"?", 1)[0]
+    if b"://" in path:  # absolute-form: fastgate forwards the path
+        path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+    return path
+
+
+def request_spans(data: bytes, rec_method: str, rec_target: str, marker: bytes | None) -> list[bytes]:
+    """The bytes, as sent (after mutations), of each request line in an input that may be the one behind a
+    request the fake received, up to the next request line: the lines whose target holds its `fz=` marker,
+    else (a mutation destroyed the marker) the lines with its method and path."""
+    lines = list(_REQUEST_LINE.finditer(data))
+    if marker is not None:
+        picked = [m for m in lines if re.search(re.escape(marker) + rb"(?!\w)", m.group(2))]
+    else:
+        want = _target_path(rec_target.encode("latin-1"))
+        picked = [m for m in lines
+                  if m.group(1) == rec_method.encode("latin-1") and _target_path(m.group(2)) == want]
+    spans = []
+    for m in picked:
+        later = [n.start() for n in lines if n.start() > m.start()]
+        spans.append(data[m.start():later[0] if later else len(data)])
+    return spans
+
+
+def attribute(rec: Any, rid_case: dict[str, int], data_of: Any) -> tuple[int | None, tuple[str, str] | None]:
+    """Which input, and which request line of it, a request the fake received came from; and a failure unless
+    that request carried a valid key. `rid_case`: X-Request-Id -> input (from the answers clients saw);
+    `data_of(index)`: that input's bytes as sent. IP trust is off in the fuzz config, so only a key opens the
+    gate: a recorded request passes only when it is pinned to a client request that held a valid key."""
+    rid = rec.header("x-request-id") or ""
+    m = MARKER.search(rec.target)
+    index = rid_case.get(rid)
+    if index is None and m is not None:
+        index = int(m.group(2))
+    where = f"{rec.method} {rec.target[:200]} (X-Request-Id {rid or 'none'})"
+    if index is None:
+        return None, ("unattributed", f"{where} reached Ollama; no input answered with that id or holds its marker")
+    data = data_of(index)
+    if data is None:
+        return index, ("unattributed", f"{where}: input {index} is unknown")
+    spans = request_spans(data, rec.method, rec.target, m.group(1).encode("latin-1") if m else None)
+    if not spans and m is not None:  # the marker is not in that input's request lines: try method and path
+        spans = request_spans(data, rec.method, rec.target, None)
+    if not spans:
+        return index, ("unattributed", f"{where}: no request line of input {index} matches it")
+    # Several candidates only when a mutation repeated a request line: one carrying a key is enough.
+    if any(_span_holds_key(span) for span in spans):
+        return index, None
+    return index, ("unauthenticated", f"{where}: the request of input {index} it came from held no valid key")
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):", re.M)
@@ -644,8 +705,8 @@ def is_health_probe(rec: Any) -> bool:
             and (rec.header("user-agent") or "").startswith("fastgate/"))
 
 
-def check_received(rec: Any, upstream_host: str, keyed_of: Any) -> list[tuple[str, str]]:
-    """Per request the fake received. `keyed_of(rec)` -> (case index or None, input held a key)."""
+def check_received(rec: Any, upstream_host: str, attributed: Any) -> list[tuple[str, str]]:
+    """Per request the fake received. `attributed(rec)` -> (input or None, failure or None): see attribute()."""
     fails: list[tuple[str, str]] = []
     if is_health_probe(rec):
         return fails
@@ -684,10 +745,9 @@ def check_received(rec: Any, upstream_host: str, keyed_of: Any) -> list[tuple[st
     decoded = posixpath.normpath("/" + unquote(rec.path).lstrip("/")).replace("//", "/")
     if decoded in ACCOUNT_PATHS or decoded == "/api/user/keys" or decoded.startswith("/api/user/keys/"):
         fails.append(("account-endpoint", f"blocked endpoint reached Ollama: {rec.method} {rec.target}"))
-    index, keyed = keyed_of(rec)
-    if index is not None and not keyed:
-        fails.append(("unauthenticated", f"input {index} held no valid key, yet {rec.method} {rec.target} "
-                                         "reached Ollama"))
+    _, unkeyed = attributed(rec)
+    if unkeyed is not None:
+        fails.append(unkeyed)
     return fails
 
 
@@ -703,7 +763,7 @@ class Stack:
             out_dir / "fastgate.toml", port=self.port, upstream_port=self.fake.port, keys=KEYS,
             header_timeout=TIMEOUTS["header"], keepalive_timeout=TIMEOUTS["keepalive"],
             body_timeout=TIMEOUTS["body"], read_timeout=10.0, connect_timeout=2.0,
-            max_body_bytes=MAX_BODY_BYTES, shutdown_grace=2.0)
+            max_body_bytes=MAX_BODY_BYTES, shutdown_grace=2.0, hostnames=("fuzz.example",))
         self.log_path = out_dir / "fastgate.log"
         self.fastgate: Proc = start_fastgate(self.config, self.log_path)
         self.restarts = 0
@@ -737,8 +797,9 @@ class Stack:
 
 
 def health(port: int) -> dict[str, Any]:
+    """fastgate's /health, with its own state (shown to admin keys; config keys are admins)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n" % KEY.encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -763,8 +824,11 @@ def replay_outcome(stack: Stack, case: Case) -> tuple[list[tuple[str, str]], Out
     if not stack.fastgate.alive():
         fails.append(("process-died", f"fastgate exited with {stack.fastgate.returncode}"))
         stack.ensure_up()
+    rid_case = {r.header(b"x-request-id").decode("latin-1"): case.index  # type: ignore[union-attr]
+                for r in check_case(case, out)[1] if r.header(b"x-request-id")}
     for rec in stack.fake.received_since(before):
-        fails += check_received(rec, stack.upstream_host, lambda r: (case.index, case.keyed))
+        fails += check_received(rec, stack.upstream_host, lambda r: attribute(
+            r, rid_case, lambda i: case.data if i == case.index else None))
     for err in stack.fake.protocol_errors[perrs:]:
         fails.append(("upstream-parse-error", f"{err['error']}; Ollama had received {err['tail'][-400:]!r}"))
     errors, _ = log_problems(stack.new_log())
@@ -909,7 +973,7 @@ def run(args: argparse.Namespace) -> int:
     rss_start = stack.fastgate.rss_kib()
     stats: dict[str, Any] = {"inputs": 0, "bytes_sent": 0, "outcomes": Counter(), "statuses": Counter(),
                              "failing_inputs": set(), "log_warnings": 0, "harness_errors": 0,
-                             "seconds_by_outcome": Counter()}
+                             "seconds_by_outcome": Counter(), "attributed": 0, "health_probes": 0}
     failures: list[Failure] = []
     cases: dict[int, Case] = {}
     rid_case: dict[str, int] = {}
@@ -920,21 +984,25 @@ def run(args: argparse.Namespace) -> int:
         # Everything the fake received, judged request by request.
         received = stack.fake.received_since(0)
 
-        def keyed_of(rec: Any) -> tuple[int | None, bool]:
-            index = rid_case.get(rec.header("x-request-id") or "")
-            if index is None:
-                m = MARKER.search(rec.target)
-                index = int(m.group(1)) if m else None
-            case = cases.get(index) if index is not None else None
-            if case is None:
-                return None, True
-            return index, case.keyed
+        def data_of(index: int) -> bytes | None:
+            return make_case(args.seed, index).data if index in cases else None  # the same bytes again
+
+        attributions: dict[int, tuple[int | None, tuple[str, str] | None]] = {}
+
+        def attributed(rec: Any) -> tuple[int | None, tuple[str, str] | None]:
+            if id(rec) not in attributions:
+                attributions[id(rec)] = attribute(rec, rid_case, data_of)
+            return attributions[id(rec)]
 
         upstream_fails: Counter[str] = Counter()
         notes: Counter[str] = Counter()
         for rec in received:
-            for kind, detail in check_received(rec, stack.upstream_host, keyed_of):
-                index, _ = keyed_of(rec)
+            if is_health_probe(rec):
+                stats["health_probes"] += 1
+                continue
+            index, unkeyed = attributed(rec)
+            stats["attributed"] += unkeyed is None
+            for kind, detail in check_received(rec, stack.upstream_host, attributed):
                 case = cases.get(index) if index is not None else None
                 if (kind == "upstream-xff" and "['unknown']" in detail and case is not None
                         and case.end in ("close", "rst", "half")):
@@ -1001,6 +1069,7 @@ def run(args: argparse.Namespace) -> int:
         "git": git_state(),
         "inputs": stats["inputs"], "inputs_per_s": round(stats["inputs"] / max(elapsed, 1e-9), 1),
         "bytes_sent": stats["bytes_sent"], "requests_reaching_ollama": len(received),
+        "requests_attributed_to_a_keyed_request": stats["attributed"], "health_probes": stats["health_probes"],
         "distinct_outcomes": len(stats["outcomes"]), "outcomes": dict(stats["outcomes"].most_common()),
         "statuses": {str(k): v for k, v in sorted(stats["statuses"].items())},
         "slowest_outcomes_s": {k: round(v, 1) for k, v in stats["seconds_by_outcome"].most_common(8)},
@@ -1029,7 +1098,9 @@ def render_markdown(s: dict[str, Any]) -> str:
         "| figure | value |", "| --- | --- |",
         f"| time | {s['seconds']} s at concurrency {s['concurrency']} |",
         f"| inputs tried | {s['inputs']} ({s['inputs_per_s']}/s, {s['bytes_sent']} bytes) |",
-        f"| requests that reached the fake Ollama | {s['requests_reaching_ollama']} |",
+        f"| requests that reached the fake Ollama | {s['requests_reaching_ollama']}: "
+        f"{s['requests_attributed_to_a_keyed_request']} pinned each to one client request that held a valid key, "
+        f"{s['health_probes']} fastgate's own /health probes, the rest failures |",
         f"| distinct outcomes (end mode : statuses) | {s['distinct_outcomes']} |",
         f"| failures | {s['failures']} {s['failure_kinds'] or ''} |",
         f"| inputs with a failure of their own (client- or upstream-side) | {s['failing_inputs']} |",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import platform
 import re
@@ -201,9 +202,10 @@ def fastgate_config(path: Path, *, port: int, upstream_port: int, keys: dict[str
                     read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body_bytes: int = 20971520,
                     pool_idle_timeout: float = 60.0,
                     shutdown_grace: float = 10.0, session_ttl: int = 0, max_failures: int = 0,
-                    log_level: str = "WARNING") -> Path:
+                    log_level: str = "WARNING", hostnames: tuple[str, ...] = ()) -> Path:
     lines = [
         "[server]", f'listen = "127.0.0.1:{port}"', f"header_timeout = {header_timeout}",
+        f"hostnames = {json.dumps(list(hostnames))}",
         f"keepalive_timeout = {keepalive_timeout}", f"body_timeout = {body_timeout}",
         f"shutdown_grace = {shutdown_grace}", "",
         "[upstream]", f'url = "http://127.0.0.1:{upstream_port}"', f"read_timeout = {read_timeout}",
@@ -214,6 +216,7 @@ def fastgate_config(path: Path, *, port: int, upstream_port: int, keys: dict[str
         "[keys]", *[f'"{k}" = "{u}"' for k, u in keys.items()], "",
     ]
     path.write_text("\n".join(lines))
+    os.chmod(path, 0o600)  # it holds keys in clear: fastgate warns about a config others can read
     return path
 
 

@@ -458,8 +458,9 @@ class Soak:
 
 
 def health(port: int) -> dict[str, Any]:
+    """fastgate's /health, with its own state (shown to admin keys; config keys are admins)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n" % KEY.encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -509,7 +510,12 @@ def analyse(ctx: Soak, extra: dict[str, Any], idle: dict[str, int], stop: tuple[
                         f"(client {r.body_bytes} bytes {r.sha256[:12]}, upstream "
                         f"{[(e.size, e.sha256[:12], e.complete) for e in entries]})")
         elif r.outcome == "ok" and r.complete and path:
-            unverifiable += 1  # no upstream record (killed between its last write and its log line)
+            # A clean end with nothing to compare it with proves nothing: a failure, never a pass. (The upstream
+            # logs a response right after its last write; only a SIGKILL in between could explain one.)
+            unverifiable += 1
+            fail(r, "complete response, but the upstream logged none under its X-Request-Id, path and status "
+                    f"(logged for that id: {[(e.path, e.status, e.size) for e in upstream.get(r.rid, [])][:4]}): "
+                    "it cannot be verified")
         if r.outcome == "corrupt":
             corrupted += 1
             corrupted_bytes += r.body_bytes
@@ -576,7 +582,9 @@ def analyse(ctx: Soak, extra: dict[str, Any], idle: dict[str, int], stop: tuple[
     if fds["slope_second_half_per_min"] > 2.0 and fds["after_pool_idle"] > fds["idle_before"]:
         flags.append(f"fds grow {fds['slope_second_half_per_min']}/min over the second half")
     health_f = h.get("fastgate", {})
-    if health_f and (health_f.get("connections", 0) > 1 or health_f.get("in_flight", 0)):
+    if not health_f:
+        flags.append(f"/health after the run did not report fastgate's state: {h}")
+    elif health_f.get("connections", 0) > 1 or health_f.get("in_flight", 0):
         flags.append(f"/health after the run: {health_f}")
 
     requests = len(ctx.results)
@@ -604,7 +612,7 @@ def analyse(ctx: Soak, extra: dict[str, Any], idle: dict[str, int], stop: tuple[
         "samples": [[round(t, 1), r, f, c, u] for t, r, f, c, u in samples],
         "samples_columns": ["seconds", "rss_kib", "fds", "client_sockets", "upstream_sockets"],
     }
-    summary["ok"] = not (corrupted or lost or failures or ctx.fatal or log_errors or stop[0] != 0)
+    summary["ok"] = not (corrupted or lost or unverifiable or failures or ctx.fatal or log_errors or stop[0] != 0)
     return summary
 
 
@@ -625,7 +633,7 @@ def render_markdown(s: dict[str, Any]) -> str:
         f"| responses verified byte for byte | {s['verified_responses']} ({s['verified_bytes']} bytes) |",
         f"| corrupted (clean end, wrong bytes) | {s['corrupted_responses']} responses, {s['corrupted_bytes']} bytes |",
         f"| lost (upstream finished, client did not get it) | {s['lost_responses']} responses, {s['lost_bytes']} bytes |",
-        f"| unverifiable (no upstream record) | {s['unverifiable_responses']} |",
+        f"| unverifiable (clean end, no upstream record: each a failure) | {s['unverifiable_responses']} |",
         f"| visible failures (cut / 502 / reset) | {s['visible_failures']}, outside restart windows: "
         f"{s['visible_failures_outside_restarts']} |",
         f"| timeouts | {s['timeouts']} |",
