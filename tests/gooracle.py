@@ -59,3 +59,32 @@ def ask_go(name: str, inputs: list[dict]) -> list[dict]:
     if len(answers) != len(inputs):
         raise RuntimeError(f"oracle {name} answered {len(answers)} of {len(inputs)}: {done.stderr.decode()[-2000:]}")
     return answers
+
+
+_running: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def ask_go_one(name: str, item: dict) -> dict:
+    """One question to a long-running oracle `name` (started once per process): for property tests that
+    ask per example, so hypothesis can shrink a failure to its smallest body."""
+    proc = _running.get(name)
+    if proc is None or proc.poll() is not None:
+        proc = subprocess.Popen([str(go_program(name))], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _running[name] = proc
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(item).encode() + b"\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"oracle {name} exited")
+    return json.loads(line)
+
+
+def stop_oracles() -> None:
+    for proc in _running.values():
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    _running.clear()
