@@ -108,6 +108,10 @@ func main() {
 		if err != nil {
 			panic(err)
 		}
+		// One answer per question at once: a long-running caller (ask_go_one) waits for each line.
+		if err := out.Flush(); err != nil {
+			panic(err)
+		}
 	}
 	if err := in.Err(); err != nil {
 		panic(err)
