@@ -15,7 +15,8 @@ import enum
 import re
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 
@@ -63,25 +64,68 @@ class ReadTimeout(Exception):
     pass
 
 
+class Admission(Protocol):
+    """Who counts client sockets against max_connections and max_connections_per_ip (the proxy)."""
+
+    def admit(self, protocol: ClientProtocol) -> bool: ...
+
+    def release(self, protocol: ClientProtocol) -> None: ...
+
+
 class ClientProtocol(asyncio.StreamReaderProtocol):
-    """Stream protocol that also tells the current upstream exchange about the client's state."""
+    """Stream protocol that also tells the current upstream exchange about the client's state.
+
+    It holds the connection's slot in the proxy's connection count from accept to `connection_lost`, when the
+    socket is really released: a connection counted only while its handler runs would leave the count while
+    its socket, and the unread answer buffered for it, stayed (flushing after a close, or mid TLS handshake).
+    """
 
     exchange: UpstreamConnection | None = None
     transport: asyncio.Transport | None = None
     gone = False  # EOF or connection lost: the client went away
     lost = False  # connection_lost: the socket is released
+    writing_paused = False  # the write buffer is above its high-water mark: the client is not taking our bytes
+    peer_ip = "unknown"
+    admitted = True  # took a slot at accept (False: over a cap, to be refused)
+    counted = False  # holds that slot now
+
+    def __init__(self, stream_reader: asyncio.StreamReader,
+                 client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], *,
+                 admission: Admission | None = None, slot_ip: str | None = None) -> None:
+        super().__init__(stream_reader, client_connected_cb)
+        self.admission = admission
+        if slot_ip is not None:
+            # A TLS listener took the slot for this address at accept, before the handshake (server.TlsListener)
+            self.peer_ip = slot_ip
+            self.counted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.admission is not None and not self.counted:
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer_ip = _plain_ip(peer[0])
+            self.admitted = self.counted = self.admission.admit(self)
         super().connection_made(transport)
 
+    def release_slot(self) -> None:
+        """Give the connection's slot back (once): at connection_lost, or when a failed TLS handshake let the
+        socket go without this protocol ever hearing of it (asyncio tells the application protocol nothing of a
+        connection that never completed its handshake)."""
+        if self.counted:
+            self.counted = False
+            if self.admission is not None:
+                self.admission.release(self)
+
     def pause_writing(self) -> None:
+        self.writing_paused = True
         super().pause_writing()  # type: ignore[misc]
         exchange = self.exchange
         if exchange is not None:
             exchange.pause_relay()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         super().resume_writing()  # type: ignore[misc]
         exchange = self.exchange
         if exchange is not None:
@@ -98,6 +142,7 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = self.lost = True
+        self.release_slot()
         exchange = self.exchange
         if exchange is not None:
             exchange.client_gone()
@@ -333,6 +378,30 @@ class ClientConnection:
             await self.writer.drain()
         except (ConnectionError, OSError):
             raise ClientClosed() from None
+
+    async def flush(self) -> bool:
+        """Before the next request is parsed: wait while the write buffer is above its high-water mark, until
+        the client has taken enough of our answers. False: it took nothing for the flush deadline and the
+        connection was aborted (or it went away meanwhile).
+
+        Without this a client that pipelines requests and never reads would have every answer buffered here,
+        without limit. Waiting here also stops parsing its requests; reading them stops by itself once the
+        stream reader holds twice its limit, so one connection holds a bounded amount of memory. A client that
+        takes nothing for as long as an idle connection may stay open (keepalive_timeout, at most
+        send_timeout) is gone.
+        """
+        timeout = min(self.keepalive_timeout, self.send_timeout)
+        while self.protocol.writing_paused:
+            before = self._unsent()
+            try:
+                await asyncio.wait_for(self.drain(), timeout)
+            except asyncio.TimeoutError:
+                if self._unsent() >= before:
+                    self.abort()
+                    return False
+            except ClientClosed:
+                return False
+        return True
 
     async def linger_close(self) -> None:
         """Close after an error answer without destroying it (RFC 9112 section 9.6).

@@ -49,6 +49,14 @@ OFFLOAD_READ_BYTES = 256 * 1024
 STREAM_READER_LIMIT = 512 * 1024
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LAST_CHUNK = b"0\r\n\r\n"
+# Connections refused over a cap get their 503 and a lingering close (so a reset does not destroy the 503) only
+# while fewer than this many sockets linger so; a flood beyond it is closed at once after the 503, because a
+# lingering socket holds a file descriptor for up to LINGER_S.
+REFUSALS_LINGERING_MAX = 64
+# Pipelined requests answered in a row without the loop being given to other connections: a read of 256 KiB
+# can hold thousands of tiny requests.
+PIPELINED_PER_YIELD = 64
+FD_WARN_INTERVAL_S = 10.0  # at most one "running out of file descriptors" line this often
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -99,8 +107,16 @@ class Proxy:
         self.config = config
         self.gate = gate or Gate(config)
         self.pool: UpstreamPool | None = None
-        self.connections: set[ClientConnection] = set()
-        self._per_ip: dict[str, int] = {}  # open connections per client address
+        self.connections: set[ClientConnection] = set()  # connections whose handler runs
+        # Client sockets holding a slot (from accept to connection_lost, see ClientProtocol), in all and per
+        # address: what max_connections and max_connections_per_ip bound.
+        self.open_sockets = 0
+        self._per_ip: dict[str, int] = {}
+        # server.max_connections, or less when the open file limit cannot hold that many (server.py sets it)
+        self.max_connections = config.server.max_connections
+        self._refusals_lingering = 0
+        self.fd_warn_at = 0  # an accepted socket with a descriptor number this high means the limit is near (0: off)
+        self._fd_warned_at = float("-inf")
         self.in_flight = 0
         self.requests_total = 0
         self.closing = False
@@ -127,6 +143,7 @@ class Proxy:
                              store=self.config.store,
                              metrics=replace(config.metrics, listen=self.config.metrics.listen))
         self.config = config
+        self.max_connections = config.server.max_connections
         self.gate.reload(config)
         self.budget.limit = config.auth.max_buffered_bytes
         if self.pool is not None:
@@ -141,11 +158,56 @@ class Proxy:
         self.pool = UpstreamPool(self.config.upstream)
         self._idle_event = asyncio.Event()
 
-    def protocol_factory(self) -> ClientProtocol:
-        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_connection)
+    def protocol_factory(self, slot_ip: str | None = None) -> ClientProtocol:
+        """`slot_ip`: the connection already holds a slot for this address (see take_slot)."""
+        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_connection, admission=self,
+                              slot_ip=slot_ip)
 
     def metrics_protocol_factory(self) -> ClientProtocol:
-        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_metrics_connection)
+        return ClientProtocol(asyncio.StreamReader(limit=STREAM_READER_LIMIT), self._on_metrics_connection,
+                              admission=self)
+
+    def admit(self, protocol: ClientProtocol) -> bool:
+        """At accept (connection_made of a plain TCP connection): whether it may take a connection slot."""
+        if self.fd_warn_at:
+            sock = protocol.transport.get_extra_info("socket") if protocol.transport is not None else None
+            if sock is not None:
+                self.check_descriptor(sock.fileno())
+        return self.take_slot(protocol.peer_ip)
+
+    def take_slot(self, ip: str) -> bool:
+        """Count one more open client socket from `ip`, unless that is over a cap (or fastgate is stopping).
+        Each slot taken is given back by `release_slot` once that socket is closed."""
+        per_ip = self.config.server.max_connections_per_ip
+        if (self.closing or ip == "unknown" or self.open_sockets >= self.max_connections
+                or (per_ip and self._per_ip.get(ip, 0) >= per_ip)):
+            return False
+        self.open_sockets += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return True
+
+    def release_slot(self, ip: str) -> None:
+        self.open_sockets -= 1
+        left = self._per_ip.pop(ip, 1) - 1
+        if left:
+            self._per_ip[ip] = left
+
+    def check_descriptor(self, fd: int) -> None:
+        """A newly accepted socket's descriptor number: near the open file limit, say so, loudly."""
+        # Descriptors are handed out lowest first, so a socket numbered N means N others are open. Past the
+        # limit upstream connects fail (502) and uvloop drops new connections without telling anyone.
+        if not self.fd_warn_at or fd < self.fd_warn_at:
+            return
+        now = time.monotonic()
+        if now - self._fd_warned_at >= FD_WARN_INTERVAL_S:
+            self._fd_warned_at = now
+            log.error("Running out of file descriptors: a new client socket got descriptor %d, near the open file "
+                      "limit; connected clients will get 502 and new ones will be dropped past it (open client "
+                      "sockets: %d, max_connections: %d)", fd, self.open_sockets, self.max_connections)
+
+    def release(self, protocol: ClientProtocol) -> None:
+        """The socket of a counted connection is gone: its slot is free."""
+        self.release_slot(protocol.peer_ip)
 
     async def _on_metrics_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._on_connection(reader, writer, metrics_only=True)
@@ -160,18 +222,10 @@ class Proxy:
                                 header_timeout=server.header_timeout, keepalive_timeout=server.keepalive_timeout,
                                 body_timeout=server.body_timeout)
         conn.metrics_only = metrics_only
-        if conn.peer_ip == "unknown":  # reset before we could even see who it was: nothing to serve
-            conn.abort()
-            return
-        per_ip = server.max_connections_per_ip
-        if (len(self.connections) >= server.max_connections or self.closing
-                or (per_ip and self._per_ip.get(conn.peer_ip, 0) >= per_ip)):
-            conn.write(error_response(ServiceUnavailable("too many connections"), path=b"/", request_id=b"",
-                                      close=True))
-            await conn.linger_close()
+        if not protocol.admitted:
+            await self._refuse_connection(conn)
             return
         self.connections.add(conn)
-        self._per_ip[conn.peer_ip] = self._per_ip.get(conn.peer_ip, 0) + 1
         try:
             while not self.closing:
                 try:
@@ -187,6 +241,13 @@ class Proxy:
                     break
                 if not await self.handle(conn, request):
                     break
+                # The next request is parsed only once the client takes our answers (see flush).
+                if protocol.writing_paused and not await conn.flush():
+                    log.info("Closed a connection from %s: it took none of its answers for %.0f s", conn.peer_ip,
+                             min(conn.keepalive_timeout, conn.send_timeout))
+                    break
+                if conn.requests % PIPELINED_PER_YIELD == 0:
+                    await asyncio.sleep(0)
         except Exception:  # a bug must cost one connection, never the process
             log.exception("unexpected error on a connection from %s", conn.peer_ip)
             conn.abort()
@@ -199,11 +260,23 @@ class Proxy:
                 log.exception("error while closing a connection from %s", conn.peer_ip)
             conn.close()
             self.connections.discard(conn)
-            left = self._per_ip.pop(conn.peer_ip, 1) - 1
-            if left:
-                self._per_ip[conn.peer_ip] = left
             if not self.connections and self._idle_event is not None:
                 self._idle_event.set()
+
+    async def _refuse_connection(self, conn: ClientConnection) -> None:
+        """A connection over a cap (or during shutdown): 503, then a lingering close while few others linger."""
+        if conn.peer_ip == "unknown":  # reset before we could even see who it was: nothing to serve
+            conn.abort()
+            return
+        conn.write(error_response(ServiceUnavailable("too many connections"), path=b"/", request_id=b"", close=True))
+        if self._refusals_lingering >= REFUSALS_LINGERING_MAX:
+            conn.close()
+            return
+        self._refusals_lingering += 1
+        try:
+            await conn.linger_close()
+        finally:
+            self._refusals_lingering -= 1
 
     # -- one request -------------------------------------------------------------------------------------
 

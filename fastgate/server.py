@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -16,18 +17,237 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .config import Config
-from .connection import ClientProtocol
+from .connection import ClientProtocol, _plain_ip
 from .errors import ConfigError
 from .logs import log, set_level
 from .managed import ManagedKeys
 from .store import KeyStore, StoreError
-from .proxy import Proxy
+from .proxy import FD_WARN_INTERVAL_S, Proxy
 from .tls import load_certificate, server_context
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: no RLIMIT_NOFILE to manage
+    resource = None  # type: ignore[assignment]
+
 LISTEN_BACKLOG = 1024
+# File descriptors a client connection may hold: its socket, and the Ollama connection its request needs.
+FDS_PER_CONNECTION = 2
+# Descriptors besides those: stdio, the selector and its wake-up pipe, the listeners, the key store (database,
+# WAL, shared memory), log files, the /health probe, refused connections lingering over their 503
+# (proxy.REFUSALS_LINGERING_MAX), and room to spare.
+FIXED_FDS = 128
+# Above this share of the open file limit in use (seen from an accepted socket's descriptor number), say so:
+# past the limit uvloop's libuv drops new connections without a word, and upstream connects fail (502).
+FD_WARN_SHARE = 0.9
+ACCEPT_RETRY_S = 0.5  # after accept() failed for want of descriptors
+ACCEPTS_PER_YIELD = 32  # connections accepted in a row before other work gets the loop
 # [keys] entries written as "sha256:<hex>" are digests (keys.KeyRing reads them so), not secrets.
 _DIGEST_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _GROUP_OR_OTHER_READ = stat.S_IRGRP | stat.S_IROTH
+
+
+@dataclass(frozen=True)
+class OpenFilePlan:
+    """What to do about RLIMIT_NOFILE for a config: the soft limit to set, the max_connections it can hold."""
+
+    soft: int  # the soft limit to run with
+    raise_to: int | None  # set the soft limit to this first (None: leave it as it is)
+    max_connections: int  # server.max_connections, or less if the limit cannot hold that many
+    messages: tuple[tuple[int, str], ...]  # (logging level, line) to log
+
+
+def plan_open_files(soft: int, hard: int, max_connections: int, upstream_idle: int, *,
+                    backlog: int = LISTEN_BACKLOG, unlimited: int = -1) -> OpenFilePlan:
+    """Pure: raise the soft limit toward the hard one (`unlimited` is RLIM_INFINITY) as far as
+    max_connections needs, and lower max_connections to what the limit can hold otherwise.
+
+    Every client connection may hold two descriptors (its socket, its Ollama connection); the pool keeps up to
+    `upstream_idle` more; a burst of up to `backlog` connections can be accepted before any is refused (asyncio
+    and libuv accept what waits in the backlog in one go), a quarter of the limit at most; FIXED_FDS for the
+    rest. Running out is worse than refusing: connected clients get 502 "Too many open files" and new ones
+    are dropped, unlogged under uvloop.
+    """
+    def overhead(limit: int) -> int:
+        return upstream_idle + min(backlog, limit // 4) + FIXED_FDS
+
+    wanted = FDS_PER_CONNECTION * max_connections + upstream_idle + backlog + FIXED_FDS
+    hard_text = "unlimited" if hard == unlimited else str(hard)
+    messages: list[tuple[int, str]] = []
+    new_soft = soft
+    if soft != unlimited and soft < wanted:
+        new_soft = wanted if hard == unlimited else min(wanted, hard)
+    raise_to = new_soft if new_soft != soft else None
+    if raise_to is not None:
+        messages.append((logging.INFO, f"Raised the open file limit (RLIMIT_NOFILE) from {soft} to {new_soft} "
+                                       f"(hard limit {hard_text}) for server.max_connections = {max_connections}"))
+    effective = max_connections
+    if new_soft != unlimited and new_soft < wanted:
+        effective = min(max_connections, max(1, (new_soft - overhead(new_soft)) // FDS_PER_CONNECTION))
+        messages.append((logging.WARNING, (
+            f"server.max_connections = {max_connections} lowered to {effective}: the open file limit is {new_soft} "
+            f"(hard limit {hard_text}) and each client connection may need {FDS_PER_CONNECTION} descriptors, plus "
+            f"{overhead(new_soft)} for the upstream pool, accept bursts, listeners, store and logs; raise the hard "
+            f"limit to {wanted} (LimitNOFILE= under systemd, ulimit -n) to serve {max_connections}")))
+    return OpenFilePlan(new_soft, raise_to, effective, tuple(messages))
+
+
+def apply_open_file_limit(config: Config) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE as `plan_open_files` says and log what was done; returns the effective
+    max_connections and the soft limit in force (0: unknown)."""
+    max_connections = config.server.max_connections
+    if resource is None:  # pragma: no cover - Windows
+        return max_connections, 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    idle = config.upstream.max_idle_connections
+    plan = plan_open_files(soft, hard, max_connections, idle, unlimited=resource.RLIM_INFINITY)
+    if plan.raise_to is not None:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (plan.raise_to, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("Could not raise the open file limit from %d to %d: %s", soft, plan.raise_to, exc)
+            plan = plan_open_files(soft, soft, max_connections, idle, unlimited=resource.RLIM_INFINITY)
+    for level, line in plan.messages:
+        log.log(level, line)
+    return plan.max_connections, plan.soft if plan.soft != resource.RLIM_INFINITY else 0
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """The event loop's own errors: accept() out of descriptors gets fastgate's log at ERROR (asyncio says it
+    once per refused accept to a logger nobody reads); anything else goes to the default handler."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        now = loop.time()
+        last = getattr(_log_loop_error, "last", float("-inf"))
+        if now - last >= FD_WARN_INTERVAL_S:
+            _log_loop_error.last = now  # type: ignore[attr-defined]
+            log.error("Out of file descriptors (%s: %s): new connections are not accepted until some close; "
+                      "lower server.max_connections or raise the open file limit", context.get("message"), exc)
+        return
+    loop.default_exception_handler(context)
+
+
+class TlsListener(asyncio.AbstractServer):
+    """A TLS listener that accepts its sockets itself, so that each counts against the connection caps from
+    accept on, by address, before its handshake.
+
+    With `loop.create_server(ssl=...)` fastgate heard of a connection only once its handshake was over: 200 bare
+    connects from one address held 216 descriptors past max_connections = 5 and max_connections_per_ip = 2, each
+    for up to the handshake timeout. Here a socket over a cap is closed at accept (there is no HTTP to answer
+    with before a handshake not worth its CPU), and an admitted one is handed to `loop.connect_accepted_socket`,
+    which does the handshake within server.header_timeout. A handshake that fails or times out never reaches
+    the application protocol (no connection_lost): its slot is given back here, when connect_accepted_socket
+    raises, by which time the loop has closed the socket.
+    """
+
+    def __init__(self, proxy: Proxy, ssl_context: ssl.SSLContext, factory: Callable[..., ClientProtocol],
+                 listeners: list[socket.socket]) -> None:
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self.factory = factory
+        self.listeners = listeners
+        self.loop = asyncio.get_running_loop()
+        self._accepting = [self.loop.create_task(self._accept(sock)) for sock in listeners]
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accept_failed_at = float("-inf")
+
+    @classmethod
+    async def bind(cls, proxy: Proxy, ssl_context: ssl.SSLContext, factory: Callable[..., ClientProtocol],
+                   host: str, port: int) -> TlsListener:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as create_server binds them
+                sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+                sock.setblocking(False)
+        except OSError:
+            for sock in listeners:
+                sock.close()
+            raise
+        return cls(proxy, ssl_context, factory, listeners)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self.listeners)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = self.loop
+        accepted = 0
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                # Out of descriptors (or buffers): the connection waits in the backlog. Say so, and retry soon.
+                now = loop.time()
+                if now - self._accept_failed_at >= FD_WARN_INTERVAL_S:
+                    self._accept_failed_at = now
+                    log.error("Cannot accept connections: %s; retrying every %.1f s (lower server.max_connections "
+                              "or raise the open file limit)", exc, ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            self.proxy.check_descriptor(sock.fileno())
+            ip = _plain_ip(address[0])
+            if not self.proxy.take_slot(ip):
+                sock.close()
+            else:
+                task = loop.create_task(self._handshake(sock, ip))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+            accepted += 1
+            if accepted % ACCEPTS_PER_YIELD == 0:
+                await asyncio.sleep(0)  # sock_accept does not suspend while the backlog is full
+
+    async def _handshake(self, sock: socket.socket, ip: str) -> None:
+        made: list[ClientProtocol] = []
+
+        def factory() -> ClientProtocol:
+            made.append(self.factory(ip))
+            return made[-1]
+
+        try:
+            await self.loop.connect_accepted_socket(factory, sock, ssl=self.ssl_context,
+                                                    ssl_handshake_timeout=self.proxy.config.server.header_timeout)
+        except BaseException as exc:
+            if made:
+                made[0].release_slot()
+            else:  # refused before a protocol was even made: the socket is still ours
+                sock.close()
+                self.proxy.release_slot(ip)
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("TLS handshake with %s failed: %s", ip, exc)
+
+    def close(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()  # the handshake is aborted and its socket closed
+        for sock in self.listeners:
+            sock.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
+
+    def is_serving(self) -> bool:
+        return any(not task.done() for task in self._accepting)
+
+    async def start_serving(self) -> None:
+        pass  # serving from the start
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, *self._handshakes, return_exceptions=True)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -58,6 +278,7 @@ class RunningServer:
         if self.ssl_context is not None and config.server.tls:
             server_context(config.server.tls_cert, config.server.tls_key)  # validate before touching anything
         fixed = self.proxy.reload(config)
+        self.proxy.max_connections, _ = apply_open_file_limit(self.proxy.config)
         if self.ssl_context is not None and config.server.tls:
             load_certificate(self.ssl_context, config.server.tls_cert, config.server.tls_key)  # never prompts
         set_level(config.log.level)
@@ -92,6 +313,9 @@ async def start(config: Config) -> RunningServer:
     listen = config.server.listen
     ssl_context = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls else None
     proxy = Proxy(config)
+    proxy.max_connections, fd_limit = apply_open_file_limit(config)
+    if fd_limit:
+        proxy.fd_warn_at = int(fd_limit * FD_WARN_SHARE)
     await proxy.start()
     managed = None
     if config.store.path:
@@ -104,18 +328,23 @@ async def start(config: Config) -> RunningServer:
         proxy.set_usage_sink(managed.record)
     accepted: weakref.WeakSet[ClientProtocol] = weakref.WeakSet()
 
-    def tracked(factory: Callable[[], ClientProtocol]) -> Callable[[], ClientProtocol]:
-        def make() -> ClientProtocol:
-            protocol = factory()
+    def tracked(factory: Callable[..., ClientProtocol]) -> Callable[..., ClientProtocol]:
+        def make(*args: str) -> ClientProtocol:
+            protocol = factory(*args)
             accepted.add(protocol)
             return protocol
         return make
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        tracked(proxy.protocol_factory), listen.host, listen.port, ssl=ssl_context, backlog=LISTEN_BACKLOG,
-        reuse_address=True, ssl_handshake_timeout=config.server.header_timeout if ssl_context else None)
-    sock: socket.socket = server.sockets[0]
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_log_loop_error)
+    server: asyncio.AbstractServer
+    if ssl_context is not None:
+        server = await TlsListener.bind(proxy, ssl_context, tracked(proxy.protocol_factory), listen.host, listen.port)
+    else:
+        server = await loop.create_server(
+            tracked(proxy.protocol_factory), listen.host, listen.port, backlog=LISTEN_BACKLOG, reuse_address=True)
+    sock: socket.socket = server.sockets[0]  # type: ignore[attr-defined]
     host, port = sock.getsockname()[:2]
     metrics_server = None
     metrics = config.metrics

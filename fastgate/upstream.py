@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import re
 import socket
 from collections import deque
@@ -22,6 +23,7 @@ from typing import Protocol
 
 from .config import UpstreamConfig
 from .errors import BadGateway, GateError, UpstreamTimeout, UpstreamUnreachable
+from .logs import log
 from .usage import TAIL_BYTES
 from .messages import (
     MAX_RESPONSE_HEAD_BYTES, ChunkedFraming, FramingError, LengthFraming, ResponseHead, UntilCloseFraming,
@@ -480,6 +482,11 @@ class UpstreamPool:
         except asyncio.TimeoutError:
             raise UpstreamTimeout("timed out connecting to upstream") from None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Not Ollama's fault but fastgate's own: every request needing a new connection fails with 502
+                # until descriptors free up. Say so at ERROR, not in a per-request INFO line.
+                log.error("Out of file descriptors connecting to Ollama (%s): lower server.max_connections or "
+                          "raise the open file limit", exc.strerror)
             raise UpstreamUnreachable(f"upstream unreachable ({exc.strerror or type(exc).__name__})") from None
         self.connects += 1
         self._all.add(conn)
