@@ -86,32 +86,50 @@ def _item_pattern(levels: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _FastPatterns:
-    """The patterns for one nesting allowance (how many more levels may open before Go's limit)."""
+    """The patterns for one nesting allowance (how many more levels may open before Go's limit).
+
+    The four container patterns consume as many elements as the allowance covers, then end with one of:
+    the container's closer (the container is complete), an opener (an element deeper than the allowance,
+    or malformed inside: the walker pushes it and goes on inside), or nothing (an error right there). So
+    the walker makes one regex call per container that is deeper than the allowance, not one per token.
+    """
 
     item: re.Pattern[bytes]  # one value
-    array_tail: re.Pattern[bytes]  # after an element: (`,` element)*, then whitespace
-    object_tail: re.Pattern[bytes]  # after a member: (`,` key `:` value)*, then whitespace
     member: re.Pattern[bytes]  # key `:` [value, then `,` or `}`]; the value group is unset if it goes deeper
+    array_open: re.Pattern[bytes]  # right after `[`
+    array_next: re.Pattern[bytes]  # right after an element of an array
+    object_open: re.Pattern[bytes]  # right after `{`
+    object_next: re.Pattern[bytes]  # right after a member's value
 
 
 def _compile(levels: int) -> _FastPatterns:
     item = _item_pattern(levels)
+    key = _STRING + _WS + rb":" + _WS
+    comma = _WS + rb"," + _WS
+    opener = rb"([\[{])"
     return _FastPatterns(
         item=re.compile(item),
-        array_tail=re.compile(_WS + rb"(?:," + _WS + item + _WS + rb")*+"),
-        object_tail=re.compile(_WS + rb"(?:," + _WS + _STRING + _WS + rb":" + _WS + item + _WS + rb")*+"),
-        member=re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS + rb"(?:(" + item + rb")" + _WS
-                          + rb"(?:(,)" + _WS + rb"|\}))?"),
+        member=re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS
+                          + rb"(?:(" + item + rb")" + _WS + rb"(?:(,)" + _WS + rb"|\}))?"),
+        # Each element followed by a comma that is not followed by `]`, or by `]` itself (not consumed).
+        array_open=re.compile(_WS + rb"(?:" + item + _WS + rb"(?:," + _WS + rb"(?!\])|(?=\])))*+"
+                              + rb"(?:(\])|" + opener + rb")?"),
+        array_next=re.compile(rb"(?:" + comma + item + rb")*+" + _WS + rb"(?:(\])|," + _WS + opener + rb")?"),
+        # Each member followed by a comma and the next key's quote, or by `}` (not consumed).
+        object_open=re.compile(_WS + rb"(?:" + key + item + _WS + rb'(?:,' + _WS + rb'(?=")|(?=\})))*+'
+                               + rb"(?:(\})|" + key + opener + rb")?"),
+        object_next=re.compile(rb"(?:" + comma + key + item + rb")*+" + _WS
+                               + rb"(?:(\})|," + _WS + key + opener + rb")?"),
     )
 
 
-# Compiled on first use (a few tens of ms for the full set), so importing fastgate stays quick. Within
-# _FAST_LEVELS of MAX_DEPTH the allowance shrinks, so the fast path never accepts nesting Go refuses.
+# Compiled on first use (a few tens of ms), so importing fastgate stays quick. Within _FAST_LEVELS of
+# MAX_DEPTH the allowance shrinks, so the fast path never accepts nesting Go refuses.
 _PATTERNS: dict[int, _FastPatterns] = {}
 
 
 def _patterns(open_levels: int) -> _FastPatterns:
-    """The fast patterns for a value inside `open_levels` open containers."""
+    """The fast patterns for values inside `open_levels` open containers."""
     allowance = min(_FAST_LEVELS, MAX_DEPTH - open_levels)
     found = _PATTERNS.get(allowance)
     if found is None:
@@ -152,72 +170,87 @@ def _fail(body: bytes, pos: int, end: int, context: str) -> UnreadableBody:
 
 
 def _too_deep(pos: int) -> UnreadableBody:
-    return UnreadableBody(f"request body is not valid JSON: nested deeper than {MAX_DEPTH} levels (byte {pos})")
+    return UnreadableBody(f"request body is not valid JSON: nested deeper than {MAX_DEPTH} levels "
+                          f"(byte {pos})")
 
 
-def _value_end(body: bytes, pos: int, end: int, depth: int) -> int:
+def _value_end(body: bytes, pos: int, end: int, depth: int, *, whole_item_failed: bool = False) -> int:
     """Check the JSON value starting exactly at `pos` and return the offset just past it.
 
-    `depth` is the number of containers already open around the value. Iterative: `closers` is the stack of
-    open containers, so deep nesting costs memory proportional to its depth, never Python recursion.
+    `depth` is the number of containers already open around the value; `whole_item_failed` says the caller
+    already tried the fast item pattern on this container (so its content is walked without a second try).
+    Iterative: `closers` is the stack of open containers, so deep nesting costs memory proportional to its
+    depth, never Python recursion.
     """
-    closers: list[int] = []
-    space = _SPACE.match
-    try_fast = True  # False right after a fast tail stopped before this value: it is deeper than they go
-    while True:
-        # At the start of a value.
-        open_levels = depth + len(closers)
-        match = _patterns(open_levels).item.match(body, pos, end) if try_fast else None
+    opener = body[pos] if pos < end else -1
+    if not whole_item_failed or (opener != _OPEN_ARRAY and opener != _OPEN_OBJECT):
+        match = _patterns(depth).item.match(body, pos, end)
         if match is not None:
-            pos = match.end()
-        else:
-            opener = body[pos] if pos < end else -1
-            if opener == _OPEN_ARRAY:
-                closer = _CLOSE_ARRAY
-            elif opener == _OPEN_OBJECT:
-                closer = _CLOSE_OBJECT
-            else:
-                raise _fail(body, pos, end, "looking for beginning of value")
+            return match.end()
+    if opener != _OPEN_ARRAY and opener != _OPEN_OBJECT:
+        raise _fail(body, pos, end, "looking for beginning of value")
+    closers: list[int] = []
+    # The patterns with the full allowance serve every level up to `roomy_levels`; only near Go's limit are
+    # smaller allowances looked up (keeps the per-container step cheap: deep bodies take one per container).
+    roomy_levels = MAX_DEPTH - _FAST_LEVELS
+    roomy = _patterns(0)
+    just_opened = True
+    while True:
+        # `opener` sits at pos: open it, then take as much of its content as the fast patterns cover.
+        open_levels = depth + len(closers)
+        if just_opened:
             if open_levels >= MAX_DEPTH:
                 raise _too_deep(pos)
-            pos = space(body, pos + 1, end).end()  # type: ignore[union-attr]
-            if pos < end and body[pos] == closer:
-                pos += 1  # empty container: a complete value
-            else:
-                closers.append(closer)
-                if opener == _OPEN_OBJECT:
-                    key = _KEY.match(body, pos, end)
-                    if key is None:
-                        raise _fail(body, pos, end, _LOOKING_FOR_KEY)
-                    pos = key.end()
-                try_fast = True
-                continue  # to the first element
-        # Just past a complete value: close containers until one has another element.
-        while closers:
-            patterns = _patterns(depth + len(closers))
-            closer = closers[-1]
-            if closer == _CLOSE_ARRAY:
-                pos = patterns.array_tail.match(body, pos, end).end()  # type: ignore[union-attr]
-            else:
-                pos = patterns.object_tail.match(body, pos, end).end()  # type: ignore[union-attr]
-            byte = body[pos] if pos < end else -1
-            if byte == closer:
-                closers.pop()
-                pos += 1
-            elif byte == _COMMA:
-                pos = space(body, pos + 1, end).end()  # type: ignore[union-attr]
-                if closer == _CLOSE_OBJECT:
-                    key = _KEY.match(body, pos, end)
-                    if key is None:
-                        raise _fail(body, pos, end, _LOOKING_FOR_KEY)
-                    pos = key.end()
-                try_fast = False
-                break  # to the next element
-            else:
-                raise _fail(body, pos, end, "after array element" if closer == _CLOSE_ARRAY
-                            else "after object key:value pair")
+            closer = _CLOSE_ARRAY if opener == _OPEN_ARRAY else _CLOSE_OBJECT
+            closers.append(closer)
+            open_levels += 1
+            pos += 1
         else:
-            return pos
+            closer = closers[-1]
+        patterns = roomy if open_levels <= roomy_levels else _patterns(open_levels)
+        if closer == _CLOSE_ARRAY:
+            match = (patterns.array_open if just_opened else patterns.array_next).match(body, pos, end)
+        else:
+            match = (patterns.object_open if just_opened else patterns.object_next).match(body, pos, end)
+        if match.lastindex is None:  # type: ignore[union-attr]
+            raise _diagnose(body, pos, end, closer, just_opened, patterns.item)
+        last = match.end() - 1  # type: ignore[union-attr]  # the closer or the opener that ended the match
+        if body[last] == closer:
+            closers.pop()
+            pos = last + 1
+            if not closers:
+                return pos
+            just_opened = False
+        else:
+            opener = body[last]
+            pos = last
+            just_opened = True
+
+
+def _diagnose(body: bytes, pos: int, end: int, closer: int, just_opened: bool,
+              item: re.Pattern[bytes]) -> UnreadableBody:
+    """The error in a container's content, from `pos` (just after its opener, or after an element).
+
+    Runs only for a refused body: walks the elements one at a time to name the first byte that does not fit.
+    The fast patterns take every valid element and push every container, so the error is among these.
+    """
+    after_element = "after array element" if closer == _CLOSE_ARRAY else "after object key:value pair"
+    while True:
+        pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
+        if not just_opened:
+            if pos >= end or body[pos] != _COMMA:
+                return _fail(body, pos, end, after_element)
+            pos = _SPACE.match(body, pos + 1, end).end()  # type: ignore[union-attr]
+        just_opened = False
+        if closer == _CLOSE_OBJECT:
+            key = _KEY.match(body, pos, end)
+            if key is None:
+                return _fail(body, pos, end, _LOOKING_FOR_KEY)
+            pos = key.end()
+        match = item.match(body, pos, end)
+        if match is None:
+            return _fail(body, pos, end, "looking for beginning of value")
+        pos = match.end()
 
 
 def _first_value(body: bytes, start: int, end: int | None) -> tuple[int, int]:
@@ -243,7 +276,8 @@ def _check_rest(body: bytes, pos: int, end: int, trailing_ok: bool) -> None:
 # Strings
 
 # Escapes, with a surrogate pair first so it combines into one character as Go's unquote does.
-_ESCAPE = re.compile(r'\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(.))')
+_ESCAPE = re.compile(r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"  # high, low
+                     r"|u([0-9a-fA-F]{4})|(.))")
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
@@ -275,17 +309,6 @@ def string_text(body: bytes, start: int, end: int) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Objects and arrays
-
-
-def _key_text(body: bytes, start: int, end: int) -> str | None:
-    # Keys are short and mostly plain: a copy and one decode beat the general path.
-    raw = body[start + 1:end - 1]
-    if b"\\" in raw:
-        return string_text(body, start, end)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 class Member(NamedTuple):
@@ -367,25 +390,34 @@ def scan_object(body: bytes, start: int = 0, end: int | None = None, *,
         pos += 1
     else:
         member_at = _patterns(1).member.match  # values sit inside the object: one level open
+        append = members.append
+        kind_of = _KIND_BY_FIRST_BYTE
         more = True
         while more:
             # One regex call per member: key, colon, value (if no deeper than the fast patterns go) and the
-            # separator after it.
+            # separator after it. The loop is written for speed: bodies can hold 10^5 members.
             match = member_at(body, pos, end)
             if match is None:
                 raise _fail(body, pos, end, _LOOKING_FOR_KEY)
             key_start, key_end = match.span(1)
             value_start, value_end = match.span(2)
             if value_start >= 0:
-                more = match.start(3) >= 0
+                more = match.lastindex == 3  # the comma group
                 pos = match.end()
             else:  # deeper than the fast patterns (or malformed): walk it
                 value_start = match.end()
-                value_end = _value_end(body, value_start, end, 1)
+                value_end = _value_end(body, value_start, end, 1, whole_item_failed=True)
                 pos, more = _separator(body, value_end, end, _CLOSE_OBJECT, "after object key:value pair")
-            members.append(_new_tuple(Member, (_key_text(body, key_start, key_end),
-                                               _KIND_BY_FIRST_BYTE[body[value_start]], key_start, value_start,
-                                               value_end, body)))
+            raw_key = body[key_start + 1:key_end - 1]
+            if b"\\" in raw_key:
+                name = string_text(body, key_start, key_end)
+            else:
+                try:
+                    name = raw_key.decode()
+                except UnicodeDecodeError:
+                    name = None
+            append(_new_tuple(Member, (name, kind_of[body[value_start]], key_start, value_start, value_end,
+                                       body)))
     _check_rest(body, pos, end, trailing_ok)
     return members
 
@@ -407,10 +439,13 @@ def scan_array(body: bytes, start: int = 0, end: int | None = None, *,
         while more:
             value_start = pos
             match = item_at(body, pos, end)
-            value_end = match.end() if match is not None else _value_end(body, pos, end, 1)
+            if match is not None:
+                value_end = match.end()
+            else:
+                value_end = _value_end(body, pos, end, 1, whole_item_failed=True)
             pos, more = _separator(body, value_end, end, _CLOSE_ARRAY, "after array element")
-            elements.append(_new_tuple(Element, (_KIND_BY_FIRST_BYTE[body[value_start]], value_start, value_end,
-                                                 body)))
+            elements.append(_new_tuple(Element, (_KIND_BY_FIRST_BYTE[body[value_start]], value_start,
+                                                 value_end, body)))
     _check_rest(body, pos, end, trailing_ok)
     return elements
 
