@@ -83,13 +83,13 @@ def test_invalid_json_is_refused(body: bytes) -> None:
 def test_error_messages_say_what_and_where() -> None:
     with pytest.raises(UnreadableBody, match=r"^request body is empty"):
         scan_object(b"  \n")
-    with pytest.raises(UnreadableBody, match=r"^request body is not valid JSON: unexpected end of JSON input$"):
+    with pytest.raises(UnreadableBody, match=r"^request body is not valid JSON: unexpected end of JSON"):
         scan_object(b'{"model":"x"')
     with pytest.raises(UnreadableBody, match=r"invalid character 0x01 in string literal \(byte 11\)"):
         scan_object(b'{"model":"x\x01"}')
     with pytest.raises(UnreadableBody, match=r"invalid character '1' after object key \(byte 9\)"):
         scan_object(b'{"model" 1}')
-    with pytest.raises(UnreadableBody, match=r"invalid character '}' looking for beginning of object key string"):
+    with pytest.raises(UnreadableBody, match=r"invalid character '}' looking for beginning of object key"):
         scan_object(b'{"model":1,}')
 
 
@@ -228,10 +228,11 @@ def test_string_text(raw: bytes, text: str | None) -> None:
 
 @pytest.mark.parametrize("key, field, matches", [
     ("model", "model", True), ("Model", "model", True), ("MODEL", "model", True), ("mOdEl", "model", True),
-    ("\u017fource", "source", True), ("\u017fOURCE", "source", True), ("ſ", "s", True), ("api_\u212aey", "api_key", True),
-    ("\u212aey", "key", True), ("destination", "destination", True),
-    ("na\u0131me", "name", False), ("nam\u0130", "name", False), ("\u0131", "i", False), ("\u0130", "i", False),
-    ("models", "model", False), ("mode", "model", False), ("model ", "model", False), ("api-key", "api_key", False),
+    ("\u017fource", "source", True), ("\u017fOURCE", "source", True), ("\u017f", "s", True),
+    ("api_\u212aey", "api_key", True), ("\u212aey", "key", True), ("destination", "destination", True),
+    ("na\u0131me", "name", False), ("nam\u0130", "name", False), ("\u0131", "i", False),
+    ("\u0130", "i", False), ("models", "model", False), ("mode", "model", False), ("model ", "model", False),
+    ("api-key", "api_key", False),
     ("API_KEY", "api_key", True), ("api_KEY", "api_key", True), ("", "model", False),
     ("\uff4d\uff4f\uff44\uff45\uff4c", "model", False),  # fullwidth letters
 ])
@@ -385,7 +386,8 @@ def test_remove_members(body: bytes, expected: bytes) -> None:
 
 
 def test_remove_many_duplicates() -> None:
-    body = b'{"a":0,' + b",".join(b'"k":%d' % i for i in range(2000)) + b',"b":1,' + b'"k":2,' * 10 + b'"c":2}'
+    body = (b'{"a":0,' + b",".join(b'"k":%d' % i for i in range(2000)) + b',"b":1,' + b'"k":2,' * 10
+            + b'"c":2}')
     members = scan_object(body)
     assert members is not None
     assert remove_members(body, members, "k") == b'{"a":0,"b":1,"c":2}'
@@ -425,14 +427,17 @@ BYPASS_BODIES = [
     b'{"Model":"x"}', b'{"MODEL":"x","model":"y"}', b'{"model":"y","MODEL":"x"}',
     '{"\u017fource":"x","destination":"y"}'.encode(), '{"api_\u212aey":"k"}'.encode(),
     b'{"\\u017fource":"x"}', b'{"api_\\u212aey":"k"}', b'{"api_\\u212Aey":"k"}',
-    '{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode(), b'{"name":"a","nam\\u0130":"x","n\\u0131me":"y"}',
+    '{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode(),
+    b'{"name":"a","nam\\u0130":"x","n\\u0131me":"y"}',
     b'{"model":"x","model":null}', b'{"model":null,"model":"x"}', b'{"model":null}',
     b'{"model":"a"} {"model":"b"}', b'{"model":"a"}{"model":"b"}', b'{"model":"a"}x', b'{"model":"a"}\x00',
     b'{"model":"a"}\n\n', b'{"model":"a"}\xff',
     b'{"model":"\xff"}', b'{"model":"a\xc0\xaf"}', b'{"model":"\xed\xa0\x80"}', b'{"model":"\xe2\x82A"}',
-    b'{"model":"\\ud800"}', b'{"model":"\\udc00x"}', b'{"model":"\\ud83d\\ude00"}', b'{"model":"\\ud83d\\u0041"}',
+    b'{"model":"\\ud800"}', b'{"model":"\\udc00x"}', b'{"model":"\\ud83d\\ude00"}',
+    b'{"model":"\\ud83d\\u0041"}',
     b'{"mod\xffel":"x","model":"y"}', b'{"mod\\ud800el":"x","model":"y"}', b'{"prompt":"\xff","model":"y"}',
-    b'{"mod\\u0065l":"x"}', b'{"model":"a","mo\\u0064el":"b"}', b'{"\\u006d\\u006F\\u0064\\u0065\\u006c":"x"}',
+    b'{"mod\\u0065l":"x"}', b'{"model":"a","mo\\u0064el":"b"}',
+    b'{"\\u006d\\u006F\\u0064\\u0065\\u006c":"x"}',
     b'{"model":5}', b'{"model":"a","model":5,"model":"b"}', b'{"model":["a"]}', b'{"model":{"a":"b"}}',
     b'{"model":true}', b'{"name":false,"model":"m"}',
     b'{"x":' + b"1" * 5000 + b',"model":"m"}', b'{"x":-' + b"1" * 5000 + b'.5e-1,"model":"m"}',
@@ -440,7 +445,8 @@ BYPASS_BODIES = [
     b'{"x":' + nested(MAX_DEPTH) + b',"model":"m"}', nested(MAX_DEPTH + 1),
     b"{" + b",".join(b'"model":"m%d"' % i for i in range(2000)) + b"}",
     b'{"model":"m","options":{"model":"x"},"messages":[{"model":"y"}]}',
-    b"", b"  ", b"null", b'["model"]', b'"model"', b"\xef\xbb\xbf{}", b'{"model":"a",}', b'{"model":"a" "x":1}',
+    b"", b"  ", b"null", b'["model"]', b'"model"', b"\xef\xbb\xbf{}", b'{"model":"a",}',
+    b'{"model":"a" "x":1}',
     b'{"model":"a","x":[1,]}', b'{"model":"a","x":01}', b'{"model":"a","x":NaN}', b'{"model":"a\x01"}',
     b'{\x0c"model":"a"}', b'{"model":"a","x":"\\x"}', b'{"model":"llama3","stream":false,"prompt":"hi"}',
 ]
@@ -452,17 +458,21 @@ def test_bypass_bodies_against_go() -> None:
     assert sum(accepted) >= 20  # not vacuous
     by_body = dict(zip(BYPASS_BODIES, readings))
     # What Go was verified to do, each the reason for one rule:
-    assert by_body[b'{"Model":"x"}']["fields"]["model"] == "x"  # case-insensitive keys
-    assert by_body['{"\u017fource":"x","destination":"y"}'.encode()]["fields"]["source"] == "x"  # simple folding
-    assert by_body['{"api_\u212aey":"k"}'.encode()]["fields"]["api_key"] == "k"
-    assert by_body['{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode()]["fields"]["name"] == "a"  # İ, ı: no
-    assert by_body[b'{"model":"x","model":null}']["fields"]["model"] == "x"  # null keeps the value
-    assert by_body[b'{"model":"a"} {"model":"b"}'] == {**by_body[b'{"model":"a"} {"model":"b"}'], "error": False,
-                                                       "trailing": True}  # the rest is ignored
-    assert by_body[b'{"model":"\xff"}']["fields"]["model"] == "\ufffd"  # invalid UTF-8 becomes U+FFFD
-    assert by_body[b'{"model":"\\ud800"}']["fields"]["model"] == "\ufffd"
-    assert by_body[b'{"model":"a","model":5,"model":"b"}']["error"]  # a type error fails the decode...
-    assert by_body[b'{"model":"a","model":5,"model":"b"}']["fields"]["model"] == "b"  # ...after the rest is read
+    def go_model(body: bytes, field: str = "model") -> str:
+        return by_body[body]["fields"][field]
+
+    assert go_model(b'{"Model":"x"}') == "x"  # case-insensitive keys
+    assert go_model('{"\u017fource":"x","destination":"y"}'.encode(), "source") == "x"  # simple folding
+    assert go_model('{"api_\u212aey":"k"}'.encode(), "api_key") == "k"
+    assert go_model('{"name":"a","nam\u0130":"x","n\u0131me":"y"}'.encode(), "name") == "a"  # not İ, ı
+    assert go_model(b'{"model":"x","model":null}') == "x"  # null keeps the value
+    two_values = by_body[b'{"model":"a"} {"model":"b"}']
+    assert (two_values["error"], two_values["trailing"], go_model(b'{"model":"a"} {"model":"b"}')) == (
+        False, True, "a")  # the rest is ignored
+    assert go_model(b'{"model":"\xff"}') == "\ufffd"  # invalid UTF-8 becomes U+FFFD
+    assert go_model(b'{"model":"\\ud800"}') == "\ufffd"
+    type_error = b'{"model":"a","model":5,"model":"b"}'
+    assert by_body[type_error]["error"] and go_model(type_error) == "b"  # decode fails, after reading the rest
     assert not by_body[b'{"x":' + nested(MAX_DEPTH - 1) + b',"model":"m"}']["error"]  # 10,000 levels
     assert by_body[b'{"x":' + nested(MAX_DEPTH) + b',"model":"m"}']["error_text"] == "exceeded max depth"
     assert not by_body[b'{"x":' + b"1" * 5000 + b',"model":"m"}']["error"]  # long numbers skipped
@@ -487,14 +497,14 @@ def test_gos_folding_is_ours() -> None:
 # Property-based: generated bodies with every bypass class, compared with Go a batch at a time
 
 LETTER_VARIANTS = {"s": "sS\u017f", "k": "kK\u212a", "i": "iI\u0131\u0130"}
-KEY_BASES = [*FIELDS, *FIELDS, "models", "mode", "nam", "api-key", "apikey", "prompt", "sources", "destinatio",
-             "x", "", "stream"]
-INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xed\xbf\xbf",
-                b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xef\xbf"]
+KEY_BASES = [*FIELDS, *FIELDS, "models", "mode", "nam", "api-key", "apikey", "prompt", "sources",
+             "destinatio", "x", "", "stream"]
+INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80",
+                b"\xed\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xef\xbf"]
 LONE_SURROGATES = [b"\\ud800", b"\\uDBFF", b"\\udc00", b"\\uDFFF", b"\\ud83d\\u0041", b"\\ude00\\ud83d"]
 WHITESPACE = [b"", b"", b"", b" ", b"\n", b"\t", b"\r\n  "]
-TEXT_ALPHABET = st.sampled_from(list("abcXYZ019:/._-") + ["\u00e9", "\u2603", "\U0001f600", "\ufffd", '"', "\\",
-                                                          "\n", "\x00", "\x1f", "\x7f", "/", " ", "\u017f"])
+TEXT_ALPHABET = st.sampled_from([*"abcXYZ019:/._- ", "\u00e9", "\u2603", "\U0001f600", "\ufffd", '"', "\\",
+                                 "\n", "\x00", "\x1f", "\x7f", "\u017f"])
 
 
 @st.composite
@@ -513,12 +523,13 @@ def key_texts(draw: st.DrawFn) -> str:
     return "".join(chars)
 
 
-SHORT_ESCAPES = {'"': b'\\"', "\\": b"\\\\", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n", "\r": b"\\r", "\t": b"\\t"}
+SHORT_ESCAPES = {'"': b'\\"', "\\": b"\\\\", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n", "\r": b"\\r",
+                 "\t": b"\\t"}
 
 
 @st.composite
 def encoded_strings(draw: st.DrawFn, text: str) -> bytes:
-    """`text` as a JSON string token, each character raw or escaped; sometimes with bytes Go reads as U+FFFD."""
+    """`text` as a JSON string token, each character raw or escaped; sometimes with what Go reads as U+FFFD."""
     escape = draw(st.integers(0, 2 ** len(text) - 1))  # which characters to write as \\u escapes
     hex_format = draw(st.sampled_from([b"\\u%04x", b"\\u%04X"]))
     out = [b'"']
@@ -595,8 +606,9 @@ def bodies(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 5)) == 0:  # one byte changed, added or dropped: mostly invalid JSON
         where = draw(st.integers(0, len(body)))
         byte = bytes([draw(st.sampled_from(MUTATION_BYTES))])
-        body = draw(st.sampled_from([body[:where] + byte + body[where + 1:], body[:where] + byte + body[where:],
-                                     body[:where] + body[where + 1:]]))
+        changed, added, dropped = (body[:where] + byte + body[where + 1:], body[:where] + byte + body[where:],
+                                   body[:where] + body[where + 1:])
+        body = draw(st.sampled_from([changed, added, dropped]))
     return body
 
 
@@ -607,7 +619,8 @@ BATCH_SIZE = 30
 # and shrinking a batch costs a Go process per attempt (minutes, past the per-test timeout).
 @settings(max_examples=30, derandomize=True, database=None, deadline=None,
           phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.large_base_example])
 @given(st.lists(bodies(), min_size=BATCH_SIZE, max_size=BATCH_SIZE))
 def test_generated_bodies_read_as_go_reads_them(batch: list[bytes]) -> None:
     """A batch of bodies per example, one Go process per batch.
@@ -624,16 +637,47 @@ def test_generated_bodies_read_as_go_reads_them(batch: list[bytes]) -> None:
         if members is not None:
             stripped = remove_members(body, members, "api_key")
             left = scan_object(stripped)
-            assert left is not None and [m.name for m in left] == [m.name for m in members if m.name != "api_key"]
+            assert left is not None
+            assert [m.name for m in left] == [m.name for m in members if m.name != "api_key"]
             stripped_bodies.append(stripped)
     readings = go_reads(batch + stripped_bodies)
     for body, go in zip(batch, readings):
-        accepted = check_against_go(body, go)
+        check_against_go(body, go)
         check_against_go(body, go, trailing_ok=True)
-        top_is_object = body.lstrip(b" \t\r\n")[:1] == b"{"
-        if (not go["error"] and not go["trailing"] and top_is_object
-                and not any("\ufffd" in value for value in go["fields"].values())):
-            # Conversely, a body Go reads cleanly is refused only for text Go would mangle: never here.
-            assert accepted, body
+        if not go["error"] and not go["trailing"] and body.lstrip(b" \t\r\n")[:1] == b"{":
+            # Conversely, what Go reads cleanly gojson reads too, and refuses a field only when it is
+            # assigned text Go would read as U+FFFD.
+            members = scan_object(body)
+            assert members is not None, body
+            for name in FIELDS:
+                if not any(m.kind == "string" and m.text is None for m in members
+                           if m.name is not None and go_key_matches(m.name, name)):
+                    assert (go_string_field(members, name) or "") == go["fields"][name], (body, name)
     for body, go in zip(stripped_bodies, readings[len(batch):]):
         check_against_go(body, go)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hypothesis' pytest plugin stays on.
+#
+# It was switched off (`-p no:hypothesispytest`, blamed on a "CPython 3.11.7 AST bug"). The bug is real, the
+# plugin was not its cause. CPython 3.11.7 keeps the AST builder's recursion counter in per-interpreter state
+# (gh-106905, fixed in 3.11.8): an ast.parse that starts while another one is building its tree resets the
+# counter, and the outer call fails with "SystemError: AST constructor recursion depth mismatch". In this
+# suite the second parse came from pytest: with filterwarnings = error, a resource a test leaked (an unclosed
+# transport, socket or event loop) raises ResourceWarning when the cyclic GC finalizes it, pytest's
+# unraisablehook formats that traceback on the spot, and 3.11's traceback module calls ast.parse to place
+# its ^^^ carets. Whenever the GC ran inside a long ast.parse (pytest rewriting a test module or one of
+# hypothesis's modules, which happens every session when PYTHONDONTWRITEBYTECODE is set; pytest parsing a
+# source file to show a failure; hypothesis collecting constants from every local module), that parse
+# failed: an INTERNALERROR when it was pytest's. The plugin only added some of those parses; the same
+# failure reproduces with it off.
+# The fix is at the cause: tests no longer leak resources, and an unraisable warning fails the test it
+# comes from (42065a1) rather than being silenced, so no finalizer raises in the middle of a parse. With
+# ast.parse instrumented, a whole run of the suite with the plugin on shows no overlapping parses.
+
+
+def test_hypothesis_plugin_is_on(pytestconfig: pytest.Config) -> None:
+    # The plugin brings the health checks (e.g. function-scoped fixtures under @given), the hypothesis marker
+    # and --hypothesis-seed / --hypothesis-show-statistics; do not switch it off to hide a failure.
+    assert pytestconfig.pluginmanager.has_plugin("hypothesispytest")
