@@ -66,6 +66,7 @@ class ServerConfig:
     body_timeout: float = 60.0
     max_header_bytes: int = 65536
     shutdown_grace: float = 30.0
+    pid_file: str = ""  # written at startup (for `fastgate reload` and service managers); "" for none
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     hostnames: tuple[str, ...] = ()  # names clients may use in Host for ambient credentials (DNS rebinding)
 
@@ -99,11 +100,13 @@ class AuthConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
+    format: str = "text"  # "text" (the seed's lines) or "json" (one object per line)
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = ""  # SQLite file of managed keys and usage; "" for none
+    usage_retention_days: int = 0  # 0 keeps every usage row; otherwise older rows are deleted once a day
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,12 @@ def parse_upstream_url(key: str, value: Any) -> UpstreamURL:
     return UpstreamURL("http", parts.hostname, port, parts.path.rstrip("/"))
 
 
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
 def _log_level(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -219,6 +228,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "body_timeout": _seconds,
         "max_header_bytes": _int(1024),
         "shutdown_grace": _seconds,
+        "pid_file": _str,
         "trusted_proxies": _networks,
         "hostnames": lambda key, value: _hostnames(key, value),
     }),
@@ -242,9 +252,11 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     }),
     "log": (LogConfig, {
         "level": _log_level,
+        "format": lambda key, value: _choice(key, value, ("text", "json")),
     }),
     "store": (StoreConfig, {
         "path": _str,
+        "usage_retention_days": _int(0),
     }),
     "metrics": (MetricsConfig, {
         "enabled": _bool,
