@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from . import __version__
 from .config import Config
 from .connection import ClientProtocol, _plain_ip
-from .errors import ConfigError
+from .errors import BadRequest, ConfigError
 from .logs import log, set_level
 from .managed import ManagedKeys
+from .messages import error_response
 from .store import KeyStore, StoreError
 from .proxy import FD_WARN_INTERVAL_S, Proxy
 from .tls import load_certificate, server_context
@@ -42,6 +43,13 @@ FIXED_FDS = 128
 FD_WARN_SHARE = 0.9
 ACCEPT_RETRY_S = 0.5  # after accept() failed for want of descriptors
 ACCEPTS_PER_YIELD = 32  # connections accepted in a row before other work gets the loop
+# Plain HTTP on the TLS port: a TLS ClientHello starts with 0x16, a request with its method (as far as peeked).
+PEEK_BYTES = 16
+_PLAIN_HTTP_START = re.compile(rb"[A-Z][A-Z_-]{0,19}(?: |\Z)")
+PLAIN_HTTP_MESSAGE = ("this port speaks HTTPS only: the plain HTTP request was sent to an HTTPS port; "
+                      "use an https:// URL")
+PLAIN_HTTP_HEAD_MAX = 16 * 1024  # read at most this much of its head before answering
+PLAIN_HTTP_LINGER_S = 1.0  # to send the 400 and let the client close first (so it is not lost to a reset)
 # [keys] entries written as "sha256:<hex>" are digests (keys.KeyRing reads them so), not secrets.
 _DIGEST_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _GROUP_OR_OTHER_READ = stat.S_IRGRP | stat.S_IROTH
@@ -137,7 +145,8 @@ class TlsListener(asyncio.AbstractServer):
     with before a handshake not worth its CPU), and an admitted one is handed to `loop.connect_accepted_socket`,
     which does the handshake within server.header_timeout. A handshake that fails or times out never reaches
     the application protocol (no connection_lost): its slot is given back here, when connect_accepted_socket
-    raises, by which time the loop has closed the socket.
+    raises, by which time the loop has closed the socket. Before the handshake its first bytes are peeked: plain
+    HTTP (a method where a ClientHello's 0x16 belongs) is answered with a 400 saying to use https, as nginx does.
     """
 
     def __init__(self, proxy: Proxy, ssl_context: ssl.SSLContext, factory: Callable[..., ClientProtocol],
@@ -213,9 +222,18 @@ class TlsListener(asyncio.AbstractServer):
             made.append(self.factory(ip))
             return made[-1]
 
+        deadline = self.loop.time() + self.proxy.config.server.header_timeout
         try:
+            first = await self._first_bytes(sock, deadline)
+            if first is not None and _PLAIN_HTTP_START.match(first):
+                await self._answer_plain_http(sock, ip, deadline)
+                first = None
+            if first is None:  # closed, silent until the deadline, or answered: the socket is still ours
+                sock.close()
+                self.proxy.release_slot(ip)
+                return
             await self.loop.connect_accepted_socket(factory, sock, ssl=self.ssl_context,
-                                                    ssl_handshake_timeout=self.proxy.config.server.header_timeout)
+                                                    ssl_handshake_timeout=max(deadline - self.loop.time(), 0.001))
         except BaseException as exc:
             if made:
                 made[0].release_slot()
@@ -225,6 +243,63 @@ class TlsListener(asyncio.AbstractServer):
             if not isinstance(exc, Exception):
                 raise
             log.debug("TLS handshake with %s failed: %s", ip, exc)
+
+    async def _first_bytes(self, sock: socket.socket, deadline: float) -> bytes | None:
+        """The first bytes the client sent, peeked (still there for the handshake to read); None when it
+        closed, or sent nothing before the deadline."""
+        loop = self.loop
+        sock.setblocking(False)
+        while True:
+            try:
+                return sock.recv(PEEK_BYTES, socket.MSG_PEEK) or None
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return None
+            readable = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, deadline - loop.time())
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                loop.remove_reader(sock.fileno())
+
+    async def _answer_plain_http(self, sock: socket.socket, ip: str, deadline: float) -> None:
+        """Plain HTTP sent to the TLS port gets a readable 400 saying to use https (as nginx does), not an empty
+        reply. Its head is read first, within the handshake deadline, so that the answer takes the shape of the
+        path (/v1 errors) and closing does not reset the connection under the client; the answer and the wait
+        for the client to close take at most PLAIN_HTTP_LINGER_S more."""
+        loop = self.loop
+        head = bytearray()
+
+        async def read_head() -> None:
+            while b"\r\n\r\n" not in head and len(head) < PLAIN_HTTP_HEAD_MAX:
+                piece = await loop.sock_recv(sock, 4096)
+                if not piece:
+                    return
+                head.extend(piece)
+
+        async def answer(data: bytes) -> None:
+            await loop.sock_sendall(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+            while await loop.sock_recv(sock, 65536):  # whatever else it sends, until it closes
+                pass
+
+        try:
+            await asyncio.wait_for(read_head(), max(deadline - loop.time(), 0))
+        except (asyncio.TimeoutError, OSError):
+            pass
+        method, _, rest = bytes(head).partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        log.info("Plain HTTP from %s on the TLS port (%s %s): answered 400, use https", ip,
+                 method[:20].decode("latin-1"), path[:100].decode("latin-1"))
+        reply = error_response(BadRequest(PLAIN_HTTP_MESSAGE), path=path, request_id=b"", close=True,
+                               head_only=method == b"HEAD")
+        try:
+            await asyncio.wait_for(answer(reply), PLAIN_HTTP_LINGER_S)
+        except (asyncio.TimeoutError, OSError):
+            pass
 
     def close(self) -> None:
         for task in self._accepting:

@@ -1,8 +1,8 @@
 """HTTPS on the listener (server.tls_cert / server.tls_key) with a throwaway CA from trustme.
 
 Covers: real clients over TLS (plain requests and streams), ALPN, certificate verification, the TLS 1.2
-floor, non-TLS bytes on the TLS port (dropped without an HTTP answer, listener unharmed), the handshake
-deadline, X-Forwarded-Proto, and configuration errors.
+floor, plain HTTP on the TLS port (a readable 400 saying to use https), other non-TLS bytes (dropped without an
+HTTP answer, listener unharmed), the handshake deadline, X-Forwarded-Proto, and configuration errors.
 """
 
 from __future__ import annotations
@@ -195,20 +195,67 @@ async def test_client_limited_to_tls11_is_refused(tls_gateway: RunningServer, ca
     await assert_tls_still_served(tls_gateway, ca)
 
 
-@pytest.mark.parametrize("junk", [
-    pytest.param(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY1.encode() + b"\r\n\r\n",
-                 id="plain-http"),
-    pytest.param(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-                 id="plain-http-post"),
-    pytest.param(bytes(range(256)) * 4, id="binary-garbage"),
-    pytest.param(b"\x16\x03\x01\x00\x08garbage!" + b"\x00" * 64, id="broken-tls-record"),
-])
-async def test_non_tls_bytes_are_dropped_and_listener_survives(tls_gateway: RunningServer, ca: trustme.CA,
-                                                               ollama: FakeOllama, junk: bytes) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", tls_gateway.port)
+async def exchange_in_clear(port: int, request: bytes, timeout: float = 5) -> tuple[bytes, bool]:
+    """Send `request` in clear text to `port`; everything answered until the server closes, and whether it did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(junk)
+        writer.write(request)
         await writer.drain()
+        return await read_until_closed(reader, timeout=timeout)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def wait_for_no_open_sockets(gw: RunningServer) -> None:
+    deadline = time.monotonic() + 5
+    while gw.proxy.open_sockets:
+        assert time.monotonic() < deadline, f"{gw.proxy.open_sockets} sockets still counted"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("request_bytes,openai", [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY1.encode() + b"\r\n\r\n", False,
+                 id="get"),
+    pytest.param(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", False, id="post"),
+    pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n"
+                 + b"x" * 70000, True, id="openai-post-with-a-body-not-read"),
+])
+async def test_plain_http_gets_a_readable_400_saying_to_use_https(tls_gateway: RunningServer, ca: trustme.CA,
+                                                                 ollama: FakeOllama, request_bytes: bytes,
+                                                                 openai: bool) -> None:
+    data, closed = await exchange_in_clear(tls_gateway.port, request_bytes)
+    assert closed, "the TLS listener kept the plain HTTP connection open"
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request", data[:200]
+    assert b"Connection: close" in lines[1:]
+    assert int(next(line for line in lines if line.startswith(b"Content-Length: ")).split(b": ")[1]) == len(body)
+    error = json.loads(body)["error"]
+    message = error["message"] if openai else error
+    assert "plain HTTP request was sent to an HTTPS port" in message and "https://" in message
+    assert ollama.received == []
+    assert not tls_gateway.proxy.connections  # never reached fastgate's HTTP layer
+    await wait_for_no_open_sockets(tls_gateway)
+    await assert_tls_still_served(tls_gateway, ca)
+
+
+async def test_plain_http_answer_is_bounded_by_the_header_timeout(make_gateway: MakeGateway, cert_files: CertFiles,
+                                                                  ca: trustme.CA) -> None:
+    gw = await make_gateway(server={"tls_cert": str(cert_files.cert), "tls_key": str(cert_files.key),
+                                    "header_timeout": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head never finished
+        await writer.drain()
+        started = time.monotonic()
+        deadline = started + 5
+        while gw.proxy.open_sockets != 1:  # counted like any other socket while it waits
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
         data, closed = await read_until_closed(reader, timeout=5)
     finally:
         writer.close()
@@ -216,6 +263,19 @@ async def test_non_tls_bytes_are_dropped_and_listener_survives(tls_gateway: Runn
             await writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+    assert closed and data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert 0.3 <= time.monotonic() - started < 3
+    await wait_for_no_open_sockets(gw)
+    await assert_tls_still_served(gw, ca)
+
+
+@pytest.mark.parametrize("junk", [
+    pytest.param(bytes(range(256)) * 4, id="binary-garbage"),
+    pytest.param(b"\x16\x03\x01\x00\x08garbage!" + b"\x00" * 64, id="broken-tls-record"),
+])
+async def test_non_tls_bytes_are_dropped_and_listener_survives(tls_gateway: RunningServer, ca: trustme.CA,
+                                                               ollama: FakeOllama, junk: bytes) -> None:
+    data, closed = await exchange_in_clear(tls_gateway.port, junk)
     assert closed, "the TLS listener kept a non-TLS connection open"
     assert b"HTTP/" not in data  # no HTTP answer in clear text (at most a TLS alert record)
     assert data == b"" or data[0] == 0x15  # 0x15: TLS alert
