@@ -1,4 +1,5 @@
-"""Operator commands on the key store: `fastgate keys add|list|revoke|rotate` and `fastgate usage`.
+"""Operator commands on the key store: `fastgate keys add|list|revoke|rotate|import` and `fastgate usage
+[prune]`.
 
 Each command is a function of (argv, store path, output streams, now) returning an exit code, so `cli.main`
 only dispatches and tests run it in-process. Nothing here touches sys.stdout, sys.stderr or sys.exit.
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TextIO
 
-from .store import ROLES, USAGE_GROUPS, KeyRecord, KeyStore, StoreError
+from .keys import mask
+from .store import (
+    DISPLAY_PREFIX_CHARS, PRUNE_BATCH_ROWS, ROLES, USAGE_GROUPS, KeyRecord, KeyStore, StoreError, secret_digest,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command was understood but failed (unknown id, unreadable store)
@@ -24,6 +28,10 @@ EXIT_USAGE = 2  # bad arguments or no store configured
 _DURATION = re.compile(r"(?P<n>[0-9]+)(?P<unit>[smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 NO_STORE = "no key store configured: set [store] path in the config file"
+# --config is taken out of the arguments by cli.main before these parsers see them (it must be read first, to
+# find the store); it is declared here too so that every --help shows it.
+CONFIG_HELP = "config file naming the key store (default: ./fastgate.toml); also accepted before the command"
+_DIGEST_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
 class _ParserExit(Exception):
@@ -136,13 +144,26 @@ def _print_secret(out: TextIO, record: KeyRecord, secret: str, what: str) -> Non
     print("Store it now: it will not be shown again.", file=out)
 
 
+def _print_secret_json(out: TextIO, record: KeyRecord, secret: str, now: float) -> None:
+    """For scripts: one JSON object, id, user, role and the key first, then what `keys list --json` shows."""
+    listed = _key_json(record, now)
+    print(json.dumps({"id": listed.pop("id"), "user": listed.pop("user"), "role": listed.pop("role"),
+                      "key": secret, **listed}, indent=2), file=out)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # fastgate keys ...
 
 def _keys_parser() -> _Parser:
     parser = _Parser(prog="fastgate keys", description="Manage API keys in the key store.")
+    _add_config(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="create a key and print it once")
+    _add_config(add)
     add.add_argument("user")
     add.add_argument("--role", choices=ROLES, default="user")
     add.add_argument("--models", type=_patterns, default=(), metavar="PATTERNS",
@@ -151,13 +172,26 @@ def _keys_parser() -> _Parser:
     add.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute")
     add.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="requests in flight at once")
     add.add_argument("--tokens-per-day", type=_positive_int, metavar="N", help="prompt + completion tokens")
+    add.add_argument("--json", action="store_true", help="print one JSON object (id, user, role, key, ...)")
     listing = actions.add_parser("list", help="show keys (never their secrets)")
+    _add_config(listing)
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     revoke = actions.add_parser("revoke", help="disable a key for good")
+    _add_config(revoke)
     revoke.add_argument("id")
     rotate = actions.add_parser("rotate", help="give a key a new secret (the old one stops working)")
+    _add_config(rotate)
     rotate.add_argument("id")
+    rotate.add_argument("--json", action="store_true", help="print one JSON object (id, user, role, key, ...)")
+    imports = actions.add_parser(
+        "import", help="copy the config file's [keys] into the store (digests only; running it again adds nothing)",
+        description="Copy the [keys] of the config file into the key store, as SHA-256 digests, with their user "
+                    "names. Keys the store already holds (revoked ones too) are left as they are. Then remove "
+                    "[keys] from the file and reload.")
+    _add_config(imports)
+    imports.add_argument("--role", choices=ROLES, default="admin",
+                         help="role of the imported keys (default: admin, as keys in the config file act)")
     return parser
 
 
@@ -166,6 +200,9 @@ def _keys_add(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float
                                expires_at=None if args.expires is None else now + args.expires,
                                rpm=args.rpm, max_concurrent=args.max_concurrent,
                                tokens_per_day=args.tokens_per_day, now=now)
+    if args.json:
+        _print_secret_json(out, record, secret, now)
+        return EXIT_OK
     _print_secret(out, record, secret, "Created")
     if record.expires_at is not None:
         print(f"It expires {_when(record.expires_at)} UTC.", file=out)
@@ -201,8 +238,51 @@ def _keys_revoke(store: KeyStore, args: argparse.Namespace, out: TextIO, now: fl
 
 def _keys_rotate(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
     record, secret = store.rotate(args.id, now)
+    if args.json:
+        _print_secret_json(out, record, secret, now)
+        return EXIT_OK
     _print_secret(out, record, secret, "Rotated")
     print("The previous secret of this key no longer works.", file=out)
+    return EXIT_OK
+
+
+def _config_entry(entry: str) -> tuple[str, str, str]:
+    """A [keys] entry -> (sha256 hex, display prefix, label for output). Never the key itself: the prefix is at
+    most a quarter of a clear key (DISPLAY_PREFIX_CHARS at most), and a digest entry has none."""
+    match = _DIGEST_KEY.fullmatch(entry)
+    if match is not None:
+        digest = match.group(1).lower()
+        return digest, "", f"sha256:{digest[:8]}..."
+    return secret_digest(entry), entry[:min(DISPLAY_PREFIX_CHARS, len(entry) // 4)], mask(entry)
+
+
+def _keys_import(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float, config_keys: Mapping[str, str],
+                 config_path: str) -> int:
+    source = config_path or "the config file"
+    if not config_keys:
+        print(f"No [keys] in {source}: nothing to import.", file=out)
+        return EXIT_OK
+    entries = [(*_config_entry(entry)[:2], user) for entry, user in config_keys.items()]
+    labels = [_config_entry(entry)[2] for entry in config_keys]
+    results = store.import_digests(entries, role=args.role, now=now)
+    added = 0
+    for (_, _, user), label, (record, new) in zip(entries, labels, results):
+        if new:
+            added += 1
+            print(f"Imported {label} for {record.user} as key {record.id} (role {record.role}).", file=out)
+            continue
+        note = f"Already in the store: {label} is key {record.id} ({record.user}, role {record.role})"
+        if record.user != user:
+            note += f"; the file names it {user!r}, the store's user stays"
+        if record.revoked:
+            note += "; REVOKED there: it works only while the file still holds it, and stops once removed"
+        print(note + ".", file=out)
+    print(f"Imported {added} of {len(entries)} keys from {source} ({len(entries) - added} were already in the "
+          f"store, which keeps only their SHA-256 digests).", file=out)
+    print(f"Next: remove the [keys] table from {source} (the store holds these keys now; while both do, the "
+          f"store's entry is the one in force), then reload: fastgate reload --config {source} (needs [server] "
+          f"pid_file; otherwise kill -HUP <pid>). Manage them from then on with fastgate keys list/rotate/revoke.",
+          file=out)
     return EXIT_OK
 
 
@@ -210,17 +290,25 @@ _KEY_ACTIONS: dict[str, Callable[[KeyStore, argparse.Namespace, TextIO, float], 
     "add": _keys_add, "list": _keys_list, "revoke": _keys_revoke, "rotate": _keys_rotate}
 
 
-def keys_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
-    """`fastgate keys ACTION ...` (argv without the leading "keys")."""
-    return _run(_keys_parser(), argv, lambda store, args: _KEY_ACTIONS[args.action](store, args, out, now),
-                store_path=store_path, out=out, err=err)
+def keys_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float,
+                 config_keys: Mapping[str, str] | None = None, config_path: str = "") -> int:
+    """`fastgate keys ACTION ...` (argv without the leading "keys"). `config_keys` and `config_path`: the
+    config file's [keys] and where it is, for `keys import`."""
+    def act(store: KeyStore, args: argparse.Namespace) -> int:
+        if args.action == "import":
+            return _keys_import(store, args, out, now, config_keys or {}, config_path)
+        return _KEY_ACTIONS[args.action](store, args, out, now)
+
+    return _run(_keys_parser(), argv, act, store_path=store_path, out=out, err=err)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # fastgate usage ...
 
 def _usage_parser(now: float) -> _Parser:
-    parser = _Parser(prog="fastgate usage", description="Requests and tokens per user, model or key.")
+    parser = _Parser(prog="fastgate usage", description="Requests and tokens per user, model or key.",
+                     epilog="fastgate usage prune --before DATE deletes older usage rows (see its --help).")
+    _add_config(parser)
     parser.add_argument("--since", type=lambda text: parse_since(text, now), metavar="DATE",
                         help="only usage at or after DATE: 2026-11-01, 2026-11-01T12:00 (UTC unless an offset "
                              "is given) or a duration back from now like 7d")
@@ -259,8 +347,33 @@ def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _prune_parser(now: float) -> _Parser:
+    parser = _Parser(prog="fastgate usage prune", description="Delete usage rows recorded before DATE, and say "
+                     "how many went. [store] usage_retention_days makes a running fastgate do this once a day.")
+    _add_config(parser)
+    parser.add_argument("--before", type=lambda text: parse_since(text, now), metavar="DATE", required=True,
+                        help="2026-11-01, 2026-11-01T12:00 (UTC unless an offset is given) or a duration back "
+                             "from now like 90d")
+    return parser
+
+
+def _prune(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
+    deleted = 0
+    while True:  # in batches: a running fastgate's usage writes wait for each batch, never for the whole delete
+        batch = store.prune_usage(args.before, PRUNE_BATCH_ROWS)
+        deleted += batch
+        if batch < PRUNE_BATCH_ROWS:
+            break
+    print(f"Deleted {deleted} usage rows recorded before {_when(args.before)} UTC.", file=out)
+    return EXIT_OK
+
+
 def usage_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
-    """`fastgate usage [--since DATE] [--by user|model|key] [--json]` (argv without the leading "usage")."""
+    """`fastgate usage [--since DATE] [--by user|model|key] [--json]` or `fastgate usage prune --before DATE`
+    (argv without the leading "usage")."""
+    if argv[:1] == ["prune"]:
+        return _run(_prune_parser(now), argv[1:], lambda store, args: _prune(store, args, out),
+                    store_path=store_path, out=out, err=err)
     return _run(_usage_parser(now), argv, lambda store, args: _usage(store, args, out),
                 store_path=store_path, out=out, err=err)
 

@@ -310,7 +310,8 @@ def _parse_keys(raw: Any) -> dict[str, str]:
 
 
 def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") -> Config:
-    """Validate a parsed TOML document into a Config. Relative TLS paths resolve against base_dir."""
+    """Validate a parsed TOML document into a Config. Relative TLS, pid file and store paths resolve against
+    base_dir."""
     sections: dict[str, Any] = {}
     for section_name, section_value in data.items():
         if section_name == "keys":
@@ -336,6 +337,8 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
         server = replace(server, tls_cert=os.path.join(base_dir, server.tls_cert),
                           tls_key=os.path.join(base_dir, server.tls_key))
         sections["server"] = server
+    if server.pid_file and base_dir:
+        sections["server"] = server = replace(server, pid_file=os.path.join(base_dir, server.pid_file))
     store = sections.get("store")
     if store is not None and store.path and base_dir:
         sections["store"] = replace(store, path=os.path.join(base_dir, store.path))

@@ -10,6 +10,9 @@ from a backup is reopened and its keys replace the ones loaded before; a deleted
 force and is reported loudly until a file is back (see `_check_file` for why). At shutdown the last usage
 rows wait for the store's write lock only within the shutdown grace; rows it cannot take are spilled to a
 file next to the store, which the next start imports.
+
+With `[store] usage_retention_days`, usage rows older than that are deleted in the first round after start and
+then once a day, in bounded batches on the worker thread (the write lock is never held for long).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .gate import Gate
 from .limits import DAY_S
 from .logs import log
 from .store import (
-    BUSY_TIMEOUT_S, FileId, KeyRecord, KeyStore, StoreBusy, StoreError, file_id, spill_path, spill_usage,
+    BUSY_TIMEOUT_S, PRUNE_BATCH_ROWS, FileId, KeyRecord, KeyStore, StoreBusy, StoreError, file_id, spill_path,
+    spill_usage,
 )
 from .usage import UsageRecord
 
@@ -38,6 +42,7 @@ ROUND_WRITE_WAIT_S = 1.0
 FINAL_WRITE_MIN_WAIT_S = 1.0
 # A lasting store problem (file gone, lock held) is logged when it starts, then again this often.
 REPEAT_LOG_S = 60.0
+PRUNE_INTERVAL_S = DAY_S  # usage retention is applied this often (seconds)
 
 
 def principal_of(record: KeyRecord) -> Principal:
@@ -46,7 +51,8 @@ def principal_of(record: KeyRecord) -> Principal:
 
 
 class ManagedKeys:
-    def __init__(self, store: KeyStore, gate: Gate, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: KeyStore, gate: Gate, *, wall_clock: Callable[[], float] = time.time,
+                 retention_days: int = 0) -> None:
         self.store: KeyStore | None = store  # None while the file at `path` cannot be opened
         self.path = store.path
         self._file_id: FileId | None = store.file_id  # the file `store` has open
@@ -60,6 +66,13 @@ class ManagedKeys:
         self._stopping = asyncio.Event()
         self._spill_waiting = False  # rows an earlier run spilled that could not be imported yet
         self._problems: dict[str, float] = {}  # problem -> monotonic time it was last logged
+        self.retention_days = retention_days  # 0 keeps every usage row; a reload may change it
+        self._next_prune = time.monotonic()  # monotonic time of the next retention pass (the first round)
+
+    @property
+    def active_keys(self) -> int:
+        """Managed keys in force, as loaded last."""
+        return self._active
 
     async def start(self) -> None:
         await self.refresh()
@@ -142,6 +155,7 @@ class ManagedKeys:
                 self._resolved("busy", "Key store %s: usage written again", self.path)
                 if self._spill_waiting:
                     await self._import_spill()
+                await self._prune_if_due()
             except StoreBusy as exc:
                 self._problem("busy", "%s (another connection holds the write lock); %d usage rows wait in "
                               "memory and are retried every second", exc, len(self._pending))
@@ -250,6 +264,24 @@ class ManagedKeys:
             for key_id, at in last_used.items():
                 self._last_used.setdefault(key_id, at)
             raise
+
+    async def _prune_if_due(self) -> None:
+        """Delete usage rows older than `retention_days`, once a day. A failure (StoreBusy) leaves the pass due,
+        so the next round tries again."""
+        store = self.store
+        if not self.retention_days or store is None or time.monotonic() < self._next_prune:
+            return
+        cutoff = self.wall_clock() - self.retention_days * DAY_S
+        deleted = 0
+        while not self._stopping.is_set():  # batch by batch, so a shutdown never waits for a long delete
+            batch = await asyncio.to_thread(store.prune_usage, cutoff, PRUNE_BATCH_ROWS, ROUND_WRITE_WAIT_S)
+            deleted += batch
+            if batch < PRUNE_BATCH_ROWS:
+                self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                break
+        if deleted:
+            log.info("Key store %s: deleted %d usage rows older than %d days ([store] usage_retention_days)",
+                     self.path, deleted, self.retention_days)
 
     async def _import_spill(self) -> None:
         """Import usage rows an earlier run spilled next to the store (its lock was held at shutdown)."""

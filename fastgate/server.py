@@ -20,8 +20,10 @@ from .config import Config
 from .connection import ClientProtocol, _plain_ip
 from .errors import BadRequest, ConfigError
 from .logs import log, set_level
+from . import pidfile
 from .managed import ManagedKeys
 from .messages import error_response
+from .startup import example_key_warnings, in_effect, probe_ollama
 from .store import KeyStore, StoreError
 from .proxy import FD_WARN_INTERVAL_S, Proxy
 from .tls import load_certificate, server_context
@@ -346,6 +348,7 @@ class RunningServer:
     managed: ManagedKeys | None = None
     # Every accepted connection not yet collected, whatever the proxy thinks of it: stop() leaves none open.
     accepted: weakref.WeakSet[ClientProtocol] = field(default_factory=weakref.WeakSet)
+    pid_file: str = ""  # the pid file this process wrote ("" for none); stays where it is until exit
 
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
@@ -359,6 +362,11 @@ class RunningServer:
         set_level(config.log.level)
         for name in fixed:
             log.warning("Reload: %s changed; that takes a restart, the old value stays in force", name)
+        if self.managed is not None:
+            self.managed.retention_days = config.store.usage_retention_days
+        if config.server.pid_file != self.pid_file:
+            log.warning("Reload: server.pid_file changed; that takes a restart, the pid file stays %s",
+                        self.pid_file or "unwritten")
 
     @property
     def url(self) -> str:
@@ -398,7 +406,7 @@ async def start(config: Config) -> RunningServer:
             store = await asyncio.to_thread(KeyStore, config.store.path)
         except StoreError as exc:
             raise ConfigError(f"store.path: {exc}") from None
-        managed = ManagedKeys(store, proxy.gate)
+        managed = ManagedKeys(store, proxy.gate, retention_days=config.store.usage_retention_days)
         await managed.start()
         proxy.set_usage_sink(managed.record)
     accepted: weakref.WeakSet[ClientProtocol] = weakref.WeakSet()
@@ -448,33 +456,97 @@ def warn_if_keys_exposed(config: Config) -> None:
 
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
                 on_ready: Callable[[RunningServer], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the config via `reread`."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the config via `reread`.
+
+    With `[server] pid_file`: PidFileError before binding when it names another running fastgate; written once
+    the listener is up and SIGHUP is handled (a `fastgate reload` that finds it never kills the process), removed
+    on the way out."""
     warn_if_keys_exposed(config)
-    running = await start(config)
+    warn_if_example_keys(config)
+    pid_path = config.server.pid_file
+    if pid_path:
+        stale = pidfile.claim(pid_path)
+        if stale:
+            log.warning("%s", stale)
     loop = asyncio.get_running_loop()
+    # Ollama is probed while the listener comes up: the start line says whether it answered, and startup waits
+    # at most the probe's short timeout for it.
+    probe = loop.create_task(probe_ollama(config.upstream.url))
+    try:
+        running = await start(config)
+    except BaseException:
+        probe.cancel()
+        raise
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reread is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, running, reread)
-    # Where it listens is announced whatever the log level: operators and scripts wait for this line.
-    log.log(max(logging.INFO, log.getEffectiveLevel()),
-            "fastgate %s listening on %s, forwarding to %s (%d keys, IP trust %s)", __version__, running.url,
-             config.upstream.url, len(config.keys),
-             f"{config.auth.session_ttl} s" if config.auth.session_ttl else "off")
-    if on_ready is not None:
-        on_ready(running)
-    await stop.wait()
-    log.info("Shutting down: no new connections; waiting up to %.0f s for requests in flight",
-             config.server.shutdown_grace)
-    await running.stop()
-    log.info("Stopped")
+    if pid_path:
+        try:
+            pidfile.write(pid_path)
+        except pidfile.PidFileError:
+            probe.cancel()
+            await running.stop(grace=0)
+            raise
+        running.pid_file = pid_path
+    try:
+        ollama = await probe
+        if not ollama.answered:
+            log.warning("%s at %s: requests will get 502 or 504 until it does", ollama, config.upstream.url)
+        # Where it listens, and what is in effect, is announced whatever the log level: operators and scripts
+        # wait for this line.
+        log.log(max(logging.INFO, log.getEffectiveLevel()), "fastgate %s listening on %s, forwarding to %s; %s",
+                __version__, running.url, config.upstream.url,
+                in_effect(config, ollama=ollama, pid=os.getpid(),
+                          store_keys=running.managed.active_keys if running.managed is not None else None))
+        if on_ready is not None:
+            on_ready(running)
+        await stop.wait()
+        log.info("Shutting down: no new connections; waiting up to %.0f s for requests in flight",
+                 config.server.shutdown_grace)
+        await running.stop()
+        log.info("Stopped")
+    finally:
+        if running.pid_file:
+            pidfile.remove(running.pid_file)
+
+
+def warn_if_example_keys(config: Config) -> None:
+    """Warn (startup and every reload) about keys of config.toml.example: they are public."""
+    for line in example_key_warnings(config):
+        log.warning("%s", line)
+
+
+_reloads: set[asyncio.Task[None]] = set()  # reloads waiting for the store (a reference keeps each task alive)
 
 
 def _reload(running: RunningServer, reread: Callable[[], Config]) -> None:
+    """SIGHUP. With a key store, its keys are read first and the file applied after: keys just moved from the
+    file into the store (`fastgate keys import`, then [keys] removed, then a reload) never drop out until the
+    next poll of the store."""
+    managed = running.managed
+    if managed is None:
+        _apply_reload(running, reread)
+        return
+
+    async def refresh_then_apply() -> None:
+        try:
+            await managed.refresh()
+        except StoreError as exc:
+            log.error("Key store: %s", exc)
+        _apply_reload(running, reread)
+
+    task = asyncio.get_running_loop().create_task(refresh_then_apply())
+    _reloads.add(task)
+    task.add_done_callback(_reloads.discard)
+
+
+def _apply_reload(running: RunningServer, reread: Callable[[], Config]) -> None:
     try:
         config = reread()
         warn_if_keys_exposed(config)
+        warn_if_example_keys(config)
         running.reload(config)
     except ConfigError as exc:
         log.error("Reload failed, keeping the running config: %s", exc)

@@ -30,7 +30,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from urllib.parse import quote
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ BUSY_TIMEOUT_S = 10.0
 SPILL_SUFFIX = ".usage-spill.jsonl"  # next to the store: usage rows waiting to be imported
 _USAGE_COLUMNS = ("at", "user", "key_id", "model", "path", "status", "prompt_tokens", "completion_tokens",
                   "duration_ms")
+PRUNE_BATCH_ROWS = 10_000  # usage rows deleted per transaction (see prune_usage)
 ROLES = ("user", "admin")
 USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id"}  # --by value -> column
 ERROR_STATUS_MIN = 400
@@ -139,6 +140,20 @@ def spill_usage(store_path: str, rows: Sequence[UsageRecord], last_used: Mapping
     return path
 
 
+def count_active_keys(path: str, now: float) -> int | None:
+    """Active keys in the store at `path`, read without creating, migrating or writing anything (for
+    `check-config`); None when there is no file there yet. StoreError when it cannot be read."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with closing(sqlite3.connect(f"file://{quote(os.path.abspath(path))}?mode=ro", uri=True,
+                                     timeout=BUSY_TIMEOUT_S)) as db:
+            return int(db.execute("SELECT count(*) FROM keys WHERE revoked_at IS NULL "
+                                  "AND (expires_at IS NULL OR expires_at > ?)", (now,)).fetchone()[0])
+    except sqlite3.Error as exc:
+        raise StoreError(f"key store {path}: cannot read: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
@@ -185,7 +200,8 @@ def secret_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _new_secret() -> str:
+def new_secret() -> str:
+    """A fresh API key: `fg_` and 256 random bits (what `keys add` and `fastgate init` hand out)."""
     return SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
 
 
@@ -340,7 +356,7 @@ class KeyStore:
         """Create a key. Returns its record and the secret, which exists only in this return value."""
         patterns = _validate(user, role, models,
                              {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
-        secret = _new_secret()
+        secret = new_secret()
         with self._transaction() as db:
             while True:
                 key_id = "k_" + secrets.token_hex(4)
@@ -379,7 +395,7 @@ class KeyStore:
         `now` is unused today but kept so every mutation has the same shape (and a rotation time can be stored
         without changing callers).
         """
-        secret = _new_secret()
+        secret = new_secret()
         with self._transaction() as db:
             row = db.execute("SELECT revoked_at FROM keys WHERE id = ?", (key_id,)).fetchone()
             if row is None:
@@ -390,6 +406,36 @@ class KeyStore:
                        (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
             self._bump_revision(db)
         return self.get(key_id), secret
+
+    def import_digests(self, entries: Sequence[tuple[str, str, str]], *, role: str,
+                       now: float) -> builtins.list[tuple[KeyRecord, bool]]:
+        """Add keys known only by digest (the config file's [keys]), all in one transaction. `entries` are
+        (sha256 hex, display prefix, user). A digest the store already holds, revoked or not, is left as it is:
+        importing twice adds nothing, and a revoked key is never brought back. Returns, per entry, its record
+        and whether it was added now."""
+        checked = []
+        for digest, prefix, user in entries:
+            _validate(user, role, (), {})
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise StoreError(f"expected a sha256 hex digest, got {len(digest)} characters")
+            checked.append((digest, prefix, user))
+        added: builtins.list[tuple[str, bool]] = []
+        with self._transaction() as db:
+            for digest, prefix, user in checked:
+                row = db.execute("SELECT id FROM keys WHERE digest = ?", (digest,)).fetchone()
+                if row is not None:
+                    added.append((row[0], False))
+                    continue
+                while True:
+                    key_id = "k_" + secrets.token_hex(4)
+                    if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+                        break
+                db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, '[]', ?, NULL, NULL, NULL, "
+                           "NULL, NULL, NULL)", (key_id, user, role, prefix, digest, now))
+                added.append((key_id, True))
+            if any(new for _, new in added):
+                self._bump_revision(db)
+        return [(self.get(key_id), new) for key_id, new in added]
 
     def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
         """The keys a proxy should accept, by raw SHA-256 digest (what `keys.KeyRing` hashes a presented key to).
@@ -513,6 +559,14 @@ class KeyStore:
             f"SELECT {column}, count(*), sum(prompt_tokens), sum(completion_tokens), sum(duration_ms), "
             f"sum(status >= {ERROR_STATUS_MIN}) FROM usage {where} GROUP BY {column} ORDER BY {column}", params)
         return [UsageSummary(*row) for row in rows]
+
+    def prune_usage(self, before: float, limit: int = PRUNE_BATCH_ROWS, wait_s: float | None = None) -> int:
+        """Delete up to `limit` usage rows recorded before `before` (epoch seconds) in one transaction; returns
+        how many went. Callers repeat while it returns `limit`: a bounded batch holds the write lock briefly,
+        so a proxy's usage writes and the CLI never wait behind one huge delete."""
+        with self._transaction(wait_s) as db:
+            return db.execute("DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE at < ? LIMIT ?)",
+                              (before, limit)).rowcount
 
     def tokens_used_since(self, key_id: str, since: float) -> int:
         """Prompt plus completion tokens a key used at or after `since` (for a tokens-per-day limit)."""
