@@ -121,6 +121,29 @@ class CorsConfig:
     max_age: int = 600
 
 
+DEFAULT_BACKEND_NAME = "default"  # the one backend of a config without [[backends]] (upstream.url)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One `[[backends]]` table: an Ollama that requests may be routed to ([upstream]'s timeouts apply)."""
+
+    name: str  # unique, [a-z0-9_-]+: names it in logs, metrics and X-Fastgate-Backend
+    url: UpstreamURL
+    max_parallel: int = 0  # requests it runs at once (its OLLAMA_NUM_PARALLEL); 0 = no cap, Ollama queues
+    weight: int = 1  # relative share among equally good backends
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    health_interval: float = 1.0  # seconds between GET /api/version probes per backend
+    health_timeout: float = 1.0
+    inventory_interval: float = 30.0  # seconds between GET /api/tags per backend
+    loaded_interval: float = 2.0  # seconds between GET /api/ps per backend
+    queue_timeout: float = 30.0  # seconds a request may wait for a free slot
+    max_queue: int = 512  # waiting requests; beyond it 503 with Retry-After (0: never wait)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -130,8 +153,22 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # The file's [[backends]] tables as written; () when it has none. Read `backends`, not this.
+    backend_tables: tuple[BackendConfig, ...] = ()
     keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # key -> user name
     source: str = ""  # path of the file it came from, "" for defaults
+
+    @property
+    def backends(self) -> tuple[BackendConfig, ...]:
+        """The Ollamas to route to, never empty: the [[backends]] tables, else one `default` backend at
+        upstream.url (so a config with only upstream.url, or neither, behaves exactly as before).
+
+        A property rather than a field so that `replace(config, upstream=...)` (reload, --upstream) cannot
+        leave a stale default backend behind. With [[backends]], upstream.url is the first table's URL (see
+        build_config): the backend that code not yet routing between several sends everything to.
+        """
+        return self.backend_tables or (BackendConfig(DEFAULT_BACKEND_NAME, self.upstream.url),)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,7 +303,61 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "allow_origins": lambda key, value: _origins(key, value),
         "max_age": _int(0),
     }),
+    "routing": (RoutingConfig, {
+        "health_interval": _seconds,
+        "health_timeout": _seconds,
+        "inventory_interval": _seconds,
+        "loaded_interval": _seconds,
+        "queue_timeout": _seconds,
+        "max_queue": _int(0),
+    }),
+    # An array of tables ([[backends]]): each table is checked against these keys by _parse_backends.
+    "backends": (BackendConfig, {
+        "name": lambda key, value: _backend_name(key, value),
+        "url": parse_upstream_url,
+        "max_parallel": _int(0),
+        "weight": _int(1),
+    }),
 }
+_TABLE_ARRAYS = frozenset({"backends"})
+_BACKEND_REQUIRED = ("name", "url")
+_BACKEND_NAME = re.compile(r"[a-z0-9_-]{1,64}")  # 64: the name is a metrics label and a log field
+
+
+def _backend_name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _BACKEND_NAME.fullmatch(value):
+        raise ConfigError(f"{key}: expected a name of 1-64 characters a-z, 0-9, _ or -, got {value!r}")
+    return value
+
+
+def _parse_backends(raw: Any) -> tuple[BackendConfig, ...]:
+    """The [[backends]] tables, in file order. Errors name the table by its index: `backends[1].url`."""
+    if not isinstance(raw, list) or not all(isinstance(table, dict) for table in raw):
+        raise ConfigError("backends: expected [[backends]] tables (an array of tables), one per Ollama")
+    if not raw:
+        raise ConfigError("backends: expected at least one [[backends]] table")
+    cls, fields = _SCHEMA["backends"]
+    backends: list[BackendConfig] = []
+    for index, table in enumerate(raw):
+        values = {}
+        for name, value in table.items():
+            dotted = f"backends[{index}].{name}"
+            if name not in fields:
+                raise ConfigError(f"{dotted}: unknown key")
+            values[name] = fields[name](dotted, value)
+        for name in _BACKEND_REQUIRED:
+            if name not in values:
+                raise ConfigError(f"backends[{index}].{name}: required")
+        backend = cls(**values)
+        for other_index, other in enumerate(backends):
+            if other.name == backend.name:
+                raise ConfigError(f"backends[{index}].name: {backend.name!r} is already the name of "
+                                  f"backends[{other_index}]")
+            if other.url == backend.url:  # one Ollama twice would count its slots twice
+                raise ConfigError(f"backends[{index}].url: {str(backend.url)!r} is already the URL of "
+                                  f"backends[{other_index}] ({other.name!r})")
+        backends.append(backend)
+    return tuple(backends)
 
 
 def _origins(key: str, value: Any) -> tuple[str, ...]:
@@ -314,7 +405,7 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
     base_dir."""
     sections: dict[str, Any] = {}
     for section_name, section_value in data.items():
-        if section_name == "keys":
+        if section_name == "keys" or section_name in _TABLE_ARRAYS:
             continue
         if section_name not in _SCHEMA:
             raise ConfigError(f"{section_name}: unknown section (known: {', '.join([*_SCHEMA, 'keys'])})")
@@ -342,6 +433,15 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
     store = sections.get("store")
     if store is not None and store.path and base_dir:
         sections["store"] = replace(store, path=os.path.join(base_dir, store.path))
+    if "backends" in data:
+        backends = _parse_backends(data["backends"])
+        if "url" in data.get("upstream", {}):
+            raise ConfigError("upstream.url: cannot be set together with [[backends]] (give that Ollama a "
+                              "[[backends]] table instead)")
+        # upstream.url stays meaningful for code that knows one Ollama: the first backend's (see Config).
+        upstream = sections.get("upstream", UpstreamConfig())
+        sections["upstream"] = replace(upstream, url=backends[0].url)
+        sections["backend_tables"] = backends
     return Config(keys=MappingProxyType(_parse_keys(data.get("keys", {}))), source=source, **sections)
 
 
@@ -366,6 +466,8 @@ def with_overrides(config: Config, *, listen: str | None = None, upstream: str |
     if listen is not None:
         config = replace(config, server=replace(config.server, listen=parse_host_port("--listen", listen)))
     if upstream is not None:
+        # The flag names the one Ollama to use: it replaces [[backends]] too (one `default` backend).
         config = replace(config, upstream=replace(config.upstream,
-                                                    url=parse_upstream_url("--upstream", upstream)))
+                                                    url=parse_upstream_url("--upstream", upstream)),
+                         backend_tables=())
     return config
