@@ -16,6 +16,10 @@ class GateError(Exception):
     # OpenAI error "type" used on /v1 paths.
     openai_type: str = "api_error"
     openai_code: str | None = None
+    # Set by the gate when it refuses a key it recognised (role, model, limit): /metrics counts the refusal
+    # under this user rather than "-", and the JSON log line names it. Never sent to the client.
+    user: str = ""
+    key_label: str = ""  # the masked key presented (`bearer:sk-o****9a1c`), when there was one
 
     def __init__(self, message: str | None = None, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message or self.public_message)

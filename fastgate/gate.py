@@ -18,7 +18,9 @@ from urllib.parse import unquote_to_bytes
 from . import __version__
 from .config import Config
 from .cors import allowed_origin, is_preflight, preflight_headers, response_headers
-from .errors import BadRequest, Forbidden, MethodNotAllowed, TooManyRequests, Unauthorized, UnsupportedMediaType
+from .errors import (
+    BadRequest, Forbidden, GateError, MethodNotAllowed, TooManyRequests, Unauthorized, UnsupportedMediaType,
+)
 from .access import (
     Principal, Role, judges_models, missing_scope, model_refusal, web_tools_refusal,
 )
@@ -186,9 +188,11 @@ class Gate:
         if path == b"/metrics" and self.config.metrics.enabled:
             self._allow(req, (b"GET", b"HEAD"))
             key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
-            principal, _ = self._identify(key, self.client_ip(req))
+            principal, label = self._identify(key, self.client_ip(req))
             if principal.role is not Role.ADMIN:
-                raise Forbidden("metrics need a key with the admin role")
+                error = Forbidden("metrics need a key with the admin role")
+                error.user, error.key_label = principal.user, label  # a known key: counted under its user
+                raise error
             return ServeMetrics(head_only=req.method == b"HEAD")
 
         return self._decide_forward(req, request_id, None)
@@ -243,33 +247,39 @@ class Gate:
         forward_body = body.forwarded if body is not None else None
         ip = self.client_ip(req)
         principal, label = self._identify(key, ip)
-        if label.startswith(AMBIENT_LABELS):
-            self._refuse_drive_by(req)
-        normal = normalize_path(req.path)
-        if not self.config.auth.allow_account_endpoints and _is_account_path(normal):
-            raise Forbidden("Ollama account endpoints are disabled on this gateway")
-        needed = missing_scope(principal, normal)
-        if needed is not None:
-            raise Forbidden(f"this key's role ({principal.role.value}) does not allow {req.method.decode()} "
-                            f"{normal.decode('latin-1')}: it needs the {needed.value} role")
-        requested = NOTHING
-        route = route_for(normal)
-        judged = judges_models(principal, self.config.auth.allow_cloud)
-        if judged:
-            if route is None:
-                if principal.models:
-                    raise Forbidden(f"{normal.decode('latin-1')} is not an Ollama endpoint this gateway can check "
-                                    "against this key's model list")
-            elif route.reads_body and body is None and req.has_body:
-                return ReadBody(self.config.auth.max_body_bytes)
-            else:
-                requested = self._judge(req, route, normal, query, body, principal)
-        forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
-                                trim_listing=judged and route is not None and route.listing)
-        if principal.limited:
-            # Last, so a request refused for any other reason never uses up the key's allowance.
-            self.limits.admit(principal, self.clock(), self.wall_clock())
-        return forward
+        try:
+            if label.startswith(AMBIENT_LABELS):
+                self._refuse_drive_by(req)
+            normal = normalize_path(req.path)
+            if not self.config.auth.allow_account_endpoints and _is_account_path(normal):
+                raise Forbidden("Ollama account endpoints are disabled on this gateway")
+            needed = missing_scope(principal, normal)
+            if needed is not None:
+                raise Forbidden(f"this key's role ({principal.role.value}) does not allow "
+                                f"{req.method.decode()} {normal.decode('latin-1')}: "
+                                f"it needs the {needed.value} role")
+            requested = NOTHING
+            route = route_for(normal)
+            judged = judges_models(principal, self.config.auth.allow_cloud)
+            if judged:
+                if route is None:
+                    if principal.models:
+                        raise Forbidden(f"{normal.decode('latin-1')} is not an Ollama endpoint this gateway "
+                                        "can check against this key's model list")
+                elif route.reads_body and body is None and req.has_body:
+                    return ReadBody(self.config.auth.max_body_bytes)
+                else:
+                    requested = self._judge(req, route, normal, query, body, principal)
+            forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
+                                    trim_listing=judged and route is not None and route.listing)
+            if principal.limited:
+                # Last, so a request refused for any other reason never uses up the key's allowance.
+                self.limits.admit(principal, self.clock(), self.wall_clock())
+            return forward
+        except GateError as err:
+            # Refused after the key was recognised (role, model, limit...): counted and logged under its user
+            err.user, err.key_label = principal.user, label
+            raise
 
     def _judge(self, req: IncomingRequest, route: Route, normal: bytes, query: bytes, body: BufferedBody | None,
                principal: Principal) -> Requested:
@@ -363,14 +373,15 @@ class Gate:
         wait = self.failures.retry_after(ip, now)
         if wait:
             error = TooManyRequests(headers=((b"Retry-After", str(max(1, round(wait))).encode()),))
-            error.detail = f"{key.source.value}:{key.masked} from {ip}"
+            error.key_label = f"{key.source.value}:{key.masked}"
+            error.detail = f"{error.key_label} from {ip}"
             raise error
         return self.keyring.principal_for(key.secret, self.wall_clock())
 
     def _refuse_key(self, key: PresentedKey, ip: str, now: float) -> Unauthorized:
         self.failures.record_failure(ip, now)
         error = Unauthorized("invalid API key")
-        error.detail = f"{key.source.value}:{key.masked}"
+        error.detail = error.key_label = f"{key.source.value}:{key.masked}"  # the masked key: logs only
         return error
 
     def _authenticate(self, req: IncomingRequest, body: bytes) -> LocalReply:

@@ -28,7 +28,7 @@ from .errors import (
     BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
 )
 from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody, ServeMetrics, normalize_path
-from .logs import log, log_path, new_request_id
+from .logs import FIELDS, log, log_path, new_request_id, request_fields
 from .messages import (
     BodyKind, ResponseHead, client_response_head, dechunk, error_response, is_openai_path, json_body,
     local_response,
@@ -98,6 +98,13 @@ class RequestContext:
     @property
     def path(self) -> str:
         return self.req.path.decode("latin-1")
+
+    def log_fields(self, fwd: Forward | None = None, **more: object) -> dict[str, object]:
+        """`extra=` for one of this request's log lines: the fields the JSON format writes (request_fields)."""
+        if fwd is None:
+            return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, **more)
+        return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, user=fwd.user,
+                              key=fwd.key_label, url=fwd.url, **more)
 
 
 class Proxy:
@@ -233,7 +240,9 @@ class Proxy:
                 except GateError as err:
                     rid = new_request_id()
                     log.info("[%s] Refused unreadable request from %s: %d %s", rid.decode(), conn.peer_ip,
-                             err.status, err.message)
+                             err.status, err.message,
+                             extra={FIELDS: {"request_id": rid.decode(), "status": err.status,
+                                             "client": conn.peer_ip}})
                     conn.write(error_response(err, path=b"/", request_id=rid, close=True))
                     conn.linger = True
                     break
@@ -284,8 +293,9 @@ class Proxy:
         """Answer one request. Returns whether the connection may carry another."""
         rid = new_request_id()
         self.requests_total += 1
-        log.info("[%s] Processing request: %s %s", rid.decode(), request.method.decode("latin-1"),
-                 log_path(request.target))
+        rid_text, method = rid.decode(), request.method.decode("latin-1")
+        log.info("[%s] Processing request: %s %s", rid_text, method, log_path(request.target),
+                 extra=request_fields(rid_text, method, request.target.partition(b"?")[0].decode("latin-1")))
         headers = list(request.headers)
         content_length: int | None = None
         chunked = False
@@ -345,14 +355,22 @@ class Proxy:
                                   head_only=reply.head_only, content_type=reply.content_type,
                                   extra_headers=reply.headers if reply.cors_included else reply.headers + ctx.cors))
         self.metrics.request("-", ctx.path, reply.status)
-        log.info("[%s] Answered %d%s", ctx.rid.decode(), reply.status, f": {reply.note}" if reply.note else "")
+        log.info("[%s] Answered %d%s", ctx.rid.decode(), reply.status, f": {reply.note}" if reply.note else "",
+                 extra=ctx.log_fields(status=reply.status))
         return not close
 
-    async def _refuse(self, ctx: RequestContext, err: GateError, *, force_close: bool = False) -> bool:
+    async def _refuse(self, ctx: RequestContext, err: GateError, *, force_close: bool = False,
+                      fwd: Forward | None = None) -> bool:
+        """Answer `err`. `fwd`: the request had been let through to Ollama (whose failure this is)."""
         conn = ctx.conn
+        # Whose request it was, once known: the forwarded request's key, or the one the gate recognised
+        # before refusing (role, model, limit). Unknown (no key, a wrong one): "-" in metrics, absent in JSON.
+        user = fwd.user if fwd is not None else err.user
         log.info("[%s] Refused %d: %s%s", ctx.rid.decode(), err.status, err.message,
-                 f" ({err.detail})" if err.detail else "")
-        self.metrics.request("-", ctx.path, err.status)
+                 f" ({err.detail})" if err.detail else "",
+                 extra=ctx.log_fields(fwd, status=err.status) if fwd is not None else
+                 ctx.log_fields(user=user or None, key=err.key_label or None, status=err.status))
+        self.metrics.request(user or "-", ctx.path, err.status)
         if err.status in (401, 429) and not err.message.startswith(("rate limit", "daily", "this key")):
             self.metrics.auth_failure("rate_limited" if err.status == 429 else
                                       "invalid_key" if err.detail else "missing_key")
@@ -379,7 +397,9 @@ class Proxy:
         assert self.pool is not None
         conn, req, rid = ctx.conn, ctx.req, ctx.rid
         loop = conn.loop
-        started = loop.time()
+        # Durations on perf_counter, not loop.time(): uvloop's clock has millisecond resolution (and is read
+        # once per loop iteration), which made every logged and measured duration a whole millisecond.
+        started = time.perf_counter()
         protocol = conn.protocol
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
@@ -395,7 +415,7 @@ class Proxy:
                 try:
                     parts, complete = conn.take_buffered_body()
                 except GateError as err:
-                    return await self._refuse(ctx, err)
+                    return await self._refuse(ctx, err, fwd=fwd)
                 request += b"".join(frame_body_parts(parts, req.chunked, last=complete))
                 body_pending = not complete
         try:
@@ -416,15 +436,18 @@ class Proxy:
                     # idempotent request may go again on a new connection. Anything else is a 502.
                     if (attempt == 1 and reused and exc.nothing_received and not body_pending
                             and req.method in IDEMPOTENT):
-                        log.info("[%s] Pooled upstream connection was closed; retrying once", rid.decode())
+                        log.info("[%s] Pooled upstream connection was closed; retrying once", rid.decode(),
+                                 extra=ctx.log_fields(fwd))
                         continue
                     raise
             else:  # pragma: no cover - the loop always breaks or raises
                 raise AssertionError("unreachable")
         except ClientGone:
             await _stop(body_task)
-            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
-            self._account(ctx, fwd, 499, None, loop.time() - started)
+            elapsed = time.perf_counter() - started
+            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url,
+                     extra=ctx.log_fields(fwd, status=499, duration_ms=elapsed * 1000))
+            self._account(ctx, fwd, 499, None, elapsed)
             return False
         except GateError as err:
             if upstream is not None:
@@ -434,17 +457,21 @@ class Proxy:
                 self.metrics.upstream_up = 0
             body_unfinished = body_task is not None and not body_task.done()
             await _stop(body_task)
-            return await self._refuse(ctx, err, force_close=body_unfinished or not conn.body_complete)
+            return await self._refuse(ctx, err, force_close=body_unfinished or not conn.body_complete,
+                                      fwd=fwd)
 
         # From here on the response has begun: a failure can only end it by closing the connection.
-        head_at = loop.time()
+        head_at = time.perf_counter()
         self.metrics.upstream_up = 1
         self.metrics.upstream_head.observe(head_at - started)
+        upstream_ms = (head_at - started) * 1000
         if protocol.gone:
             # The client left between Ollama's head arriving and this task running: nothing to relay to.
             upstream.client_gone()
             await _stop(body_task)
-            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url)
+            log.info("[%s] Client went away before the response (%s -> %s)", rid.decode(), fwd.user, fwd.url,
+                     extra=ctx.log_fields(fwd, status=499, upstream_ms=upstream_ms,
+                                          duration_ms=upstream_ms))
             self._account(ctx, fwd, 499, None, head_at - started)
             return False
         early_answer = body_task is not None and not body_task.done()
@@ -461,7 +488,8 @@ class Proxy:
         if streaming:
             # A stream may run for minutes: say now who it is for and when it began.
             log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
-                     head.status, (head_at - started) * 1000)
+                     head.status, upstream_ms,
+                     extra=ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms))
         if fwd.trim_listing and head.status == 200:
             outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
         else:
@@ -473,26 +501,32 @@ class Proxy:
                     head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
             finally:
                 protocol.exchange = None
-        elapsed = loop.time() - started
+        elapsed = time.perf_counter() - started
         self.metrics.request_duration.observe(elapsed)
         self._account(ctx, fwd, head.status, upstream, elapsed)
         if outcome is RelayOutcome.COMPLETE:
             self.pool.release(upstream)
+            fields = ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms,
+                                    bytes=upstream.body_bytes, duration_ms=elapsed * 1000)
             if streaming:
                 log.info("[%s] Completed %d: %d bytes in %.3f s", rid.decode(), head.status, upstream.body_bytes,
-                         elapsed)
+                         elapsed, extra=fields)
             else:
                 log.info("[%s] %s (%s) -> %s: %d in %.1f ms, %d bytes", rid.decode(), fwd.user, fwd.key_label,
-                         fwd.url, head.status, elapsed * 1000, upstream.body_bytes)
+                         fwd.url, head.status, elapsed * 1000, upstream.body_bytes, extra=fields)
             if not close and protocol.gone:
                 return False
             return not close
         if not streaming:
             log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
-                     head.status, (head_at - started) * 1000)
+                     head.status, upstream_ms,
+                     extra=ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms))
         log.info("[%s] Response %s after %d bytes in %.3f s", rid.decode(),
                  "ended (close-delimited)" if outcome is RelayOutcome.COMPLETE_CLOSE else f"cut off: {outcome.value}",
-                 upstream.body_bytes, elapsed)
+                 upstream.body_bytes, elapsed,
+                 extra=ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms,
+                                      bytes=upstream.body_bytes, duration_ms=elapsed * 1000,
+                                      outcome=outcome.value))
         if outcome is RelayOutcome.CLIENT_GONE:
             conn.abort()
         else:
@@ -604,7 +638,7 @@ class Proxy:
         """One `GET /api/version` to Ollama on a pooled connection; the result is kept for the next callers."""
         assert self.pool is not None
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()  # latency_ms: perf_counter, not uvloop's millisecond loop clock
         info: dict[str, object] = {"reachable": False}
         conn: UpstreamConnection | None = None
         try:
@@ -628,7 +662,7 @@ class Proxy:
         finally:
             if conn is not None:
                 conn.close()
-        info["latency_ms"] = round((loop.time() - started) * 1000, 3)
+        info["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         self.metrics.upstream_up = 1 if info["reachable"] else 0
         self._health_result = (loop.time(), info)
         return info

@@ -19,7 +19,7 @@ from . import __version__
 from .config import Config
 from .connection import ClientProtocol, _plain_ip
 from .errors import BadRequest, ConfigError
-from .logs import log, set_level
+from .logs import log, set_format, set_level
 from . import pidfile
 from .managed import ManagedKeys
 from .messages import error_response
@@ -351,8 +351,8 @@ class RunningServer:
     pid_file: str = ""  # the pid file this process wrote ("" for none); stays where it is until exit
 
     def reload(self, config: Config) -> None:
-        """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and the
-        TLS certificate (new handshakes use it). Raises ConfigError, leaving everything as it was."""
+        """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and
+        format, the TLS certificate (new handshakes use it). Raises ConfigError, leaving everything as it was."""
         if self.ssl_context is not None and config.server.tls:
             server_context(config.server.tls_cert, config.server.tls_key)  # validate before touching anything
         fixed = self.proxy.reload(config)
@@ -360,6 +360,7 @@ class RunningServer:
         if self.ssl_context is not None and config.server.tls:
             load_certificate(self.ssl_context, config.server.tls_cert, config.server.tls_key)  # never prompts
         set_level(config.log.level)
+        set_format(config.log.format)
         for name in fixed:
             log.warning("Reload: %s changed; that takes a restart, the old value stays in force", name)
         if self.managed is not None:
@@ -461,6 +462,7 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
     With `[server] pid_file`: PidFileError before binding when it names another running fastgate; written once
     the listener is up and SIGHUP is handled (a `fastgate reload` that finds it never kills the process), removed
     on the way out."""
+    set_format(config.log.format)  # before the first line: every line of a run in the configured format
     warn_if_keys_exposed(config)
     warn_if_example_keys(config)
     pid_path = config.server.pid_file
