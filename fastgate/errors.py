@@ -99,6 +99,8 @@ class ServiceUnavailable(GateError):
 class UpstreamUnreachable(GateError):
     status = 502
     public_message = "upstream unreachable"
+    # The connect was refused (nothing listens there): the router ejects that backend at once (issue 9 rule 5)
+    refused: bool = False
 
 
 class BadGateway(GateError):

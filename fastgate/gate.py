@@ -38,6 +38,13 @@ ACCOUNT_PREFIXES = (b"/api/user/keys",)
 BLOB_PREFIX = b"/api/blobs/"
 # Log labels of credentials a browser sends by itself (IP trust, cached Basic credentials).
 AMBIENT_LABELS = ("ip-trust:", "basic:")
+BACKEND_HEADER = b"x-fastgate-backend"  # an admin's choice of backend (issue 9); removed for everyone
+# Routes that run a model on Ollama, so take one of a backend's max_parallel slots (issue 9 rule 2); the
+# rest (/api/show, /api/tags, /api/version, pulls...) neither take nor wait for one.
+RUNS_MODEL_PATHS = frozenset({
+    b"/api/generate", b"/api/chat", b"/api/embed", b"/api/embeddings", b"/v1/chat/completions",
+    b"/v1/completions", b"/v1/embeddings", b"/v1/responses", b"/v1/messages", b"/v1/audio/transcriptions",
+})
 
 
 @dataclass(slots=True)
@@ -107,6 +114,9 @@ class Forward:
     model: str | None = None  # the model the policy read from the request, when it read one
     trim_listing: bool = False  # a model listing to cut down to what the principal may use
     upstream_method: bytes = b""  # the method sent to Ollama, when it differs from the client's
+    target: bytes = b""  # path and query as sent, without the backend's base path (to retarget the head)
+    pin: str | None = None  # an admin's X-Fastgate-Backend: the backend to use
+    runs_model: bool = False  # takes a backend slot (RUNS_MODEL_PATHS)
 
     @property
     def user(self) -> str:
@@ -148,6 +158,8 @@ class Gate:
         self.trust.retain_users({*config.keys.values(), *(p.user for p in self._managed.values())})
         self.failures.max_failures = config.auth.max_failures
         self.failures.window_s = config.auth.failure_window
+        # With several backends the router needs the model of every request, not only of those judged.
+        self._route_models = len(config.backends) > 1
         upstream = config.upstream.url
         self._host_header = upstream.host_header.encode()
         self._base_path = upstream.base_path.encode()
@@ -270,8 +282,26 @@ class Gate:
                     return ReadBody(self.config.auth.max_body_bytes)
                 else:
                     requested = self._judge(req, route, normal, query, body, principal)
+            elif self._route_models and route is not None and (route.reads_body or route.path_model):
+                # Not judged, but routed by model: read it the same way; what cannot be read is Ollama's to
+                # refuse (routed as naming no model), since this key was never limited by it.
+                if route.reads_body and body is None and req.has_body:
+                    return ReadBody(self.config.auth.max_body_bytes)
+                try:
+                    requested = read_requested(route, normal, query=query,
+                                               content_type=_header(req, b"content-type"),
+                                               content_encoding=_joined_header(req, b"content-encoding"),
+                                               body=body)
+                except Unreadable:
+                    requested = NOTHING
+            pin = None
+            if principal.role is Role.ADMIN:
+                pinned = _header(req, BACKEND_HEADER)
+                if pinned is not None:
+                    pin = pinned.strip().decode("latin-1")
             forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
-                                    trim_listing=judged and route is not None and route.listing)
+                                    trim_listing=judged and route is not None and route.listing, pin=pin,
+                                    runs_model=normal in RUNS_MODEL_PATHS)
             if principal.limited:
                 # Last, so a request refused for any other reason never uses up the key's allowance.
                 self.limits.admit(principal, self.clock(), self.wall_clock())
@@ -407,12 +437,13 @@ class Gate:
 
     def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str,
                  query: bytes, body: bytes | None, ip: str, requested: Requested, *,
-                 trim_listing: bool) -> Forward:
+                 trim_listing: bool, pin: str | None = None, runs_model: bool = False) -> Forward:
         path = req.path
         # A trimmed listing's length is only known after trimming: a HEAD for one is sent as GET, so the
         # answer's head can carry the trimmed body's length.
         method = b"GET" if trim_listing and req.method == b"HEAD" else req.method
-        target = self._base_path + path + (b"?" + query if query else b"")
+        rest = path + (b"?" + query if query else b"")
+        target = self._base_path + rest
         trusted_peer = bool(self._trusted_proxies) and in_networks(req.peer_ip, self._trusted_proxies)
         forwarded_for = ip.encode()
         forwarded_proto = b"https" if req.tls else b"http"
@@ -434,7 +465,8 @@ class Gate:
             http10=req.http_version == b"1.0")
         return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip,
                        model=requested.model, trim_listing=trim_listing,
-                       upstream_method=method if method != req.method else b"")
+                       upstream_method=method if method != req.method else b"", target=rest, pin=pin,
+                       runs_model=runs_model)
 
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:

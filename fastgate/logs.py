@@ -150,8 +150,8 @@ def request_fields(request_id: str, method: str, path: str, *, user: str | None 
     """`extra=` for a request line: its fields as the JSON format writes them. `key` is the masked label,
     `path` the request's path without its query (so never `api_key=`).
 
-    `backend`: the Ollama that served the request, for when there are several (not yet: one upstream, so
-    callers leave it out and the field is not written)."""
+    `backend`: the Ollama that served the request, when there are several ([[backends]]); with one the
+    proxy leaves it out and the field is not written."""
     fields: dict[str, object] = {"request_id": request_id, "method": method, "path": path}
     if user is not None:
         fields["user"] = user

@@ -29,6 +29,7 @@ HOP_BY_HOP = frozenset({
 REPLACED_UPSTREAM = frozenset({
     b"host", b"content-length", b"expect", b"x-api-key", b"authorization",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id",
+    b"x-fastgate-backend",  # fastgate's own routing header (admins pin a backend with it): never Ollama's
 })
 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
@@ -85,6 +86,17 @@ def upstream_request_head(*, method: bytes, target: bytes, headers: list[tuple[b
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def retarget_head(head: bytes, target: bytes, host_header: bytes) -> bytes:
+    """A head built by `upstream_request_head` for another Ollama: its request target (which carries that
+    backend's base path) and Host (Ollama checks Host is its own host:port) replaced, the rest kept."""
+    method_end = head.index(b" ")
+    line_end = head.index(b"\r\n")
+    host_end = head.index(b"\r\n", line_end + 2)  # Host is always the first field (upstream_request_head)
+    version = head[:line_end].rpartition(b" ")[2]
+    return b"".join((head[:method_end], b" ", target, b" ", version, b"\r\nHost: ", host_header,
+                     head[host_end:]))
 
 
 # ---------------------------------------------------------------------------------------------------------

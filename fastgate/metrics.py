@@ -8,7 +8,8 @@ locking for nothing. Label values are bounded: paths are collapsed to Ollama's k
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 # Distinct model label values kept; later new names are counted as "other" (a client picks what it sends).
 MAX_MODEL_LABELS = 100
@@ -33,6 +34,17 @@ def path_label(path: str) -> str:
     return "other"
 
 
+@dataclass(frozen=True, slots=True)
+class BackendGauges:
+    """One backend's gauges (issue 9). The backend label's values are the configured names: bounded."""
+
+    name: str
+    up: bool
+    in_flight: int
+    waiting: int  # requests in the queue this backend could take
+    ejections: int
+
+
 class Histogram:
     __slots__ = ("counts", "total", "count")
 
@@ -54,6 +66,17 @@ def _escape(value: str) -> str:
 def _labels(pairs: Iterable[tuple[str, str]]) -> str:
     text = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
     return "{" + text + "}" if text else ""
+
+
+_BACKEND_FAMILIES: tuple[tuple[str, str, str, Callable[[BackendGauges], int]], ...] = (
+    ("fastgate_backend_up", "gauge", "1 while the backend is healthy, 0 while ejected.",
+     lambda g: int(g.up)),
+    ("fastgate_backend_in_flight_requests", "gauge", "Requests with this backend now.", lambda g: g.in_flight),
+    ("fastgate_backend_waiting_requests", "gauge", "Requests waiting for a slot that this backend could take.",
+     lambda g: g.waiting),
+    ("fastgate_backend_ejections_total", "counter", "Times the backend was ejected for failing.",
+     lambda g: g.ejections),
+)
 
 
 class Metrics:
@@ -84,7 +107,8 @@ class Metrics:
     def auth_failure(self, reason: str) -> None:
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
 
-    def render(self, *, in_flight: int, connections: int, buffered_bytes: int = 0, buffer_refusals: int = 0) -> bytes:
+    def render(self, *, in_flight: int, connections: int, buffered_bytes: int = 0, buffer_refusals: int = 0,
+               backends: Sequence[BackendGauges] = (), queue_depth: int | None = None) -> bytes:
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -111,6 +135,14 @@ class Metrics:
         lines.append(f"fastgate_buffer_refusals_total {buffer_refusals}")
         family("fastgate_upstream_up", "gauge", "1 if Ollama answered the last exchange or probe, 0 if not.")
         lines.append(f"fastgate_upstream_up {max(self.upstream_up, 0)}")
+        if backends:  # several backends ([[backends]]): each one's state, as the router sees it
+            for name, kind, help_text, value_of in _BACKEND_FAMILIES:
+                family(name, kind, help_text)
+                for gauges in backends:
+                    lines.append(f"{name}{_labels((('backend', gauges.name),))} {value_of(gauges)}")
+            if queue_depth is not None:
+                family("fastgate_routing_queue_depth", "gauge", "Requests waiting for a free backend slot.")
+                lines.append(f"fastgate_routing_queue_depth {queue_depth}")
         for name, hist, help_text in (
                 ("fastgate_upstream_first_byte_seconds", self.upstream_head,
                  "Time from sending a request to Ollama to its response head (its first byte)."),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,15 +27,18 @@ from .connection import (
 from .access import filter_model_list, model_refusal
 from .cors import render as render_headers, without_cors_fields
 from .errors import (
-    BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
+    BadGateway, BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
 )
 from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody, ServeMetrics, normalize_path
 from .logs import FIELDS, log, log_path, new_request_id, request_fields
 from .messages import (
     BodyKind, ResponseHead, client_response_head, dechunk, error_response, is_openai_path, json_body,
-    local_response,
+    local_response, retarget_head,
 )
-from .metrics import Metrics, path_label
+from .metrics import BackendGauges, Metrics, path_label
+from .routing import MoveReason, Placement, Refusal, Router, Ticket
+from .routing.health import RESTORE_AFTER_SUCCESSES
+from .routing.pollers import Pollers
 from .upstream import (
     BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
 )
@@ -57,6 +62,8 @@ REFUSALS_LINGERING_MAX = 64
 # can hold thousands of tiny requests.
 PIPELINED_PER_YIELD = 64
 FD_WARN_INTERVAL_S = 10.0  # at most one "running out of file descriptors" line this often
+# Retry-After (seconds) of a 503 for a full or timed-out wait for a backend slot: slots free as streams end.
+QUEUE_RETRY_AFTER_S = 1
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -94,6 +101,9 @@ class RequestContext:
     rid: bytes
     close_after: bool  # the client asked to close (Connection: close, HTTP/1.0)
     cors: tuple[tuple[bytes, bytes], ...]  # CORS headers for every answer, when its Origin is allowed
+    # The backend the request is placed on (the router's; released when the exchange is over, however).
+    placement: Placement | None = None
+    backend: str | None = None  # its name in log lines, when there are several backends to tell apart
 
     @property
     def path(self) -> str:
@@ -104,16 +114,22 @@ class RequestContext:
         if fwd is None:
             return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, **more)
         return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, user=fwd.user,
-                              key=fwd.key_label, url=fwd.url, **more)
+                              key=fwd.key_label, url=fwd.url, backend=self.backend, **more)
 
 
 class Proxy:
-    """Shared state of one fastgate process: config, gate, upstream pool, live connections."""
+    """Shared state of one fastgate process: config, gate, router, upstream pools, live connections."""
 
     def __init__(self, config: Config, *, gate: Gate | None = None) -> None:
         self.config = config
         self.gate = gate or Gate(config)
-        self.pool: UpstreamPool | None = None
+        self.pool: UpstreamPool | None = None  # the first backend's (the only one's, without [[backends]])
+        self.pools: dict[str, UpstreamPool] = {}  # by backend name; [upstream]'s settings apply to all
+        self.router = Router(config.backends, config.routing, rng=random.Random())
+        # Several backends: pollers feed the router and /health, /metrics show each backend. One: nothing
+        # to choose, so no pollers (Ollama gets no requests of fastgate's own) and /health probes as before.
+        self.several = len(config.backends) > 1
+        self.pollers: Pollers | None = None
         self.connections: set[ClientConnection] = set()  # connections whose handler runs
         # Client sockets holding a slot (from accept to connection_lost, see ClientProtocol), in all and per
         # address: what max_connections and max_connections_per_ip bound.
@@ -141,20 +157,25 @@ class Proxy:
             ("server.listen", self.config.server.listen, config.server.listen),
             ("server.tls_cert/tls_key (on or off)", self.config.server.tls, config.server.tls),
             ("upstream.url", self.config.upstream.url, config.upstream.url),
+            ("backends", self.config.backend_tables, config.backend_tables),
             ("store.path", self.config.store.path, config.store.path),
             ("metrics.listen", self.config.metrics.listen, config.metrics.listen)) if old != new]
         if fixed:
             config = replace(config,
                              server=replace(config.server, listen=self.config.server.listen),
                              upstream=replace(config.upstream, url=self.config.upstream.url),
+                             backend_tables=self.config.backend_tables,
                              store=self.config.store,
                              metrics=replace(config.metrics, listen=self.config.metrics.listen))
         self.config = config
         self.max_connections = config.server.max_connections
         self.gate.reload(config)
         self.budget.limit = config.auth.max_buffered_bytes
-        if self.pool is not None:
-            self.pool.configure(config.upstream)
+        for pool in self.pools.values():
+            pool.configure(config.upstream)
+        self.router.settings = config.routing  # the bound and timeout of the wait apply to new requests
+        if self.pollers is not None:
+            self.pollers.settings = config.routing
         return fixed
 
     def set_usage_sink(self, sink: Callable[[UsageRecord], None] | None) -> None:
@@ -162,8 +183,14 @@ class Proxy:
         self.usage_sink = sink
 
     async def start(self) -> None:
-        self.pool = UpstreamPool(self.config.upstream)
+        backends = self.config.backends
+        self.pools = {backend.name: UpstreamPool(replace(self.config.upstream, url=backend.url))
+                      for backend in backends}
+        self.pool = self.pools[backends[0].name]
         self._idle_event = asyncio.Event()
+        if self.several:
+            self.pollers = Pollers(self.router, self.pools, backends, self.config.routing)
+            self.pollers.start()
 
     def protocol_factory(self, slot_ip: str | None = None) -> ClientProtocol:
         """`slot_ip`: the connection already holds a slot for this address (see take_slot)."""
@@ -390,11 +417,108 @@ class Proxy:
         try:
             return await self._exchange(ctx, fwd)
         finally:
+            if ctx.placement is not None:  # its slot goes to the next waiter (a no-op if moved or released)
+                self.router.release(ctx.placement, ctx.conn.loop.time())
             self.in_flight -= 1
             self.gate.finished(fwd)
 
+    # -- routing (issue 9): the router decides, this layer awaits and does -----------------------------------
+
+    async def _place(self, ctx: RequestContext, fwd: Forward) -> None:
+        """Put the request on a backend (`ctx.placement`), waiting for a slot if need be. Raises GateError."""
+        outcome = self.router.choose(fwd.model, fwd.user, ctx.conn.loop.time(), needs_slot=fwd.runs_model,
+                                     pin=fwd.pin)
+        ctx.placement = await self._settle(outcome, fwd)
+        if self.several:
+            ctx.backend = ctx.placement.backend
+
+    async def _settle(self, outcome: Placement | Ticket | Refusal, fwd: Forward,
+                      failure: GateError | None = None) -> Placement:
+        """A router answer as a Placement: a Ticket awaited, a Refusal raised as the GateError answering it
+        (`failure`: the error a refused move answers with)."""
+        if isinstance(outcome, Ticket):
+            outcome = await self._wait(outcome)
+        if isinstance(outcome, Refusal):
+            raise self._refusal_error(outcome, fwd, failure)
+        return outcome
+
+    async def _wait(self, ticket: Ticket) -> Placement | Refusal:
+        """Wait in the router's queue until it gives the ticket a slot or refuses it (full wait, gone)."""
+        loop = asyncio.get_running_loop()
+        router = self.router
+        future: asyncio.Future[Placement | Refusal] = loop.create_future()
+
+        def resolved(done: Ticket) -> None:
+            # Runs inside the router call that resolved it: record only, never call back into the router.
+            if not future.done():
+                future.set_result(done.outcome)  # type: ignore[arg-type]
+
+        ticket.add_done_callback(resolved)
+        timer = loop.call_at(ticket.deadline, lambda: router.expire(loop.time()))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            router.cancel(ticket, loop.time())  # leave the queue, or give back the slot just granted
+            raise
+        finally:
+            timer.cancel()
+
+    def _refusal_error(self, refusal: Refusal, fwd: Forward, failure: GateError | None) -> GateError:
+        if refusal is Refusal.NOT_FOUND:
+            # Ollama's own answer for a model it does not have, so clients react as they would to Ollama.
+            return NotFound(f'model "{fwd.model}" not found, try pulling it first')
+        if refusal is Refusal.UNKNOWN_BACKEND:
+            return BadRequest(f"X-Fastgate-Backend: no backend is named {fwd.pin!r} "
+                              f"(backends: {', '.join(self.router.backend_names())})")
+        if refusal is Refusal.UNAVAILABLE:
+            # An ejected backend is back after RESTORE_AFTER_SUCCESSES probes at the earliest.
+            wait = max(1, math.ceil(self.config.routing.health_interval * RESTORE_AFTER_SUCCESSES))
+            return ServiceUnavailable("no healthy backend has this model; try again shortly",
+                                      headers=((b"Retry-After", str(wait).encode()),))
+        if refusal is Refusal.QUEUE_FULL:
+            return ServiceUnavailable("every backend is busy and too many requests wait; try again shortly",
+                                      headers=((b"Retry-After", str(QUEUE_RETRY_AFTER_S).encode()),))
+        if refusal is Refusal.TIMED_OUT:
+            return ServiceUnavailable("timed out waiting for a free backend; try again shortly",
+                                      headers=((b"Retry-After", str(QUEUE_RETRY_AFTER_S).encode()),))
+        if refusal is Refusal.NO_MOVE and failure is not None:
+            return failure
+        return BadGateway()
+
+    async def _acquire(self, ctx: RequestContext, fwd: Forward) -> tuple[UpstreamConnection, bool]:
+        """A connection to the placed backend. One that cannot be reached before any request byte was
+        written costs that backend its health and moves the request on (rule 4: at most MAX_MOVES)."""
+        loop = ctx.conn.loop
+        while True:
+            placement = ctx.placement
+            assert placement is not None
+            try:
+                return await self.pools[placement.backend].acquire()
+            except (UpstreamUnreachable, UpstreamTimeout) as err:
+                if not self.several:
+                    raise  # nowhere else to go: answered as it always was
+                now = loop.time()
+                refused = isinstance(err, UpstreamUnreachable) and err.refused
+                if self.router.record_connection_error(placement.backend, now, refused=refused) is not None:
+                    log.warning("Backend %s (%s) ejected: %s", placement.backend, placement.url, err.message)
+                moved = self.router.move(placement, now, reason=MoveReason.CONNECT_REFUSED if refused
+                                         else MoveReason.CONNECT_FAILED)
+                if moved is not Refusal.NO_MOVE:
+                    log.info("[%s] Backend %s unreachable (%s): moving the request", ctx.rid.decode(),
+                             placement.backend, err.message, extra=ctx.log_fields(fwd))
+                ctx.placement = await self._settle(moved, fwd, err)
+                ctx.backend = ctx.placement.backend
+
+    def _for_backend(self, fwd: Forward, placement: Placement) -> Forward:
+        """`fwd` as it goes to the placed backend: the gate built it for the first one."""
+        url = placement.url
+        if url == self.config.upstream.url:
+            return fwd
+        target = url.base_path.encode() + fwd.target
+        return replace(fwd, head=retarget_head(fwd.head, target, url.host_header.encode()),
+                       url=f"{url.scheme}://{url.host_header}{target.decode('latin-1')}")
+
     async def _exchange(self, ctx: RequestContext, fwd: Forward) -> bool:
-        assert self.pool is not None
         conn, req, rid = ctx.conn, ctx.req, ctx.rid
         loop = conn.loop
         # Durations on perf_counter, not loop.time(): uvloop's clock has millisecond resolution (and is read
@@ -403,9 +527,15 @@ class Proxy:
         protocol = conn.protocol
         upstream: UpstreamConnection | None = None
         body_task: asyncio.Task[None] | None = None
+        try:
+            # Before 100 Continue: a request refused here (no such model, every backend busy) has its body
+            # never sent.
+            await self._place(ctx, fwd)
+        except GateError as err:
+            return await self._refuse(ctx, err, fwd=fwd)
         # The request goes to Ollama in one write when its body is already here (buffered by the gate, or
         # arrived with the head); only a body still on its way needs a task to pump it.
-        request = fwd.head + fwd.body if fwd.body else fwd.head
+        body = fwd.body or b""
         body_pending = False
         if fwd.body is None and req.has_body:
             if conn.waiting_for_100_continue:
@@ -416,16 +546,18 @@ class Proxy:
                     parts, complete = conn.take_buffered_body()
                 except GateError as err:
                     return await self._refuse(ctx, err, fwd=fwd)
-                request += b"".join(frame_body_parts(parts, req.chunked, last=complete))
+                body = b"".join(frame_body_parts(parts, req.chunked, last=complete))
                 body_pending = not complete
         try:
             for attempt in (1, 2):
-                upstream, reused = await self.pool.acquire()
+                upstream, reused = await self._acquire(ctx, fwd)
                 if protocol.gone:
-                    self.pool.release(upstream)
+                    upstream.pool.release(upstream)
                     return False
+                assert ctx.placement is not None
+                fwd = self._for_backend(fwd, ctx.placement)
                 protocol.exchange = upstream
-                upstream.send_head(request, fwd.upstream_method or req.method)
+                upstream.send_head(fwd.head + body if body else fwd.head, fwd.upstream_method or req.method)
                 if body_pending:
                     body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
                 try:
@@ -465,6 +597,9 @@ class Proxy:
         self.metrics.upstream_up = 1
         self.metrics.upstream_head.observe(head_at - started)
         upstream_ms = (head_at - started) * 1000
+        if head.status == 404 and fwd.model is not None and self.pollers is not None and ctx.backend:
+            # Most likely "model not found" where the inventory said it was: read that inventory again now.
+            self.pollers.refresh_inventory(ctx.backend)
         if protocol.gone:
             # The client left between Ollama's head arriving and this task running: nothing to relay to.
             upstream.client_gone()
@@ -505,7 +640,7 @@ class Proxy:
         self.metrics.request_duration.observe(elapsed)
         self._account(ctx, fwd, head.status, upstream, elapsed)
         if outcome is RelayOutcome.COMPLETE:
-            self.pool.release(upstream)
+            upstream.pool.release(upstream)
             fields = ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms,
                                     bytes=upstream.body_bytes, duration_ms=elapsed * 1000)
             if streaming:
@@ -576,7 +711,8 @@ class Proxy:
             self.usage_sink(UsageRecord(
                 at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
                 path=path_label(ctx.path), status=status, prompt_tokens=counts.prompt if counts else 0,
-                completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3)))
+                completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3),
+                backend=ctx.placement.backend if ctx.placement is not None else ""))
 
     async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
         """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""
@@ -600,9 +736,17 @@ class Proxy:
     # -- metrics -----------------------------------------------------------------------------------------
 
     def _metrics_reply(self, head_only: bool) -> LocalReply:
+        backends: list[BackendGauges] = []
+        queue_depth = None
+        if self.several:
+            snapshot = self.router.snapshot(asyncio.get_running_loop().time())
+            backends = [BackendGauges(view.name, view.state == "up", view.in_flight, view.waiting,
+                                      view.ejections) for view in snapshot.backends]
+            queue_depth = snapshot.queue_depth
         return LocalReply(200, self.metrics.render(in_flight=self.in_flight, connections=len(self.connections),
                                                    buffered_bytes=self.budget.used,
-                                                   buffer_refusals=self.budget.refusals),
+                                                   buffer_refusals=self.budget.refusals,
+                                                   backends=backends, queue_depth=queue_depth),
                           head_only=head_only, content_type=PROMETHEUS_TEXT)
 
     async def _metrics_listener(self, ctx: RequestContext) -> bool:
@@ -616,7 +760,12 @@ class Proxy:
     async def _health(self, probe: ProbeHealth) -> LocalReply:
         """fastgate's state and Ollama's. `/health` needs no key, so it must not be an amplifier: however many
         callers ask, Ollama is probed at most once per HEALTH_PROBE_INTERVAL_S, on a pooled connection, and
-        callers in between share that answer. Only admins see versions, uptime and traffic."""
+        callers in between share that answer. Only admins see versions, uptime and traffic.
+
+        With several backends the pollers already probe each one: the answer is the router's view (200 while
+        at least one backend is up), with each backend's state for admins."""
+        if self.several:
+            return self._backends_health(probe)
         loop = asyncio.get_running_loop()
         checked_at, upstream_info = self._health_result
         if loop.time() - checked_at >= HEALTH_PROBE_INTERVAL_S:
@@ -633,6 +782,23 @@ class Proxy:
                                 "requests_total": self.requests_total}
             body["upstream"] = upstream_info
         return LocalReply(status, json_body(body), head_only=probe.head_only)
+
+    def _backends_health(self, probe: ProbeHealth) -> LocalReply:
+        snapshot = self.router.snapshot(asyncio.get_running_loop().time())
+        healthy = snapshot.healthy > 0
+        body: dict[str, object] = {"status": "ok" if healthy else "degraded"}
+        if probe.detailed:
+            body["fastgate"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
+                                "connections": len(self.connections), "in_flight": self.in_flight,
+                                "requests_total": self.requests_total}
+            body["queue_depth"] = snapshot.queue_depth
+            body["backends"] = [
+                {"name": view.name, "url": view.url, "state": view.state, "models": view.models,
+                 "loaded": list(view.loaded), "in_flight": view.in_flight, "slots_busy": view.slots_busy,
+                 "max_parallel": view.max_parallel, "queue_depth": view.waiting, "ejections": view.ejections,
+                 "ejected_for_s": round(view.ejected_for_s, 1)}
+                for view in snapshot.backends]
+        return LocalReply(200 if healthy else 503, json_body(body), head_only=probe.head_only)
 
     async def _probe_upstream(self) -> dict[str, object]:
         """One `GET /api/version` to Ollama on a pooled connection; the result is kept for the next callers."""
@@ -674,6 +840,8 @@ class Proxy:
         self.closing = True
         if self._health_probe is not None:
             self._health_probe.cancel()
+        if self.pollers is not None:
+            await self.pollers.stop()
         for conn in list(self.connections):
             if conn.state is ClientState.IDLE:
                 conn.close()
@@ -683,7 +851,9 @@ class Proxy:
                 await asyncio.wait_for(self._idle_event.wait(), grace)
             except asyncio.TimeoutError:
                 log.warning("Shutdown grace period over; cutting %d connection(s)", len(self.connections))
+        # Requests still waiting for a backend slot are refused now (503) rather than at their deadline.
+        self.router.expire(math.inf)
         for conn in list(self.connections):
             conn.abort()
-        if self.pool is not None:
-            self.pool.close()
+        for pool in self.pools.values():
+            pool.close()

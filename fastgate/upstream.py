@@ -111,6 +111,11 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.state.value} requests={self.requests}>"
 
+    @property
+    def pool(self) -> UpstreamPool:
+        """The pool (so the backend) this connection belongs to: it goes back there after an exchange."""
+        return self._pool
+
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -487,7 +492,9 @@ class UpstreamPool:
                 # until descriptors free up. Say so at ERROR, not in a per-request INFO line.
                 log.error("Out of file descriptors connecting to Ollama (%s): lower server.max_connections or "
                           "raise the open file limit", exc.strerror)
-            raise UpstreamUnreachable(f"upstream unreachable ({exc.strerror or type(exc).__name__})") from None
+            error = UpstreamUnreachable(f"upstream unreachable ({exc.strerror or type(exc).__name__})")
+            error.refused = isinstance(exc, ConnectionRefusedError)  # the router ejects such a backend at once
+            raise error from None
         self.connects += 1
         self._all.add(conn)
         return conn

@@ -36,6 +36,7 @@ class UsageRecord:
     prompt_tokens: int
     completion_tokens: int
     duration_ms: float
+    backend: str = ""  # the Ollama that served it, by its [[backends]] name ("" before routing chose one)
 
 
 @dataclass(frozen=True, slots=True)

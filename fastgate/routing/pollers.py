@@ -1,0 +1,196 @@
+"""What the router knows about each backend, kept fresh: the I/O beside the pure `choice.Router`.
+
+Per backend, three loops on that backend's own connection pool (issue 9):
+- GET /api/version every `routing.health_interval` (bounded by `health_timeout`) -> `Router.record_probe`;
+- GET /api/tags every `inventory_interval` -> `Router.set_inventory` (and at once, rate limited, when a
+  request met Ollama's 404 "model not found": `refresh_inventory`);
+- GET /api/ps every `loaded_interval` -> `Router.set_loaded`.
+
+Each loop does its first request at once, so a fresh fastgate knows what is where within one round trip.
+Nothing here decides anything: failures of /api/tags or /api/ps leave what is known as it is (health is the
+probe's business), and every observation goes to the router with `loop.time()`.
+
+With one backend there is nothing to choose between: the proxy starts no pollers (and so never sends Ollama a
+request of its own), and the router treats that backend as up and holding every model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .. import __version__
+from ..config import BackendConfig, RoutingConfig
+from ..errors import GateError, UpstreamUnreachable
+from ..logs import log
+from ..upstream import BufferSink, RelayOutcome, UpstreamConnection, UpstreamPool
+from .choice import Router
+from .health import HealthChange
+
+# Listing bodies read by the pollers are small; this bounds what a confused backend can make fastgate hold.
+MAX_LISTING_BYTES = 16 * 1024 * 1024
+# A 404 "model not found" asks for a fresh /api/tags at once, but not more often than this per backend
+# (seconds): a client asking for a missing model in a loop must not turn into a loop of listings.
+INVENTORY_REFRESH_MIN_S = 1.0
+
+
+class ProbeFailed(Exception):
+    """A poller's request got no usable answer. `refused`: nothing listens there."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+async def fetch(pool: UpstreamPool, backend: BackendConfig, path: str, timeout: float) -> tuple[int, bytes]:
+    """One `GET path` to `backend` on a pooled connection: its status and body. Raises ProbeFailed."""
+    held: list[UpstreamConnection] = []  # the connection in use, for the cleanup below
+    url = backend.url
+
+    async def exchange() -> tuple[int, bytes]:
+        conn, _ = await pool.acquire()
+        held.append(conn)
+        conn.send_head(b"GET %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastgate/%s\r\n\r\n"
+                       % (url.base_path.encode(), path.encode(), url.host_header.encode(),
+                          __version__.encode()), b"GET")
+        head = await conn.response_head()
+        sink = BufferSink()
+        outcome = await conn.start_relay(head, sink)
+        if outcome is RelayOutcome.COMPLETE:
+            held.clear()
+            pool.release(conn)
+        elif outcome is not RelayOutcome.COMPLETE_CLOSE:
+            raise ProbeFailed(f"answer cut off ({outcome.value})")
+        return head.status, bytes(sink.data)
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout)
+    except asyncio.TimeoutError:
+        raise ProbeFailed("timed out") from None
+    except UpstreamUnreachable as exc:
+        raise ProbeFailed(exc.message, refused=exc.refused) from None
+    except GateError as exc:
+        raise ProbeFailed(exc.message) from None
+    finally:
+        for conn in held:
+            conn.abort()  # mid-exchange (timed out, cut off): never reused
+
+
+def model_names(body: bytes) -> list[str] | None:
+    """The `name` (else `model`) of each entry of an /api/tags or /api/ps answer; None if it is not one."""
+    if len(body) > MAX_LISTING_BYTES:
+        return None
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return None
+    names = []
+    for item in models:
+        if isinstance(item, dict):
+            name = item.get("name") or item.get("model")
+            if isinstance(name, str) and name:
+                names.append(name)
+    return names
+
+
+class Pollers:
+    """The polling loops of every backend. `start` once the loop runs, `stop` at shutdown (awaits them)."""
+
+    def __init__(self, router: Router, pools: dict[str, UpstreamPool], backends: Iterable[BackendConfig],
+                 settings: RoutingConfig, *, on_health_change: Callable[[str, HealthChange], None] | None = None,
+                 ) -> None:
+        self.router = router
+        self.pools = pools
+        self.backends = {backend.name: backend for backend in backends}
+        self.settings = settings
+        self.on_health_change = on_health_change
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inventory_wakers: dict[str, asyncio.Event] = {}
+        self._inventory_asked_at: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        for name in self.backends:
+            self._inventory_wakers[name] = asyncio.Event()
+            for poll in (self._health, self._inventory, self._loaded):
+                task = loop.create_task(poll(name), name=f"fastgate-{poll.__name__.strip('_')}-{name}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def refresh_inventory(self, backend: str) -> None:
+        """A request met "model not found" there: read its /api/tags now (at most once a second)."""
+        waker = self._inventory_wakers.get(backend)
+        if waker is None or self._loop is None:
+            return
+        now = self._loop.time()
+        if now - self._inventory_asked_at.get(backend, float("-inf")) < INVENTORY_REFRESH_MIN_S:
+            return
+        self._inventory_asked_at[backend] = now
+        waker.set()
+
+    # -- the loops -----------------------------------------------------------------------------------------
+
+    async def _health(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        backend, pool = self.backends[name], self.pools[name]
+        while True:
+            try:
+                status, _ = await fetch(pool, backend, "/api/version", self.settings.health_timeout)
+                ok, refused, why = status == 200, False, f"answered {status}"
+            except ProbeFailed as exc:
+                ok, refused, why = False, exc.refused, str(exc)
+            change = self.router.record_probe(name, loop.time(), ok=ok, refused=refused)
+            if change is not None:
+                if change is HealthChange.EJECTED:
+                    log.warning("Backend %s (%s) ejected: GET /api/version %s", name, backend.url, why)
+                else:
+                    log.warning("Backend %s (%s) restored: it answers again", name, backend.url)
+                if self.on_health_change is not None:
+                    self.on_health_change(name, change)
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def _inventory(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        backend, pool = self.backends[name], self.pools[name]
+        waker = self._inventory_wakers[name]
+        while True:
+            waker.clear()
+            try:
+                status, body = await fetch(pool, backend, "/api/tags", self.settings.health_timeout)
+            except ProbeFailed:
+                pass  # health is the probe's to judge; the last inventory read stays
+            else:
+                names = model_names(body) if status == 200 else None
+                if names is not None:
+                    self.router.set_inventory(name, names, loop.time())
+            try:
+                await asyncio.wait_for(waker.wait(), self.settings.inventory_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _loaded(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        backend, pool = self.backends[name], self.pools[name]
+        while True:
+            try:
+                status, body = await fetch(pool, backend, "/api/ps", self.settings.health_timeout)
+            except ProbeFailed:
+                pass
+            else:
+                names = model_names(body) if status == 200 else None
+                if names is not None:
+                    self.router.set_loaded(name, names, loop.time())
+            await asyncio.sleep(self.settings.loaded_interval)
