@@ -36,7 +36,7 @@ from .messages import (
     local_response, retarget_head,
 )
 from .metrics import BackendGauges, Metrics, path_label
-from .routing import MoveReason, Placement, Refusal, Router, Ticket
+from .routing import MAX_MOVES, MoveReason, Placement, Refusal, Router, Ticket
 from .routing.health import RESTORE_AFTER_SUCCESSES
 from .routing.pollers import Pollers
 from .upstream import (
@@ -64,6 +64,9 @@ PIPELINED_PER_YIELD = 64
 FD_WARN_INTERVAL_S = 10.0  # at most one "running out of file descriptors" line this often
 # Retry-After (seconds) of a 503 for a full or timed-out wait for a backend slot: slots free as streams end.
 QUEUE_RETRY_AFTER_S = 1
+# Ollama's 503 when its own queue is full (server/sched.go ErrMaxQueue): it started no work (rule 4).
+SERVER_BUSY = "server busy, please try again.  maximum pending requests exceeded"
+SERVER_BUSY_MARK = b"server busy"
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -509,6 +512,24 @@ class Proxy:
                 ctx.placement = await self._settle(moved, fwd, err)
                 ctx.backend = ctx.placement.backend
 
+    def _server_busy(self, ctx: RequestContext, upstream: UpstreamConnection) -> bool:
+        """Whether a 503 is Ollama's "server busy" for a request that may still move: read from the bytes
+        already in after its head (the answer is a few dozen bytes), never by waiting for more."""
+        placement = ctx.placement
+        return (self.several and placement is not None and not placement.pinned
+                and placement.moves < MAX_MOVES and SERVER_BUSY_MARK in upstream.early_body())
+
+    async def _discard(self, ctx: RequestContext, upstream: UpstreamConnection, head: ResponseHead) -> None:
+        """Read an answer nobody will see to its end, so that its connection can serve again."""
+        try:
+            outcome = await upstream.start_relay(head, BufferSink())
+        finally:
+            ctx.conn.protocol.exchange = None
+        if outcome is RelayOutcome.COMPLETE:
+            upstream.pool.release(upstream)
+        else:
+            upstream.abort()
+
     def _for_backend(self, fwd: Forward, placement: Placement) -> Forward:
         """`fwd` as it goes to the placed backend: the gate built it for the first one."""
         url = placement.url
@@ -549,7 +570,8 @@ class Proxy:
                 body = b"".join(frame_body_parts(parts, req.chunked, last=complete))
                 body_pending = not complete
         try:
-            for attempt in (1, 2):
+            pooled_retry = True  # one retry on a fresh connection when a pooled one was found closed
+            while True:
                 upstream, reused = await self._acquire(ctx, fwd)
                 if protocol.gone:
                     upstream.pool.release(upstream)
@@ -562,18 +584,31 @@ class Proxy:
                     body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
                 try:
                     head = await upstream.response_head()
-                    break
                 except UpstreamClosed as exc:
                     # A pooled connection Ollama closed while it sat idle: nothing was processed, so an
                     # idempotent request may go again on a new connection. Anything else is a 502.
-                    if (attempt == 1 and reused and exc.nothing_received and not body_pending
+                    if (pooled_retry and reused and exc.nothing_received and not body_pending
                             and req.method in IDEMPOTENT):
+                        pooled_retry = False
                         log.info("[%s] Pooled upstream connection was closed; retrying once", rid.decode(),
                                  extra=ctx.log_fields(fwd))
                         continue
                     raise
-            else:  # pragma: no cover - the loop always breaks or raises
-                raise AssertionError("unreachable")
+                if head.status == 503 and not body_pending and self._server_busy(ctx, upstream):
+                    # Rule 4: Ollama's queue is full, so it started no work; the whole request is still at
+                    # hand (never a streamed body) and nothing reached the client: try another backend.
+                    await self._discard(ctx, upstream, head)
+                    upstream = None
+                    placement = ctx.placement
+                    assert placement is not None
+                    moved = self.router.move(placement, loop.time(), reason=MoveReason.BUSY)
+                    if moved is not Refusal.NO_MOVE:
+                        log.info("[%s] Backend %s is busy (its queue is full): moving the request",
+                                 rid.decode(), placement.backend, extra=ctx.log_fields(fwd))
+                    ctx.placement = await self._settle(moved, fwd, ServiceUnavailable(SERVER_BUSY))
+                    ctx.backend = ctx.placement.backend
+                    continue
+                break
         except ClientGone:
             await _stop(body_task)
             elapsed = time.perf_counter() - started

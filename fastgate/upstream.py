@@ -238,6 +238,11 @@ class UpstreamConnection(asyncio.Protocol):
         data = b"".join(self._tail)[-TAIL_BYTES:]
         return _CHUNK_SEAM.sub(b"", data) if self._tail_chunked else data
 
+    def early_body(self) -> bytes:
+        """The body bytes that arrived with the response head, before any relay (a copy; nothing is
+        consumed): enough to tell a short error answer, such as Ollama's "server busy", without reading."""
+        return b"".join(self._early)
+
     async def response_head(self) -> ResponseHead:
         assert self._head_waiter is not None
         return await self._head_waiter

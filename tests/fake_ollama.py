@@ -46,6 +46,8 @@ import h11
 __all__ = ["FakeOllama", "ReceivedRequest", "Disconnect", "FAULTS", "DEFAULT_MODELS", "main"]
 
 DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b"]
+# Ollama's answer (503) when its scheduler queue is full (server/sched.go ErrMaxQueue).
+SERVER_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 
 # Faults that act before anything is written, and faults that act after two stream items.
 _PRE_FAULTS = frozenset(
@@ -891,7 +893,10 @@ class _Conn(asyncio.Protocol):
                     self.reading_paused = False
                     self.transport.resume_reading()
                 self.active = req
-                await self._handle(req)
+                try:
+                    await self._handle(req)
+                finally:
+                    self.fake._running.discard(req)  # its model slot (see max_parallel) is free again
                 self.active = None
                 if req.close_after:
                     self._finish_close(req)
@@ -1066,6 +1071,11 @@ class _Conn(asyncio.Protocol):
         if not self.fake._has_model(model):
             await self._error(req, 404, f'model "{model}" not found, try pulling it first')
             return None
+        if self.fake.max_parallel and len(self.fake._running) >= self.fake.max_parallel:
+            self.fake.busy_answers += 1
+            await self._error(req, 503, SERVER_BUSY)
+            return None
+        self.fake._running.add(req)
         self.fake._loaded[_norm_model(model)] = None
         return model
 
@@ -1496,7 +1506,7 @@ class FakeOllama:
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, *, version: str = "0.12.6",
         models: list[str] | None = None, blobs: set[str] | None = None,
-        check_host: bool = True, check_origin: bool = True, lean: bool = False,
+        check_host: bool = True, check_origin: bool = True, lean: bool = False, max_parallel: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -1510,6 +1520,11 @@ class FakeOllama:
         # parses it and is not recorded, so that the fake costs a small fraction of what the proxy in
         # front of it costs. Everything else behaves exactly as without it.
         self.lean = lean
+        # Model requests run at once; one more is answered 503 "server busy" like a full Ollama queue
+        # (OLLAMA_NUM_PARALLEL with OLLAMA_MAX_QUEUE=0). 0: no limit.
+        self.max_parallel = max_parallel
+        self.busy_answers = 0
+        self._running: set[_Req] = set()
         self.received: list[ReceivedRequest] = []
         self.disconnects: list[Disconnect] = []
         self.connections_opened = 0

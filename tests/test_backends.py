@@ -266,3 +266,24 @@ async def test_model_not_found_refreshes_that_inventory_at_once(fakes, gateway_f
     await until(lambda: views(gw)["b"].models == 1)  # /api/tags read again at once, not in 30 s
     second = await post(gw.port, generate(QWEN))
     assert second.status == 404 and len(chats(b)) == 1  # now fastgate knows: no backend is asked
+
+
+async def test_server_busy_moves_the_request_to_another_backend(fakes, gateway_for: Start) -> None:  # type: ignore[no-untyped-def]
+    a = await fakes([LLAMA])
+    b = await fakes([LLAMA])
+    a.max_parallel = b.max_parallel = 1  # Ollama's own limit; fastgate is not told (max_parallel = 0)
+    gw = await gateway_for([{"name": "a", "url": a.url}, {"name": "b", "url": b.url}])
+    await inventories_read(gw)
+    long_stream = generate(LLAMA, stream=True, num_predict=8, fake_gap_ms=80)
+    on_a = asyncio.create_task(post(gw.port, long_stream, {"X-Fastgate-Backend": "a"}))
+    await until(lambda: len(a._running) == 1)
+    # warm on A (its stream just placed the model there), so A is tried first: busy, then B serves it
+    moved = await post(gw.port, generate(LLAMA))
+    assert moved.status == 200, moved.body
+    assert a.busy_answers == 1 and len(chats(b)) == 1
+    on_b = asyncio.create_task(post(gw.port, long_stream, {"X-Fastgate-Backend": "b"}))
+    await until(lambda: len(b._running) == 1)
+    both_busy = await post(gw.port, generate(LLAMA))  # every backend busy: Ollama's own 503, once moved
+    assert both_busy.status == 503 and "server busy" in both_busy.json()["error"]
+    assert a.busy_answers + b.busy_answers == 3
+    assert [resp.status for resp in await asyncio.gather(on_a, on_b)] == [200, 200]
