@@ -137,6 +137,12 @@ def _patterns(open_levels: int) -> _FastPatterns:
     return found
 
 
+def warm_up() -> None:
+    """Compile the patterns ordinary bodies use now (tens of milliseconds), so a server pays it at startup
+    instead of on the event loop when the first body arrives."""
+    _patterns(0)
+
+
 _KEY = re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS)
 _SPACE = re.compile(_WS)
 # Error reporting only: whether a string token is whole, and how far a malformed one got.

@@ -19,6 +19,7 @@ from . import __version__
 from .config import Config
 from .connection import ClientProtocol, _plain_ip
 from .errors import BadRequest, ConfigError
+from .gojson import warm_up as warm_up_json_reader
 from .logs import log, set_format, set_level
 from . import pidfile
 from .managed import ManagedKeys
@@ -397,6 +398,7 @@ async def start(config: Config) -> RunningServer:
     listen = config.server.listen
     ssl_context = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls else None
     proxy = Proxy(config)
+    warm_up_json_reader()  # once per process, before the loop serves anyone
     proxy.max_connections, fd_limit = apply_open_file_limit(config)
     if fd_limit:
         proxy.fd_warn_at = int(fd_limit * FD_WARN_SHARE)
