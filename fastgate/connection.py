@@ -72,6 +72,17 @@ class Admission(Protocol):
     def release(self, protocol: ClientProtocol) -> None: ...
 
 
+class Exchange(Protocol):
+    """What the client side tells about itself: the upstream exchange (UpstreamConnection), or whatever
+    stands in for it while the request waits for a backend slot."""
+
+    def pause_relay(self) -> None: ...
+
+    def resume_relay(self) -> None: ...
+
+    def client_gone(self) -> None: ...
+
+
 class ClientProtocol(asyncio.StreamReaderProtocol):
     """Stream protocol that also tells the current upstream exchange about the client's state.
 
@@ -80,7 +91,7 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
     its socket, and the unread answer buffered for it, stayed (flushing after a close, or mid TLS handshake).
     """
 
-    exchange: UpstreamConnection | None = None
+    exchange: Exchange | None = None
     transport: asyncio.Transport | None = None
     gone = False  # EOF or connection lost: the client went away
     lost = False  # connection_lost: the socket is released

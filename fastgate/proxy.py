@@ -120,6 +120,27 @@ class RequestContext:
                               key=fwd.key_label, url=fwd.url, backend=self.backend, **more)
 
 
+class _QueueWait:
+    """Stands in for the upstream exchange (ClientProtocol.exchange) while a request waits for a backend
+    slot: a client that leaves takes its ticket out of the queue at once rather than at its deadline."""
+
+    __slots__ = ("router", "ticket", "loop")
+
+    def __init__(self, router: Router, ticket: Ticket, loop: asyncio.AbstractEventLoop) -> None:
+        self.router = router
+        self.ticket = ticket
+        self.loop = loop
+
+    def pause_relay(self) -> None:
+        pass  # nothing is relayed yet
+
+    def resume_relay(self) -> None:
+        pass
+
+    def client_gone(self) -> None:
+        self.router.cancel(self.ticket, self.loop.time())  # resolves the ticket: the waiter wakes up
+
+
 class Proxy:
     """Shared state of one fastgate process: config, gate, router, upstream pools, live connections."""
 
@@ -431,25 +452,28 @@ class Proxy:
         """Put the request on a backend (`ctx.placement`), waiting for a slot if need be. Raises GateError."""
         outcome = self.router.choose(fwd.model, fwd.user, ctx.conn.loop.time(), needs_slot=fwd.runs_model,
                                      pin=fwd.pin)
-        ctx.placement = await self._settle(outcome, fwd)
+        ctx.placement = await self._settle(ctx, outcome, fwd)
         if self.several:
             ctx.backend = ctx.placement.backend
 
-    async def _settle(self, outcome: Placement | Ticket | Refusal, fwd: Forward,
+    async def _settle(self, ctx: RequestContext, outcome: Placement | Ticket | Refusal, fwd: Forward,
                       failure: GateError | None = None) -> Placement:
         """A router answer as a Placement: a Ticket awaited, a Refusal raised as the GateError answering it
-        (`failure`: the error a refused move answers with)."""
+        (`failure`: the error a refused move answers with), ClientGone when the client left while waiting."""
         if isinstance(outcome, Ticket):
-            outcome = await self._wait(outcome)
+            outcome = await self._wait(ctx, outcome)
+        if outcome is Refusal.CANCELLED:
+            raise ClientGone()
         if isinstance(outcome, Refusal):
             raise self._refusal_error(outcome, fwd, failure)
         return outcome
 
-    async def _wait(self, ticket: Ticket) -> Placement | Refusal:
+    async def _wait(self, ctx: RequestContext, ticket: Ticket) -> Placement | Refusal:
         """Wait in the router's queue until it gives the ticket a slot or refuses it (full wait, gone)."""
         loop = asyncio.get_running_loop()
         router = self.router
         future: asyncio.Future[Placement | Refusal] = loop.create_future()
+        protocol = ctx.conn.protocol
 
         def resolved(done: Ticket) -> None:
             # Runs inside the router call that resolved it: record only, never call back into the router.
@@ -458,6 +482,11 @@ class Proxy:
 
         ticket.add_done_callback(resolved)
         timer = loop.call_at(ticket.deadline, lambda: router.expire(loop.time()))
+        waiting = _QueueWait(router, ticket, loop)
+        if protocol.gone:
+            waiting.client_gone()
+        else:
+            protocol.exchange = waiting  # a client that leaves gives up its place at once
         try:
             return await future
         except asyncio.CancelledError:
@@ -465,6 +494,8 @@ class Proxy:
             raise
         finally:
             timer.cancel()
+            if protocol.exchange is waiting:
+                protocol.exchange = None
 
     def _refusal_error(self, refusal: Refusal, fwd: Forward, failure: GateError | None) -> GateError:
         if refusal is Refusal.NOT_FOUND:
@@ -509,7 +540,7 @@ class Proxy:
                 if moved is not Refusal.NO_MOVE:
                     log.info("[%s] Backend %s unreachable (%s): moving the request", ctx.rid.decode(),
                              placement.backend, err.message, extra=ctx.log_fields(fwd))
-                ctx.placement = await self._settle(moved, fwd, err)
+                ctx.placement = await self._settle(ctx, moved, fwd, err)
                 ctx.backend = ctx.placement.backend
 
     def _server_busy(self, ctx: RequestContext, upstream: UpstreamConnection) -> bool:
@@ -554,6 +585,12 @@ class Proxy:
             await self._place(ctx, fwd)
         except GateError as err:
             return await self._refuse(ctx, err, fwd=fwd)
+        except ClientGone:
+            elapsed = time.perf_counter() - started
+            log.info("[%s] Client went away while waiting for a backend (%s)", rid.decode(), fwd.user,
+                     extra=ctx.log_fields(fwd, status=499, duration_ms=elapsed * 1000))
+            self._account(ctx, fwd, 499, None, elapsed)
+            return False
         # The request goes to Ollama in one write when its body is already here (buffered by the gate, or
         # arrived with the head); only a body still on its way needs a task to pump it.
         body = fwd.body or b""
@@ -605,7 +642,7 @@ class Proxy:
                     if moved is not Refusal.NO_MOVE:
                         log.info("[%s] Backend %s is busy (its queue is full): moving the request",
                                  rid.decode(), placement.backend, extra=ctx.log_fields(fwd))
-                    ctx.placement = await self._settle(moved, fwd, ServiceUnavailable(SERVER_BUSY))
+                    ctx.placement = await self._settle(ctx, moved, fwd, ServiceUnavailable(SERVER_BUSY))
                     ctx.backend = ctx.placement.backend
                     continue
                 break

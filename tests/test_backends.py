@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +18,7 @@ from fastgate.logs import FIELDS
 from fastgate.server import RunningServer, start
 from tests.conftest import KEY1, KEYS
 from tests.fake_ollama import FakeOllama, _norm_model
-from tests.rawhttp import Client, RawResponse
+from tests.rawhttp import Client, RawResponse, build_request
 
 QWEN = "qwen2.5:0.5b"
 LLAMA = "llama3.2:latest"
@@ -287,3 +288,23 @@ async def test_server_busy_moves_the_request_to_another_backend(fakes, gateway_f
     assert both_busy.status == 503 and "server busy" in both_busy.json()["error"]
     assert a.busy_answers + b.busy_answers == 3
     assert [resp.status for resp in await asyncio.gather(on_a, on_b)] == [200, 200]
+
+
+async def test_a_client_that_leaves_the_queue_gives_up_its_place(fakes, gateway_for: Start) -> None:  # type: ignore[no-untyped-def]
+    a = await fakes([LLAMA])
+    b = await fakes([LLAMA])
+    gw = await gateway_for([{"name": "a", "url": a.url, "max_parallel": 1},
+                            {"name": "b", "url": b.url, "max_parallel": 1}])
+    await inventories_read(gw)
+    stream = generate(LLAMA, stream=True, num_predict=6, fake_gap_ms=80)
+    running = [asyncio.create_task(post(gw.port, stream)) for _ in range(2)]
+    await until(lambda: views(gw)["a"].in_flight == 1 and views(gw)["b"].in_flight == 1)
+    leaver = await Client.connect(gw.port)
+    leaver.send(build_request("POST", "/api/generate", headers={"X-API-Key": KEY1},
+                              body=json.dumps(generate(LLAMA)).encode()))
+    await until(lambda: gw.proxy.router.queue_depth == 1)
+    await leaver.close()
+    await until(lambda: gw.proxy.router.queue_depth == 0, timeout=1.0)  # not at queue_timeout (5 s)
+    assert gw.proxy.router.counters.cancelled == 1
+    assert [resp.status for resp in await asyncio.gather(*running)] == [200, 200]
+    assert len(chats(a)) + len(chats(b)) == 2  # the one that left reached no backend

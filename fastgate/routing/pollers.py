@@ -34,6 +34,9 @@ MAX_LISTING_BYTES = 16 * 1024 * 1024
 # A 404 "model not found" asks for a fresh /api/tags at once, but not more often than this per backend
 # (seconds): a client asking for a missing model in a loop must not turn into a loop of listings.
 INVENTORY_REFRESH_MIN_S = 1.0
+# stop() cancels again after this long (seconds) while a loop still runs: before Python 3.12,
+# asyncio.wait_for can swallow a cancellation that arrives as its inner request completes.
+STOP_RECANCEL_S = 0.1
 
 
 class ProbeFailed(Exception):
@@ -113,6 +116,7 @@ class Pollers:
         self._inventory_wakers: dict[str, asyncio.Event] = {}
         self._inventory_asked_at: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -124,11 +128,15 @@ class Pollers:
                 task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopped = True  # a loop whose cancellation was swallowed ends at its next turn
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_S)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: ended, not lost (the loops log their own errors)
 
     def refresh_inventory(self, backend: str) -> None:
         """A request met "model not found" there: read its /api/tags now (at most once a second)."""
@@ -146,12 +154,15 @@ class Pollers:
     async def _health(self, name: str) -> None:
         loop = asyncio.get_running_loop()
         backend, pool = self.backends[name], self.pools[name]
-        while True:
+        while not self._stopped:
             try:
                 status, _ = await fetch(pool, backend, "/api/version", self.settings.health_timeout)
                 ok, refused, why = status == 200, False, f"answered {status}"
             except ProbeFailed as exc:
                 ok, refused, why = False, exc.refused, str(exc)
+            except Exception:  # a bug must not stop the probes: the backend would keep its last state
+                log.exception("Probing backend %s failed unexpectedly", name)
+                ok, refused, why = False, False, "failed unexpectedly"
             change = self.router.record_probe(name, loop.time(), ok=ok, refused=refused)
             if change is not None:
                 if change is HealthChange.EJECTED:
@@ -166,12 +177,14 @@ class Pollers:
         loop = asyncio.get_running_loop()
         backend, pool = self.backends[name], self.pools[name]
         waker = self._inventory_wakers[name]
-        while True:
+        while not self._stopped:
             waker.clear()
             try:
                 status, body = await fetch(pool, backend, "/api/tags", self.settings.health_timeout)
             except ProbeFailed:
                 pass  # health is the probe's to judge; the last inventory read stays
+            except Exception:
+                log.exception("Reading the models of backend %s failed unexpectedly", name)
             else:
                 names = model_names(body) if status == 200 else None
                 if names is not None:
@@ -184,11 +197,13 @@ class Pollers:
     async def _loaded(self, name: str) -> None:
         loop = asyncio.get_running_loop()
         backend, pool = self.backends[name], self.pools[name]
-        while True:
+        while not self._stopped:
             try:
                 status, body = await fetch(pool, backend, "/api/ps", self.settings.health_timeout)
             except ProbeFailed:
                 pass
+            except Exception:
+                log.exception("Reading the loaded models of backend %s failed unexpectedly", name)
             else:
                 names = model_names(body) if status == 200 else None
                 if names is not None:
