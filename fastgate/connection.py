@@ -40,9 +40,16 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 1024 * 1024
 # What each body piece h11 hands over costs on top of its bytes when a body is buffered: a chunk header is at
-# least 5 bytes on the wire and its parsing costs far more than copying 64; tiny chunks hit the limits sooner.
-PIECE_COST_BYTES = 64
+# least 5 bytes on the wire and parsing it costs far more than copying 256; tiny chunks hit the limits sooner
+# (a 20 MiB limit allows at most 80k pieces).
+PIECE_COST_BYTES = 256
 PIECES_PER_YIELD = 256
+# A client that pipelines requests without reading the answers: once this much of ours is unsent (our buffer
+# plus the kernel's send queue), no further request is parsed until it takes them. The kernel alone absorbs
+# megabytes before our transport's own high-water mark trips: thousands of answers, a CPU-second each time.
+PIPELINE_UNSENT_BYTES = 64 * 1024
+PIPELINE_CHECK_EVERY = 8  # requests on one connection between two looks at what is unsent (one ioctl)
+PIPELINE_POLL_S = 0.05
 # A closed connection whose answer is still being flushed gets this long without progress (nginx's
 # send_timeout), then it is reset: close() alone would wait forever on a client that stopped reading.
 # Progress is any byte the client takes, counted in fastgate's buffer and in the kernel's send queue.
@@ -402,6 +409,21 @@ class ClientConnection:
         send_timeout) is gone.
         """
         timeout = min(self.keepalive_timeout, self.send_timeout)
+        unsent = self._unsent()
+        if unsent > PIPELINE_UNSENT_BYTES:
+            # The kernel takes our answers without the transport ever pausing: watch the queue itself.
+            deadline = self.loop.time() + timeout
+            while unsent > PIPELINE_UNSENT_BYTES:
+                await asyncio.sleep(PIPELINE_POLL_S)
+                if self.protocol.lost:
+                    return False
+                now, left = self.loop.time(), self._unsent()
+                if left < unsent:
+                    deadline = now + timeout  # it is reading: give it time
+                elif now >= deadline:
+                    self.abort()
+                    return False
+                unsent = left
         while self.protocol.writing_paused:
             before = self._unsent()
             try:

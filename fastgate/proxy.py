@@ -22,7 +22,8 @@ from . import __version__
 from .budget import BodyBudget
 from .config import Config
 from .connection import (
-    CONTINUE_100, PIECES_PER_YIELD, ClientClosed, ClientConnection, ClientProtocol, ClientState,
+    CONTINUE_100, PIECES_PER_YIELD, PIPELINE_CHECK_EVERY, ClientClosed, ClientConnection, ClientProtocol,
+    ClientState,
 )
 from .access import filter_model_list, model_refusal
 from .cors import render as render_headers, without_cors_fields
@@ -302,7 +303,8 @@ class Proxy:
                 if not await self.handle(conn, request):
                     break
                 # The next request is parsed only once the client takes our answers (see flush).
-                if protocol.writing_paused and not await conn.flush():
+                if ((protocol.writing_paused or conn.requests % PIPELINE_CHECK_EVERY == 0)
+                        and not await conn.flush()):
                     log.info("Closed a connection from %s: it took none of its answers for %.0f s", conn.peer_ip,
                              min(conn.keepalive_timeout, conn.send_timeout))
                     break
