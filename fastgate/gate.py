@@ -299,6 +299,11 @@ class Gate:
                 pinned = _header(req, BACKEND_HEADER)
                 if pinned is not None:
                     pin = pinned.strip().decode("latin-1")
+            if pin is None and self._route_models and _manages_models(normal):
+                # Which Ollama should get a new model, a blob, or lose one? The router only knows where models
+                # are: until pull/delete fan out to every backend, the admin names the backend.
+                raise BadRequest(f"with several backends, {normal.decode('latin-1')} needs an "
+                                 f"X-Fastgate-Backend: NAME header (an admin key's) naming the Ollama to act on")
             forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
                                     trim_listing=judged and route is not None and route.listing, pin=pin,
                                     runs_model=normal in RUNS_MODEL_PATHS)
@@ -494,6 +499,14 @@ def _host_is_ours(host: bytes, hostnames: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return True
+
+
+# Model management: what it acts on is not where a model already is (a pull of a new model, a blob upload).
+MANAGEMENT_PATHS = frozenset({b"/api/pull", b"/api/push", b"/api/create", b"/api/delete", b"/api/copy"})
+
+
+def _manages_models(normal: bytes) -> bool:
+    return normal in MANAGEMENT_PATHS or normal.startswith(BLOB_PREFIX)
 
 
 def _is_account_path(normal: bytes) -> bool:

@@ -308,3 +308,26 @@ async def test_a_client_that_leaves_the_queue_gives_up_its_place(fakes, gateway_
     assert gw.proxy.router.counters.cancelled == 1
     assert [resp.status for resp in await asyncio.gather(*running)] == [200, 200]
     assert len(chats(a)) + len(chats(b)) == 2  # the one that left reached no backend
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/api/pull", {"model": "brand-new:latest"}),
+    ("POST", "/api/create", {"model": "mine", "from": "llama3.2:latest"}),
+    ("DELETE", "/api/delete", {"model": "llama3.2:latest"}),
+    ("POST", "/api/copy", {"source": "llama3.2:latest", "destination": "x"}),
+    ("POST", "/api/blobs/sha256:" + "0" * 64, {}),
+])
+async def test_model_management_with_several_backends_names_its_backend(
+        method: str, path: str, body: dict[str, Any], fakes: Callable[..., Awaitable[FakeOllama]],
+        gateway_for: Start) -> None:
+    a, b = await fakes(["llama3.2:latest"]), await fakes(["qwen2.5:0.5b"])
+    gw = await gateway_for([{"name": "a", "url": a.url}, {"name": "b", "url": b.url}])
+    async with await Client.connect(gw.port) as client:  # a 400 closes its connection
+        refused = await client.request(method, path, headers={"X-API-Key": KEY1}, json_body=body)
+    async with await Client.connect(gw.port) as client:
+        pinned = await client.request(method, path, headers={"X-API-Key": KEY1, "X-Fastgate-Backend": "b"},
+                                      json_body=body)
+    assert refused.status == 400 and "X-Fastgate-Backend" in refused.json()["error"]
+    assert pinned.status != 400 or "X-Fastgate-Backend" not in pinned.body.decode()
+    assert [r.path for r in a.received if r.path == path] == []
+    assert [r.path for r in b.received if r.path == path] == [path]
