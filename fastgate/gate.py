@@ -288,10 +288,7 @@ class Gate:
                 if route.reads_body and body is None and req.has_body:
                     return ReadBody(self.config.auth.max_body_bytes)
                 try:
-                    requested = read_requested(route, normal, query=query,
-                                               content_type=_header(req, b"content-type"),
-                                               content_encoding=_joined_header(req, b"content-encoding"),
-                                               body=body)
+                    requested = _read_requested(req, route, normal, query, body)
                 except Unreadable:
                     requested = NOTHING
             pin = None
@@ -323,8 +320,7 @@ class Gate:
         if route.form and sum(1 for n, _ in req.headers if n == b"content-type") > 1:
             raise BadRequest("more than one Content-Type")  # Go reads the first; another parser may not
         try:
-            requested = read_requested(route, normal, query=query, content_type=_header(req, b"content-type"),
-                                       content_encoding=_joined_header(req, b"content-encoding"), body=body)
+            requested = _read_requested(req, route, normal, query, body)
         except Unreadable as exc:
             if exc.status == 415:
                 raise UnsupportedMediaType(str(exc)) from None
@@ -476,6 +472,13 @@ class Gate:
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:
     return next((v for n, v in req.headers if n == name), None)
+
+
+def _read_requested(req: IncomingRequest, route: Route, normal: bytes, query: bytes,
+                    body: BufferedBody | None) -> Requested:
+    """`read_requested` with this request's Content-Type and Content-Encoding. Raises Unreadable."""
+    return read_requested(route, normal, query=query, content_type=_header(req, b"content-type"),
+                          content_encoding=_joined_header(req, b"content-encoding"), body=body)
 
 
 def _joined_header(req: IncomingRequest, name: bytes) -> bytes | None:

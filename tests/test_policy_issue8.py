@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
+
 import pytest
 
+from fastgate.access import Principal, Role
 from fastgate.config import build_config
-from fastgate.gate import Forward
+from fastgate.gate import Forward, Gate
 from fastgate.keys import KeyRing, mask
-from tests.test_gate import Clock, RID, T0_WALL, make_gate, req, auth_request
-from fastgate.gate import Gate
+from fastgate.logs import LOGGER_NAME, LineFormatter
+from tests.conftest import KEY1, MakeGateway
+from tests.fake_ollama import FakeOllama
+from tests.rawhttp import Client
+from tests.test_gate import Clock, RID, T0_WALL, auth_request, req
 
 ALICE_KEY = "api-20250312000101"
 BOB_KEY = "api-77777777770101"  # masks exactly like alice's
@@ -44,15 +53,7 @@ def test_ip_trust_is_served_as_the_user_who_authenticated() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Through a running gateway
 
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
 
-from fastgate.access import Principal, Role  # noqa: E402
-from fastgate.logs import LOGGER_NAME, LineFormatter  # noqa: E402
-from tests.conftest import KEY1, MakeGateway  # noqa: E402
-from tests.fake_ollama import FakeOllama  # noqa: E402
-from tests.rawhttp import Client  # noqa: E402
 
 LIMITED = "fg_issue8-limited-key-00000000001"
 
@@ -182,5 +183,3 @@ async def test_client_text_cannot_break_log_lines(make_gateway: MakeGateway, oll
     assert sum("Refused" in line for line in lines) == 3
     assert sum(line.startswith("x") or line.startswith("y") or line.startswith("*") for line in lines) == 0
 
-
-import json  # noqa: E402
