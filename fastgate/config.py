@@ -109,6 +109,34 @@ class StoreConfig:
     usage_retention_days: int = 0  # 0 keeps every usage row; otherwise older rows are deleted once a day
 
 
+DEFAULT_STATE_TIMEOUT_S = 0.05
+REDIS_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True)
+class StateURL:
+    """Where the shared live state is: a Redis server over TCP, or over a unix socket (`path`)."""
+
+    text: str = field(repr=False)  # as written (may hold a password: never log it, see `redacted`)
+    host: str = ""
+    port: int = REDIS_DEFAULT_PORT
+    path: str = ""  # unix socket path; "" for TCP
+    db: int = 0
+
+    @property
+    def redacted(self) -> str:
+        """For logs and the start line: where, never with credentials."""
+        return f"unix://{self.path}?db={self.db}" if self.path else f"redis://{HostPort(self.host, self.port)}/{self.db}"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """[state]: shared live state (limits, leases, trust, lockout) in Redis, for several instances."""
+
+    url: StateURL
+    timeout: float = DEFAULT_STATE_TIMEOUT_S  # seconds a request may wait on Redis before falling back
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
@@ -154,6 +182,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    state: StateConfig | None = None  # [state]; None: every piece of live state stays in this process
     # The file's [[backends]] tables as written; () when it has none. Read `backends`, not this.
     backend_tables: tuple[BackendConfig, ...] = ()
     keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # key -> user name
@@ -225,6 +254,42 @@ def parse_upstream_url(key: str, value: Any) -> UpstreamURL:
     elif port == 0:
         raise ConfigError(f"{key}: port 0 is not a port Ollama can listen on, got {value!r}")
     return UpstreamURL("http", parts.hostname, port, parts.path.rstrip("/"))
+
+
+def parse_state_url(key: str, value: Any) -> StateURL:
+    """redis://[user:password@]HOST[:PORT][/DB] or unix:///PATH[?db=N] (a password may also come this way)."""
+    expected = f"{key}: expected redis://HOST[:PORT][/DB] or unix:///PATH.sock[?db=N], got "
+    if not isinstance(value, str):
+        raise ConfigError(expected + repr(value))
+    parts = urlsplit(value)
+    # No password in an error message.
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else value
+    if parts.fragment:
+        raise ConfigError(expected + repr(shown))
+    if parts.scheme == "redis":
+        if not parts.hostname or parts.query:
+            raise ConfigError(expected + repr(shown))
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{key}: bad port in {shown!r}") from None
+        if port == 0:
+            raise ConfigError(f"{key}: port 0 is not a port Redis can listen on, got {shown!r}")
+        db_text = parts.path.strip("/")
+        if db_text and not (db_text.isascii() and db_text.isdigit()):
+            raise ConfigError(f"{key}: the database is a number (redis://host:port/0), got {shown!r}")
+        return StateURL(value, parts.hostname, port or REDIS_DEFAULT_PORT, "", int(db_text or 0))
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ConfigError(expected + repr(shown))
+        db = 0
+        if parts.query:
+            name, _, db_text = parts.query.partition("=")
+            if name != "db" or not (db_text.isascii() and db_text.isdigit()):
+                raise ConfigError(f"{key}: the only query a unix:// URL takes is ?db=N, got {shown!r}")
+            db = int(db_text)
+        return StateURL(value, "", REDIS_DEFAULT_PORT, parts.path, db)
+    raise ConfigError(expected + repr(shown))
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -310,6 +375,10 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "loaded_interval": _seconds,
         "queue_timeout": _seconds,
         "max_queue": _int(0),
+    }),
+    "state": (StateConfig, {
+        "url": parse_state_url,
+        "timeout": _seconds,
     }),
     # An array of tables ([[backends]]): each table is checked against these keys by _parse_backends.
     "backends": (BackendConfig, {
@@ -418,6 +487,8 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
             if name not in fields:
                 raise ConfigError(f"{dotted}: unknown key")
             values[name] = fields[name](dotted, raw)
+        if section_name == "state" and "url" not in values:
+            raise ConfigError("state.url: required in [state] (redis://HOST:PORT/DB or unix:///PATH.sock)")
         sections[section_name] = cls(**values)
 
     server = sections.get("server", ServerConfig())
