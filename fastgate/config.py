@@ -106,6 +106,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = ""  # SQLite file of managed keys and usage; "" for none
+    url: str = ""  # or a PostgreSQL database shared by every instance (postgresql://...); never both
     usage_retention_days: int = 0  # 0 keeps every usage row; otherwise older rows are deleted once a day
 
 
@@ -358,6 +359,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     }),
     "store": (StoreConfig, {
         "path": _str,
+        "url": lambda key, value: _postgres_url(key, value),
         "usage_retention_days": _int(0),
     }),
     "metrics": (MetricsConfig, {
@@ -427,6 +429,22 @@ def _parse_backends(raw: Any) -> tuple[BackendConfig, ...]:
                                   f"backends[{other_index}] ({other.name!r})")
         backends.append(backend)
     return tuple(backends)
+
+
+def _postgres_url(key: str, value: Any) -> str:
+    """postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DBNAME[?PARAMS] (libpq's URI form). Errors never show the
+    password."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a URL like postgresql://fastgate@db.internal/fastgate, got {value!r}")
+    parts = urlsplit(value)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    if parts.scheme not in ("postgresql", "postgres") or parts.fragment:
+        raise ConfigError(f"{key}: expected postgresql://[USER@]HOST[:PORT]/DBNAME, got {shown!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {shown!r}") from None
+    return value
 
 
 def _origins(key: str, value: Any) -> tuple[str, ...]:
@@ -502,6 +520,9 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
     if server.pid_file and base_dir:
         sections["server"] = server = replace(server, pid_file=os.path.join(base_dir, server.pid_file))
     store = sections.get("store")
+    if store is not None and store.path and store.url:
+        raise ConfigError("store.path and store.url: set one of them (path: a SQLite file for one machine, url: "
+                          "a PostgreSQL database shared by every instance)")
     if store is not None and store.path and base_dir:
         sections["store"] = replace(store, path=os.path.join(base_dir, store.path))
     if "backends" in data:
