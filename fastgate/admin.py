@@ -306,7 +306,7 @@ def keys_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, 
 # fastgate usage ...
 
 def _usage_parser(now: float) -> _Parser:
-    parser = _Parser(prog="fastgate usage", description="Requests and tokens per user, model or key.",
+    parser = _Parser(prog="fastgate usage", description="Requests and tokens per user, model, key or backend.",
                      epilog="fastgate usage prune --before DATE deletes older usage rows (see its --help).")
     _add_config(parser)
     parser.add_argument("--since", type=lambda text: parse_since(text, now), metavar="DATE",
@@ -334,7 +334,9 @@ def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
     numbers = ("REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS", "DURATION S")
     labels = (args.by.upper(), "USER") if args.by == "key" else (args.by.upper(),)
-    rows = [(*((s.group or "(config)", owners.get(s.group, "-")) if args.by == "key" else (s.group,)),
+    # "" is a config-file key's id, or no backend (rows from before several backends, refusals placed nowhere)
+    rows = [(*((s.group or "(config)", owners.get(s.group, "-")) if args.by == "key" else
+               (s.group or "-",) if args.by == "backend" else (s.group,)),
              str(s.requests), str(s.errors), str(s.prompt_tokens), str(s.completion_tokens),
              str(s.total_tokens), f"{s.duration_ms / 1000:.1f}") for s in summaries]
     total = ("TOTAL", *[""] * (len(labels) - 1),
@@ -369,7 +371,7 @@ def _prune(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def usage_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
-    """`fastgate usage [--since DATE] [--by user|model|key] [--json]` or `fastgate usage prune --before DATE`
+    """`fastgate usage [--since DATE] [--by user|model|key|backend] [--json]` or `fastgate usage prune --before DATE`
     (argv without the leading "usage")."""
     if argv[:1] == ["prune"]:
         return _run(_prune_parser(now), argv[1:], lambda store, args: _prune(store, args, out),

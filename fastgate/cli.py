@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("keys", add_help=False,
                         help="add, list, rotate, revoke or import API keys in the key store ([store] path)")
     commands.add_parser("usage", add_help=False,
-                        help="requests and tokens per user, model or key; usage prune deletes old rows")
+                        help="requests and tokens per user, model, key or backend; usage prune deletes old rows")
     init = commands.add_parser("init", help="write a new config with a fresh API key and print the key once",
                                description="Write a new config file holding one fresh admin API key (as its "
                                            "SHA-256 digest) and print the key once. Never overwrites a file.")

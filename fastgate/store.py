@@ -46,10 +46,10 @@ DISPLAY_PREFIX_CHARS = len(SECRET_PREFIX) + 4  # "fg_ab12": enough to tell keys 
 BUSY_TIMEOUT_S = 10.0
 SPILL_SUFFIX = ".usage-spill.jsonl"  # next to the store: usage rows waiting to be imported
 _USAGE_COLUMNS = ("at", "user", "key_id", "model", "path", "status", "prompt_tokens", "completion_tokens",
-                  "duration_ms")
+                  "duration_ms", "backend")
 PRUNE_BATCH_ROWS = 10_000  # usage rows deleted per transaction (see prune_usage)
 ROLES = ("user", "admin")
-USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id"}  # --by value -> column
+USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id", "backend": "backend"}  # --by value -> column
 ERROR_STATUS_MIN = 400
 
 # Schema migrations, applied in order; PRAGMA user_version records how many have run. Append, never edit.
@@ -85,6 +85,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX usage_at ON usage (at)",
         "CREATE INDEX usage_key_at ON usage (key_id, at)",  # tokens_used_since()
+    ),
+    (
+        # Several backends (issue 9): the [[backends]] name that served the request; "" for rows written
+        # before this column existed and for requests no backend was chosen for.
+        "ALTER TABLE usage ADD COLUMN backend TEXT NOT NULL DEFAULT ''",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -497,12 +502,12 @@ class KeyStore:
     @staticmethod
     def _usage_params(r: UsageRow) -> tuple[Any, ...]:
         return (r.at, r.user, r.key_id, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens,
-                r.duration_ms)
+                r.duration_ms, r.backend)
 
     @staticmethod
     def _insert_usage(db: sqlite3.Connection, params: builtins.list[tuple[Any, ...]]) -> None:
-        db.executemany(f"INSERT INTO usage ({', '.join(_USAGE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       params)
+        db.executemany(f"INSERT INTO usage ({', '.join(_USAGE_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})", params)
 
     def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
         """Bring in the usage rows a proxy spilled next to this file (see `spill_usage`), then remove the spill
@@ -550,7 +555,7 @@ class KeyStore:
         return imported, unreadable
 
     def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
-        """Totals per user, model or key id (`by`), for rows at or after `since`, ordered by group."""
+        """Totals per user, model, key id or backend (`by`), for rows at or after `since`, ordered by group."""
         column = USAGE_GROUPS.get(by)
         if column is None:
             raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
