@@ -67,6 +67,7 @@ class ServerConfig:
     max_header_bytes: int = 65536
     shutdown_grace: float = 30.0
     pid_file: str = ""  # written at startup (for `fastgate reload` and service managers); "" for none
+    workers: int = 1  # processes sharing the listener (SO_REUSEPORT) under one supervisor; > 1 needs [state]
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     hostnames: tuple[str, ...] = ()  # names clients may use in Host for ambient credentials (DNS rebinding)
 
@@ -332,6 +333,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "max_header_bytes": _int(1024),
         "shutdown_grace": _seconds,
         "pid_file": _str,
+        "workers": _int(1),
         "trusted_proxies": _networks,
         "hostnames": lambda key, value: _hostnames(key, value),
     }),
@@ -510,6 +512,11 @@ def build_config(data: dict[str, Any], *, source: str = "", base_dir: str = "") 
         sections[section_name] = cls(**values)
 
     server = sections.get("server", ServerConfig())
+    if server.workers > 1 and "state" not in sections:
+        # Limits, leases, IP trust and lockout would each be counted per worker: N times what was configured.
+        raise ConfigError(f"server.workers: more than 1 needs [state] url (shared live state in Redis), so that "
+                          f"the {server.workers} workers share limits, IP trust and lockout; set state.url, or "
+                          f"workers = 1")
     if bool(server.tls_cert) != bool(server.tls_key):
         missing = "server.tls_key" if server.tls_cert else "server.tls_cert"
         raise ConfigError(f"{missing}: tls_cert and tls_key must be set together")
