@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import analysis
-from .client import Exchange, connect, connect_many, get_request, send_raw, stream_request
+from .client import Exchange, HttpConn, connect, connect_many, get_request, send_raw, stream_request
 from .procs import Managed, busy_ns, cpu_ns
 from .targets import BAD_KEY, DENIED_MODEL, HOST, Target
 
@@ -40,10 +40,13 @@ class Params:
     active_streams: int
     active_gap_ms: float
     lean: bool  # ask the fake for its lean measurement mode
+    live_tokens: int = 100  # tokens per live stream
+    live_gap_ms: float = 50.0  # 20 tokens/s, a chat model's pace
+    live_rounds: int = 0  # rounds that run the live phases (the first ones); 0: every round
 
     @classmethod
     def full(cls) -> Params:
-        return cls(rounds=5, paced_tokens=1500, paced_gap_ms=2.0, paced_streams=1, full_streams=32,
+        return cls(rounds=7, paced_tokens=1500, paced_gap_ms=2.0, paced_streams=1, full_streams=32,
                    full_tokens=2000, full_warmup_s=0.5, full_window_s=3.0, small_conns=64, small_warmup_s=0.5,
                    small_window_s=3.0, ttfb_requests=200, idle_conns=500, active_streams=64,
                    active_gap_ms=20.0, lean=True)
@@ -53,7 +56,7 @@ class Params:
         return cls(rounds=2, paced_tokens=300, paced_gap_ms=2.0, paced_streams=1, full_streams=32,
                    full_tokens=1000, full_warmup_s=0.3, full_window_s=1.0, small_conns=64, small_warmup_s=0.3,
                    small_window_s=1.0, ttfb_requests=50, idle_conns=200, active_streams=32,
-                   active_gap_ms=20.0, lean=True)
+                   active_gap_ms=20.0, lean=True, live_tokens=30)
 
 
 class Meter:
@@ -62,23 +65,29 @@ class Meter:
 
     def __init__(self, target: Target, upstream: Managed, extra_pids: list[int] | None = None) -> None:
         self.target = target
-        self.upstream = upstream
+        # A target with backends of its own (fastgate-3backends) is fed by them, not by the shared fake.
+        self.upstreams = list(target.upstreams) or [upstream]
         self.me = [os.getpid()]
         self.extra = extra_pids or []  # our spinners: not "others"
 
     def snap(self) -> tuple[int, ...]:
-        return (time.monotonic_ns(), self.target.cpu_ns(), self.upstream.cpu_ns(), cpu_ns(self.me),
-                cpu_ns(self.extra), busy_ns())
+        return (time.monotonic_ns(), self.target.cpu_ns(), sum(u.cpu_ns() for u in self.upstreams),
+                cpu_ns(self.me), cpu_ns(self.extra), busy_ns(), self.target.aux_cpu_ns())
 
     @staticmethod
     def diff(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int, int]:
         return (b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3])
 
     @staticmethod
+    def aux(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        """CPU of the target's helper processes (its redis-server), ns."""
+        return b[6] - a[6]
+
+    @staticmethod
     def others(a: tuple[int, ...], b: tuple[int, ...]) -> float:
         """CPUs' worth of work by processes other than ours during the window (USER_HZ resolution)."""
         wall = b[0] - a[0]
-        ours = sum(b[i] - a[i] for i in (1, 2, 3, 4))
+        ours = sum(b[i] - a[i] for i in (1, 2, 3, 4, 6))
         return max(0.0, (b[5] - a[5] - ours) / wall) if wall else float("nan")
 
 
@@ -183,6 +192,76 @@ class Phases:
             "failures": failures[:5],
             "chunks": chunks,
             "reframed_chunks": reframed,
+        }
+
+    # -- 1b: live streams: many concurrent paced streams, as a shared chat service sees them -----------------
+
+    async def live(self, target: Target, streams: int) -> dict[str, object]:
+        """`streams` concurrent streams of `live_tokens` tokens `live_gap_ms` apart, their starts spread
+        evenly over one gap (so that the ticks of different streams do not coincide). Per-token latency
+        over every token of every stream (p50, p99, p99.9), CPU per token over the whole exchange (the
+        requests' own cost included, as a service pays it), and the client's CPU use: if the client
+        itself were saturated, every target's latency would grow with it."""
+        p = self.p
+        meter = Meter(target, self.upstream, self.spinner_pids)
+        conns = await connect_many(HOST, target.port, streams)
+        req = self._stream_req(target, p.live_tokens, p.live_gap_ms)
+        gap_s = p.live_gap_ms / 1000
+
+        async def one(c: HttpConn, delay_s: float) -> Exchange:
+            await asyncio.sleep(delay_s)
+            return await c.request(req)
+
+        a = meter.snap()
+        deadline_s = p.live_tokens * gap_s * 4 + 60
+        try:
+            exchanges = await asyncio.wait_for(
+                asyncio.gather(*(one(c, i * gap_s / streams) for i, c in enumerate(conns))), deadline_s)
+        finally:
+            b = meter.snap()
+            for c in conns:
+                c.abort()
+        lat: list[int] = []
+        tokens = 0
+        failures: list[str] = []
+        crc = 0
+        durations: list[float] = []
+        for ex in exchanges:
+            parsed = analysis.parse_exchange(ex)
+            check = analysis.check_stream(parsed, p.live_tokens)
+            if not check.ok:
+                failures.append(check.error)
+            crc += check.crc_checked
+            lat += analysis.token_latencies_ns(parsed, p.live_tokens)
+            tokens += min(len(parsed.line_arrival_ns), p.live_tokens)
+            if ex.reads:
+                durations.append((ex.reads[-1][0] - ex.sent_ns) / 1e9)
+        wall, cpu, up, me = Meter.diff(a, b)
+        expected_s = p.live_tokens * gap_s
+        return {
+            "others_cpus": Meter.others(a, b),
+            "streams_live": streams,
+            "latency_p50_us": analysis.percentile(lat, 50) / 1000,
+            "latency_p99_us": analysis.percentile(lat, 99) / 1000,
+            "latency_p999_us": analysis.percentile(lat, 99.9) / 1000,
+            "cpu_per_token_us": cpu / tokens / 1000 if tokens else float("nan"),
+            "upstream_cpu_per_token_us": up / tokens / 1000 if tokens else float("nan"),
+            "client_cpu_per_token_us": me / tokens / 1000 if tokens else float("nan"),
+            "aux_cpu_per_token_us": Meter.aux(a, b) / tokens / 1000 if tokens else float("nan"),
+            # CPUs' worth each process used over the window: near 1.0 for the client means it was the
+            # bottleneck.
+            "proxy_cpu_util": cpu / wall,
+            "client_cpu_util": me / wall,
+            "upstream_cpu_util": up / wall,
+            "stream_s_p50": analysis.percentile(durations, 50),
+            "stream_s_max": max(durations) if durations else float("nan"),
+            "stream_s_expected": expected_s,
+            "tokens": tokens,
+            "wall_s": wall / 1e9,
+            "streams_ok": len(exchanges) - len(failures),
+            "streams": len(exchanges),
+            "crc_checked": crc,
+            "failures": failures[:5],
         }
 
     # -- 2b: full speed, 32 concurrent streams -------------------------------------------------------------

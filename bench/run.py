@@ -23,19 +23,23 @@ from typing import Any
 from . import report
 from .phases import Params, Phases
 from .procs import Spinners, SystemTimes, calibrate_ms, set_affinity
-from .targets import ALL_TARGETS, KNOWN_TARGETS, ROOT, TARGET_ORDER, Target, start_target, start_upstream
+from .targets import (ALL_TARGETS, KNOWN_TARGETS, ROOT, TARGET_ORDER, RunResources, Target, start_target,
+                      start_upstream)
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-PHASES = ("auth", "mem_idle", "mem_active", "paced", "ttfb", "small", "full_speed")
-# The latency phases (per-token latency and time to first byte) run with SCHED_IDLE spinners on every CPU.
-SPIN_PHASES = ("paced", "ttfb")
+LIVE_LEVELS = (100, 200, 400)  # concurrent paced streams in the live phases (live100, live200, live400)
+LIVE_PHASES = tuple(f"live{n}" for n in LIVE_LEVELS)
+PHASES = ("auth", "mem_idle", "mem_active", "paced", "ttfb") + LIVE_PHASES + ("small", "full_speed")
+# The latency phases (per-token latency, time to first byte, live streams) run with SCHED_IDLE spinners on
+# every CPU.
+SPIN_PHASES = ("paced", "ttfb") + LIVE_PHASES
 # Phases that get a freshly started proxy (warmed up by the auth checks again first).
 FRESH_PHASES = ("mem_active",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short smoke run (2 rounds, short windows; < 2 min)")
+    ap.add_argument("--quick", action="store_true", help="short smoke run (2 rounds, short windows; < 3 min)")
     ap.add_argument("--pin", action="store_true",
                     help="pin each proxy to the last CPU and the client + fake Ollama to the others")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
@@ -43,11 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "direct is always added); fastgate:VARIANT[+VARIANT] adds fastgate patched by "
                          "bench/variants.py; fastgate-limited serves a managed key with limits and usage "
                          "accounting from a key store")
-    ap.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 7, --quick 2); goals are judged from 7 up")
+    ap.add_argument("--live-rounds", type=int,
+                    help="run the live-stream phases in the first N rounds only (default: every round)")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"),
                     help="directory for results/<timestamp>/ (default bench/results)")
     ap.add_argument("--phases", default=",".join(PHASES),
-                    help=f"comma-separated subset of {','.join(PHASES)}")
+                    help=f"comma-separated subset of {','.join(PHASES)} (live: all three live phases)")
     ap.add_argument("--no-spin", action="store_true", help="no SCHED_IDLE spinners during the latency phases (paced, ttfb)")
     ap.add_argument("--log-level", default="INFO", help="fastgate's [log] level (default INFO, its default)")
     ap.add_argument("--no-lean", action="store_true",
@@ -121,12 +127,20 @@ async def run(args: argparse.Namespace) -> str:
     if args.no_lean:
         params.lean = False
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.live_rounds is not None:
+        params.live_rounds = args.live_rounds
     for n in names:
-        if n not in KNOWN_TARGETS and not n.startswith(("fastgate:", "fastgate-limited:")):
+        if n not in KNOWN_TARGETS and n.partition(":")[0] not in KNOWN_TARGETS[1:]:
             raise SystemExit(f"unknown target {n!r} (known: {', '.join(KNOWN_TARGETS)}, fastgate:VARIANT)")
     # direct first (every "added" figure is relative to it), then the named targets, then variants
     names = ["direct"] + [n for n in TARGET_ORDER[1:] if n in names] + [n for n in names if ":" in n]
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    phases = []
+    for ph in (p.strip() for p in args.phases.split(",")):
+        for one in (LIVE_PHASES if ph == "live" else (ph,) if ph else ()):
+            if one not in PHASES:
+                raise SystemExit(f"unknown phase {one!r} (known: {', '.join(PHASES)}, live)")
+            if one not in phases:
+                phases.append(one)
     ncpu = os.cpu_count() or 1
     all_cpus = set(range(ncpu))
     proxy_cpus = {ncpu - 1} if args.pin and ncpu > 1 else None
@@ -140,6 +154,7 @@ async def run(args: argparse.Namespace) -> str:
     print(f"bench: {', '.join(names)}; {params.rounds} rounds; results in {run_dir}", flush=True)
 
     upstream, upstream_port = start_upstream(run_dir, other_cpus, params.lean)
+    resources = RunResources(run_dir, other_cpus, params.lean)
     # The client keeps every read of a window: a full collection over that heap mid-window would show up
     # as latency. Nothing here makes reference cycles worth collecting during a window; collect in between.
     gc.disable()
@@ -156,19 +171,25 @@ async def run(args: argparse.Namespace) -> str:
             targets: dict[str, Target] = {}
             try:
                 for n in order:
-                    targets[n] = start_target(n, run_dir, upstream_port, proxy_cpus, args.log_level)
+                    _start(n, targets, results, r, params.rounds, run_dir, upstream_port, proxy_cpus,
+                           args.log_level, resources)
                 for i, phase in enumerate(phases):
+                    if phase in LIVE_PHASES and params.live_rounds and r >= params.live_rounds:
+                        continue
                     if phase in FRESH_PHASES and i > 0:
                         for n in reversed(order):
-                            targets[n].stop()
+                            if n in targets:
+                                targets.pop(n).stop()
                         for n in order:
-                            targets[n] = start_target(n, run_dir, upstream_port, proxy_cpus, args.log_level)
+                            _start(n, targets, results, r, params.rounds, run_dir, upstream_port, proxy_cpus,
+                                   args.log_level, resources)
                         for n in order:
-                            results[n]["auth_restart"] = await runner.auth(targets[n])
+                            if n in targets:
+                                results[n]["auth_restart"] = await runner.auth(targets[n])
+                    # A target that did not start (its feature not there yet) is left out, not the run.
+                    order_here = [n for n in order if n in targets]
                     if phase.startswith("mem_"):
-                        order_here = [n for n in order if targets[n].is_proxy]
-                    else:
-                        order_here = order
+                        order_here = [n for n in order_here if targets[n].is_proxy]
                     gc.collect()
                     spin = phase in SPIN_PHASES and not args.no_spin
                     with Spinners(sorted(all_cpus)) if spin else _Null() as spinners:
@@ -176,12 +197,15 @@ async def run(args: argparse.Namespace) -> str:
                         for n in order_here:
                             t = time.monotonic()
                             try:
-                                results[n][phase] = await getattr(runner, phase)(targets[n])
+                                if phase in LIVE_PHASES:
+                                    results[n][phase] = await runner.live(targets[n], int(phase[4:]))
+                                else:
+                                    results[n][phase] = await getattr(runner, phase)(targets[n])
                             except Exception as exc:  # one broken target must not lose the run
                                 traceback.print_exc()
                                 results[n][phase] = {"error": f"{type(exc).__name__}: {exc}"}
                             line = report.one_line(phase, results[n][phase])
-                            print(f"  round {r + 1}/{params.rounds} {phase:<10} {n:<8} {line}  "
+                            print(f"  round {r + 1}/{params.rounds} {phase:<10} {n:<18} {line}  "
                                   f"({time.monotonic() - t:.1f} s)", flush=True)
             finally:
                 for n in reversed(order):
@@ -199,6 +223,7 @@ async def run(args: argparse.Namespace) -> str:
             rounds.append({"order": order, "calibration_ms": cal,
                            "system": SystemTimes.now().since(round_sys), "results": results})
     finally:
+        resources.stop()
         upstream.stop()
     env["duration_s"] = round(time.monotonic() - t_start, 1)
     env["system"] = SystemTimes.now().since(sys_start)
@@ -208,7 +233,11 @@ async def run(args: argparse.Namespace) -> str:
     md = report.markdown(data)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)
-    chart_ok = report.chart(data, rounds, os.path.join(run_dir, "chart.png"))
+    try:
+        chart_ok = report.chart(data, rounds, os.path.join(run_dir, "chart.png"))
+    except Exception:  # noqa: BLE001 - the figures are written already; a chart is not worth the run
+        traceback.print_exc()
+        chart_ok = False
     latest = args.latest if args.latest is not None else not args.quick
     if latest:
         dest = os.path.join(BENCH_DIR, "latest")
@@ -220,6 +249,17 @@ async def run(args: argparse.Namespace) -> str:
     print(md)
     print(f"report: {run_dir}/report.md" + (" (also bench/latest/)" if latest else ""))
     return run_dir
+
+
+def _start(name: str, targets: dict[str, Target], results: dict[str, dict[str, Any]], r: int, rounds: int,
+           run_dir: str, upstream_port: int, proxy_cpus: set[int] | None, log_level: str,
+           resources: RunResources) -> None:
+    try:
+        targets[name] = start_target(name, run_dir, upstream_port, proxy_cpus, log_level, resources)
+    except Exception as exc:  # noqa: BLE001 - reported in the round's results and the report
+        msg = f"{type(exc).__name__}: {exc}"
+        results[name]["start"] = {"error": msg}
+        print(f"  round {r + 1}/{rounds} {'start':<10} {name:<18} ERROR {msg[:300]}", flush=True)
 
 
 class _Null:

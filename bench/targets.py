@@ -1,6 +1,8 @@
 """The things measured: `direct` (the fake Ollama itself, the floor), `fastgate`, `nginx` and `seed`,
 and on request `fastgate-limited` (fastgate serving a managed key from its SQLite key store, with limits,
-a model allow-list and usage accounting on).
+a model allow-list and usage accounting on), `fastgate-redis` (the same with [state] in a redis-server of
+the run's own), `fastgate-3backends` (three [[backends]], each its own fake Ollama with the model) and
+`fastgate-workers2` ([server] workers = 2 with [state]).
 
 Each proxy is started by the harness as its own process on loopback, with a config generated here,
 and stopped by PID. All of them log one line (fastgate: three) per request to a file in the run
@@ -27,11 +29,19 @@ BAD_KEY = "bench-key-wrong"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_TARGETS = ("direct", "fastgate", "nginx", "seed")  # the default set
 # Targets measured only when named in --targets.
-EXTRA_TARGETS = ("fastgate-limited",)
+EXTRA_TARGETS = ("fastgate-limited", "fastgate-redis", "fastgate-3backends", "fastgate-workers2")
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
-# Interleaving order: fastgate-limited right after fastgate, so the two are measured seconds apart.
-TARGET_ORDER = ("direct", "fastgate", "fastgate-limited", "nginx", "seed")
-PROXIES = ("fastgate", "fastgate-limited", "nginx", "seed")
+# Interleaving order: each variant of fastgate right after what it is compared with, so that the two are
+# measured seconds apart.
+TARGET_ORDER = ("direct", "fastgate", "fastgate-3backends", "fastgate-workers2", "fastgate-limited",
+                "fastgate-redis", "nginx", "seed")
+PROXIES = TARGET_ORDER[1:]
+# What each extra target is compared with, round by round (report.PAIRED_FIGURES).
+PAIRED_BASE = {"fastgate-limited": "fastgate", "fastgate-3backends": "fastgate", "fastgate-workers2": "fastgate",
+               "fastgate-redis": "fastgate-limited"}
+BACKENDS = 3  # fastgate-3backends: fake Ollamas, each with the model, each its own process
+WORKERS = 2  # fastgate-workers2: [server] workers
+REDIS_STARTUP_S = 10.0
 
 # fastgate-limited: a managed key of role `user` whose limits are high enough never to trigger in a run,
 # but are all set, so every request goes through the rpm bucket, the in-flight count and the daily token
@@ -51,13 +61,23 @@ class Target:
     key: str = API_KEY  # the key the client sends this target
     store_path: str | None = None  # fastgate-limited: its SQLite key store (usage read back after a round)
     models: tuple[str, ...] = ()  # the key's model allow-list, if any (the auth phase checks a 403)
+    upstreams: tuple[Managed, ...] = ()  # its own fake Ollamas (fastgate-3backends); () : the shared one
+    aux: tuple[Managed, ...] = ()  # helper processes whose CPU is reported beside it (redis-server)
+    multi_process: bool = False  # workers come and go: read the process tree at every measurement
 
     @property
     def is_proxy(self) -> bool:
         return self.process is not None
 
     def cpu_ns(self) -> int:
-        return self.process.cpu_ns() if self.process is not None else 0
+        if self.process is None:
+            return 0
+        if self.multi_process:
+            self.process.refresh()
+        return self.process.cpu_ns()
+
+    def aux_cpu_ns(self) -> int:
+        return sum(a.cpu_ns() for a in self.aux)
 
     def rss_kib(self) -> int:
         return self.process.rss_kib() if self.process is not None else 0
@@ -86,24 +106,32 @@ class Target:
 
 # -- fastgate ----------------------------------------------------------------------------------------------
 
-def fastgate_config(port: int, upstream_port: int, log_level: str = "INFO", store_path: str = "") -> str:
+def fastgate_config(port: int, upstream_port: int, log_level: str = "INFO", store_path: str = "", *,
+                    backend_ports: tuple[int, ...] = (), state_url: str = "", workers: int = 0) -> str:
     """fastgate's config; with `store_path`, a key store and no config-file key (the client must use the
-    managed key, so a request served with the config key's admin principal cannot pass unnoticed)."""
+    managed key, so a request served with the config key's admin principal cannot pass unnoticed).
+    `backend_ports`: [[backends]] (one per port) instead of upstream.url; `state_url`: [state] (Redis);
+    `workers`: [server] workers."""
     keys = f'"{API_KEY}" = "{API_USER}"' if not store_path else ""
     store = f'\n[store]\npath = "{store_path}"\n' if store_path else ""
+    server_more = f"workers = {workers}\n" if workers else ""
+    if backend_ports:
+        upstream = "".join(f'[[backends]]\nname = "gpu{i + 1}"\nurl = "http://{HOST}:{bp}"\n\n'
+                           for i, bp in enumerate(backend_ports))
+    else:
+        upstream = f'[upstream]\nurl = "http://{HOST}:{upstream_port}"\n'
+    state = f'\n[state]\nurl = "{state_url}"\n' if state_url else ""
     return f"""# generated by bench/targets.py
 [server]
 listen = "{HOST}:{port}"
-
-[upstream]
-url = "http://{HOST}:{upstream_port}"
-
+{server_more}
+{upstream}
 [auth]
 session_ttl = 0  # no IP trust: a request without a key is a 401, like nginx's map and the seed's dict
 
 [log]
 level = "{log_level}"
-{store}
+{store}{state}
 [keys]
 {keys}
 """
@@ -127,28 +155,136 @@ def create_managed_key(store_path: str) -> str:
 
 
 def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_level: str,
-                   variants: str = "", managed: bool = False) -> Target:
+                   variants: str = "", managed: bool = False, *, kind: str = "",
+                   resources: RunResources | None = None) -> Target:
     """fastgate as users run it; with `variants`, through bench.variants (patched at startup); `managed`:
-    serving a managed key from a key store (fastgate-limited)."""
+    serving a managed key from a key store (fastgate-limited); `kind`: "3backends", "redis" (managed, with
+    [state] in the run's redis-server) or "workers2" ([server] workers = 2, with [state])."""
     port = free_port()
     name = f"fastgate:{variants}" if variants else "fastgate"
     if managed:
         name = "fastgate-limited" + (f":{variants}" if variants else "")
+    if kind:
+        name = f"fastgate-{kind}" + (f":{variants}" if variants else "")
     stem = name.replace(":", "-").replace("+", "-")
     path = os.path.join(run_dir, f"{stem}.toml")
     store_path = os.path.join(run_dir, f"{stem}-keys.db") if managed else ""
     key = create_managed_key(store_path) if managed else API_KEY
+    upstreams: tuple[Managed, ...] = ()
+    aux: tuple[Managed, ...] = ()
+    state_url = ""
+    if kind in ("redis", "workers2"):
+        assert resources is not None
+        redis = resources.redis()
+        aux = (redis.process,)
+        state_url = redis.url
+    if kind == "3backends":
+        assert resources is not None
+        upstreams = resources.backend_fakes(BACKENDS)
     with open(path, "w") as f:
-        f.write(fastgate_config(port, upstream_port, log_level, store_path))
+        f.write(fastgate_config(port, upstream_port, log_level, store_path,
+                                backend_ports=tuple(resources.fake_ports) if upstreams and resources else (),
+                                state_url=state_url, workers=WORKERS if kind == "workers2" else 0))
     argv = [sys.executable, "-m", "fastgate", "serve", "--config", path]
     if variants:
         argv = [sys.executable, "-m", "bench.variants", variants, "serve", "--config", path]
     proc = spawn(name, argv, log_path=os.path.join(run_dir, "logs", f"{stem}.log"), cpus=cpus, cwd=ROOT)
     wait_port(HOST, port, 20, proc.proc)
+    if kind == "workers2":
+        _wait_processes(proc, 1 + WORKERS, 20)
+    if kind == "3backends":
+        _wait_backends_up(port, BACKENDS, 20)
     proc.refresh()
+    target = Target(name, port, proc, upstreams=upstreams, aux=aux, multi_process=kind == "workers2")
     if managed:
-        return Target(name, port, proc, key=key, store_path=store_path, models=MANAGED_MODELS)
-    return Target(name, port, proc)
+        target.key = key
+        target.store_path = store_path
+        target.models = MANAGED_MODELS
+    return target
+
+
+def _wait_processes(proc: Managed, count: int, timeout_s: float) -> None:
+    """A supervisor's workers listen shortly after it starts: wait until all of them exist."""
+    deadline = time.monotonic() + timeout_s
+    while len(proc.refresh()) < count:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name}: {len(proc.pids)} processes after {timeout_s} s, expected {count}")
+        time.sleep(0.05)
+    time.sleep(0.3)  # the last worker's listener (the tree shows the process a moment before it accepts)
+
+
+def _wait_backends_up(port: int, count: int, timeout_s: float) -> None:
+    """Until fastgate's /health (with the admin key) shows every backend up with its inventory read: the
+    first requests must not find a backend still unprobed."""
+    import http.client
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=2)
+            conn.request("GET", "/health", headers={"X-API-Key": API_KEY})
+            body = json.loads(conn.getresponse().read() or b"{}")
+            conn.close()
+            backends = body.get("backends", [])
+            last = str(backends)[:300]
+            if len(backends) == count and all(b.get("state") == "up" and b.get("models") for b in backends):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"fastgate's backends not all up after {timeout_s} s: {last}")
+
+
+class Redis:
+    """A redis-server of the run's own, on a free loopback port, no persistence; stopped by PID."""
+
+    def __init__(self, run_dir: str, cpus: set[int] | None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+        self.port = free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        workdir = os.path.join(run_dir, "redis")
+        os.makedirs(workdir, exist_ok=True)
+        self.process = spawn("redis", [binary, "--port", str(self.port), "--bind", HOST, "--save", "",
+                                       "--appendonly", "no", "--dir", workdir, "--daemonize", "no"],
+                             log_path=os.path.join(run_dir, "logs", "redis.log"), cpus=cpus)
+        wait_port(HOST, self.port, REDIS_STARTUP_S, self.process.proc)
+        self.process.refresh()
+
+
+class RunResources:
+    """Processes some targets need for the whole run, started on first use: the run's redis-server, and
+    the fake Ollamas behind fastgate-3backends. Stopped by PID at the end of the run."""
+
+    def __init__(self, run_dir: str, cpus: set[int] | None, lean: bool) -> None:
+        self.run_dir = run_dir
+        self.cpus = cpus
+        self.lean = lean
+        self._redis: Redis | None = None
+        self.fakes: list[Managed] = []
+        self.fake_ports: list[int] = []
+
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = Redis(self.run_dir, self.cpus)
+        return self._redis
+
+    def backend_fakes(self, count: int) -> tuple[Managed, ...]:
+        while len(self.fakes) < count:
+            proc, port = start_upstream(self.run_dir, self.cpus, self.lean, tag=f"-gpu{len(self.fakes) + 1}")
+            self.fakes.append(proc)
+            self.fake_ports.append(port)
+        return tuple(self.fakes[:count])
+
+    def stop(self) -> None:
+        for proc in self.fakes:
+            proc.stop()
+        if self._redis is not None:
+            self._redis.process.stop()
 
 
 # -- nginx -------------------------------------------------------------------------------------------------
@@ -247,16 +383,20 @@ def start_seed(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Targe
 
 
 def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | None,
-                 log_level: str) -> Target:
+                 log_level: str, resources: RunResources | None = None) -> Target:
     if name == "direct":
         return Target("direct", upstream_port, None)
-    if name == "fastgate":
-        return start_fastgate(run_dir, upstream_port, cpus, log_level)
-    if name.startswith("fastgate:"):
-        return start_fastgate(run_dir, upstream_port, cpus, log_level, name.split(":", 1)[1])
-    if name == "fastgate-limited" or name.startswith("fastgate-limited:"):
-        variants = name.split(":", 1)[1] if ":" in name else ""
+    base, _, variants = name.partition(":")
+    if base == "fastgate":
+        return start_fastgate(run_dir, upstream_port, cpus, log_level, variants)
+    if base == "fastgate-limited":
         return start_fastgate(run_dir, upstream_port, cpus, log_level, variants, managed=True)
+    if base == "fastgate-redis":
+        return start_fastgate(run_dir, upstream_port, cpus, log_level, variants, managed=True, kind="redis",
+                              resources=resources)
+    if base in ("fastgate-3backends", "fastgate-workers2"):
+        return start_fastgate(run_dir, upstream_port, cpus, log_level, variants, kind=base[len("fastgate-"):],
+                              resources=resources)
     if name == "nginx":
         return start_nginx(run_dir, upstream_port, cpus)
     if name == "seed":
@@ -264,12 +404,12 @@ def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | N
     raise ValueError(f"unknown target {name!r} (known: {', '.join(KNOWN_TARGETS)})")
 
 
-def start_upstream(run_dir: str, cpus: set[int] | None, lean: bool = True) -> tuple[Managed, int]:
+def start_upstream(run_dir: str, cpus: set[int] | None, lean: bool = True, tag: str = "") -> tuple[Managed, int]:
     """The project's fake Ollama (tests/fake_ollama.py), standalone."""
     port = free_port()
     argv = [sys.executable, "-m", "tests.fake_ollama", "--port", str(port)] + (["--lean"] if lean else [])
-    proc = spawn("fake-ollama", argv,
-                 log_path=os.path.join(run_dir, "logs", "fake_ollama.log"), cpus=cpus, cwd=ROOT)
+    proc = spawn("fake-ollama" + tag, argv,
+                 log_path=os.path.join(run_dir, "logs", f"fake_ollama{tag}.log"), cpus=cpus, cwd=ROOT)
     wait_port(HOST, port, 20, proc.proc)
     proc.refresh()
     return proc, port
