@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 from typing import Any, NoReturn, TextIO
 
 from .keys import mask
+from .state.stores import Store, open_store_at
 from .store import (
-    DISPLAY_PREFIX_CHARS, PRUNE_BATCH_ROWS, ROLES, USAGE_GROUPS, KeyRecord, KeyStore, StoreError, secret_digest,
+    DISPLAY_PREFIX_CHARS, PRUNE_BATCH_ROWS, ROLES, USAGE_GROUPS, KeyRecord, StoreError, secret_digest,
 )
 
 EXIT_OK = 0
@@ -195,7 +196,7 @@ def _keys_parser() -> _Parser:
     return parser
 
 
-def _keys_add(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+def _keys_add(store: Store, args: argparse.Namespace, out: TextIO, now: float) -> int:
     record, secret = store.add(args.user, role=args.role, models=args.models,
                                expires_at=None if args.expires is None else now + args.expires,
                                rpm=args.rpm, max_concurrent=args.max_concurrent,
@@ -209,7 +210,7 @@ def _keys_add(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float
     return EXIT_OK
 
 
-def _keys_list(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+def _keys_list(store: Store, args: argparse.Namespace, out: TextIO, now: float) -> int:
     records = store.list(include_revoked=args.all)
     if args.json:
         print(json.dumps([_key_json(r, now) for r in records], indent=2), file=out)
@@ -226,7 +227,7 @@ def _keys_list(store: KeyStore, args: argparse.Namespace, out: TextIO, now: floa
     return EXIT_OK
 
 
-def _keys_revoke(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+def _keys_revoke(store: Store, args: argparse.Namespace, out: TextIO, now: float) -> int:
     was_revoked = store.get(args.id).revoked
     record = store.revoke(args.id, now)
     if was_revoked:
@@ -236,7 +237,7 @@ def _keys_revoke(store: KeyStore, args: argparse.Namespace, out: TextIO, now: fl
     return EXIT_OK
 
 
-def _keys_rotate(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float) -> int:
+def _keys_rotate(store: Store, args: argparse.Namespace, out: TextIO, now: float) -> int:
     record, secret = store.rotate(args.id, now)
     if args.json:
         _print_secret_json(out, record, secret, now)
@@ -256,7 +257,7 @@ def _config_entry(entry: str) -> tuple[str, str, str]:
     return secret_digest(entry), entry[:min(DISPLAY_PREFIX_CHARS, len(entry) // 4)], mask(entry)
 
 
-def _keys_import(store: KeyStore, args: argparse.Namespace, out: TextIO, now: float, config_keys: Mapping[str, str],
+def _keys_import(store: Store, args: argparse.Namespace, out: TextIO, now: float, config_keys: Mapping[str, str],
                  config_path: str) -> int:
     source = config_path or "the config file"
     if not config_keys:
@@ -286,20 +287,22 @@ def _keys_import(store: KeyStore, args: argparse.Namespace, out: TextIO, now: fl
     return EXIT_OK
 
 
-_KEY_ACTIONS: dict[str, Callable[[KeyStore, argparse.Namespace, TextIO, float], int]] = {
+_KEY_ACTIONS: dict[str, Callable[[Store, argparse.Namespace, TextIO, float], int]] = {
     "add": _keys_add, "list": _keys_list, "revoke": _keys_revoke, "rotate": _keys_rotate}
 
 
 def keys_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float,
-                 config_keys: Mapping[str, str] | None = None, config_path: str = "") -> int:
+                 config_keys: Mapping[str, str] | None = None, config_path: str = "", store_url: str = "",
+                 spill_file: str = "") -> int:
     """`fastgate keys ACTION ...` (argv without the leading "keys"). `config_keys` and `config_path`: the
     config file's [keys] and where it is, for `keys import`."""
-    def act(store: KeyStore, args: argparse.Namespace) -> int:
+    def act(store: Store, args: argparse.Namespace) -> int:
         if args.action == "import":
             return _keys_import(store, args, out, now, config_keys or {}, config_path)
         return _KEY_ACTIONS[args.action](store, args, out, now)
 
-    return _run(_keys_parser(), argv, act, store_path=store_path, out=out, err=err)
+    return _run(_keys_parser(), argv, act, store_path=store_path, out=out, err=err, store_url=store_url,
+                spill_file=spill_file)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def _usage_parser(now: float) -> _Parser:
     return parser
 
 
-def _usage(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
+def _usage(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     summaries = store.usage(since=args.since, by=args.by)
     # A key id alone says little: name its user (usage of config-file keys has no store id).
     owners = {r.id: r.user for r in store.list(include_revoked=True)} if args.by == "key" else {}
@@ -359,7 +362,7 @@ def _prune_parser(now: float) -> _Parser:
     return parser
 
 
-def _prune(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
+def _prune(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     deleted = 0
     while True:  # in batches: a running fastgate's usage writes wait for each batch, never for the whole delete
         batch = store.prune_usage(args.before, PRUNE_BATCH_ROWS)
@@ -370,32 +373,37 @@ def _prune(store: KeyStore, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def usage_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float) -> int:
+def usage_command(argv: list[str], *, store_path: str, out: TextIO, err: TextIO, now: float,
+                  store_url: str = "", spill_file: str = "") -> int:
     """`fastgate usage [--since DATE] [--by user|model|key|backend] [--json]` or `fastgate usage prune --before DATE`
     (argv without the leading "usage")."""
     if argv[:1] == ["prune"]:
         return _run(_prune_parser(now), argv[1:], lambda store, args: _prune(store, args, out),
-                    store_path=store_path, out=out, err=err)
+                    store_path=store_path, out=out, err=err, store_url=store_url, spill_file=spill_file)
     return _run(_usage_parser(now), argv, lambda store, args: _usage(store, args, out),
-                store_path=store_path, out=out, err=err)
+                store_path=store_path, out=out, err=err, store_url=store_url, spill_file=spill_file)
 
 
 # ---------------------------------------------------------------------------------------------------------
 
-def _run(parser: _Parser, argv: list[str], action: Callable[[KeyStore, argparse.Namespace], int], *,
-         store_path: str, out: TextIO, err: TextIO) -> int:
-    """Parse, open the store, act, close: the one place these commands turn failures into exit codes."""
+def _run(parser: _Parser, argv: list[str], action: Callable[[Store, argparse.Namespace], int], *,
+         store_path: str, out: TextIO, err: TextIO, store_url: str = "", spill_file: str = "") -> int:
+    """Parse, open the store (`store_path`: SQLite, or `store_url`: PostgreSQL), act, close: the one place
+    these commands turn failures into exit codes. A store that cannot be reached is one line on `err`."""
     try:
         args = parser.parse_args(argv)
     except _ParserExit as exc:
         (out if exc.status == EXIT_OK else err).write(exc.message)
         return exc.status
-    if not store_path:
+    if not store_path and not store_url:
         print(f"fastgate: {NO_STORE}", file=err)
         return EXIT_USAGE
     try:
-        with KeyStore(store_path) as store:
+        store = open_store_at(path=store_path, url=store_url, spill_file=spill_file)
+        try:
             return action(store, args)
+        finally:
+            store.close()
     except StoreError as exc:
         print(f"fastgate: {exc}", file=err)
         return EXIT_ERROR

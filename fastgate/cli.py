@@ -111,10 +111,13 @@ def _store_command(command: str, argv: list[str], config_path: str | None) -> in
     except ConfigError as exc:
         print(f"fastgate: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from .state.stores import pg_spill_file
+    where = {"store_path": config.store.path, "store_url": config.store.url,
+             "spill_file": pg_spill_file(config.source)}
     if command == "keys":
-        return admin.keys_command(rest, store_path=config.store.path, out=sys.stdout, err=sys.stderr, now=now,
-                                  config_keys=config.keys, config_path=config.source)
-    return admin.usage_command(rest, store_path=config.store.path, out=sys.stdout, err=sys.stderr, now=now)
+        return admin.keys_command(rest, out=sys.stdout, err=sys.stderr, now=now, config_keys=config.keys,
+                                  config_path=config.source, **where)
+    return admin.usage_command(rest, out=sys.stdout, err=sys.stderr, now=now, **where)
 
 
 def _init(args: argparse.Namespace, config_path: str | None) -> int:
@@ -187,6 +190,15 @@ def _check_config(config: Config) -> int:
         try:
             count = count_active_keys(config.store.path, time.time())
             store_keys = "none yet (no file)" if count is None else count
+        except StoreError as exc:
+            store_keys = f"unreadable ({exc})"
+    elif config.store.url:
+        try:
+            from .state.postgres_store import count_active_keys as count_in_database
+            count = count_in_database(config.store.url, time.time())
+            store_keys = "none yet (no tables)" if count is None else count
+        except ImportError:
+            store_keys = "unknown (psycopg is not installed: pip install 'fastgate[postgres]')"
         except StoreError as exc:
             store_keys = f"unreadable ({exc})"
     running = ""

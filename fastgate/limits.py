@@ -17,6 +17,9 @@ def _too_many(message: str, retry_after: float) -> TooManyRequests:
     return TooManyRequests(message, headers=((b"Retry-After", str(max(1, int(retry_after + 0.999))).encode()),))
 
 
+too_many = _too_many  # the same answers from the shared limits (fastgate/state)
+
+
 class KeyLimits:
     __slots__ = ("_buckets", "_in_flight", "_tokens")
 

@@ -13,6 +13,14 @@ file next to the store, which the next start imports.
 
 With `[store] usage_retention_days`, usage rows older than that are deleted in the first round after start and
 then once a day, in bounded batches on the worker thread (the write lock is never held for long).
+
+With a PostgreSQL store (`[store] url`), shared by every instance: there is no file to watch; a watcher waits
+on the database's key-change notifications (LISTEN) and wakes the sync at once, so a revocation made anywhere
+applies here in well under a second, while the revision check of every round stays as the safety net. Every
+usage row gets an id when it is recorded (this instance's random id and a sequence number) and keeps it through
+retries and spills, so a batch written twice counts once. While the database is down the last keys stay in
+force and rows wait in memory; at MAX_PENDING_ROWS the oldest tenth goes to the local spill file (imported when
+the database is back) and only rows that cannot even be spilled are dropped (counted in /metrics).
 """
 
 from __future__ import annotations
@@ -20,17 +28,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .access import Principal, Role
 from .gate import Gate
 from .limits import DAY_S
 from .logs import log
+from .metrics import Metrics
 from .store import (
     BUSY_TIMEOUT_S, PRUNE_BATCH_ROWS, FileId, KeyRecord, KeyStore, StoreBusy, StoreError, file_id, spill_path,
     spill_usage,
 )
+from .state.stores import Store
 from .usage import UsageRecord
 
 POLL_S = 1.0
@@ -43,6 +53,9 @@ FINAL_WRITE_MIN_WAIT_S = 1.0
 # A lasting store problem (file gone, lock held) is logged when it starts, then again this often.
 REPEAT_LOG_S = 60.0
 PRUNE_INTERVAL_S = DAY_S  # usage retention is applied this often (seconds)
+# A shared store's change watcher blocks this long per wait (a notification ends the wait at once); it bounds
+# how long a stopping instance waits for the watcher's thread.
+WATCH_WAIT_S = 0.25
 
 
 def principal_of(record: KeyRecord) -> Principal:
@@ -51,19 +64,27 @@ def principal_of(record: KeyRecord) -> Principal:
 
 
 class ManagedKeys:
-    def __init__(self, store: KeyStore, gate: Gate, *, wall_clock: Callable[[], float] = time.time,
-                 retention_days: int = 0) -> None:
-        self.store: KeyStore | None = store  # None while the file at `path` cannot be opened
+    def __init__(self, store: Store, gate: Gate, *, wall_clock: Callable[[], float] = time.time,
+                 retention_days: int = 0, metrics: Metrics | None = None) -> None:
+        self.store: Store | None = store  # None while the file at `path` cannot be opened
         self.path = store.path
-        self._file_id: FileId | None = store.file_id  # the file `store` has open
+        # A SQLite file on this machine (watched by inode) or a shared database (notifications, ids, spill file).
+        self._local = isinstance(store, KeyStore)
+        self._file_id: FileId | None = store.file_id if isinstance(store, KeyStore) else None  # the file open
         self.gate = gate
         self.wall_clock = wall_clock
+        self.metrics = metrics
         self._token: int | None = None
         self._active = 0  # managed keys loaded last
-        self._pending: list[UsageRecord] = []
+        # (id, record): the id is given once, when the request is recorded, and kept through retries and spills.
+        self._pending: list[tuple[str, UsageRecord]] = []
+        self._instance = uuid.uuid4().hex[:16]  # this run's part of every usage id
+        self._sequence = 0
         self._last_used: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # set by stop() and by the change watcher
         self._spill_waiting = False  # rows an earlier run spilled that could not be imported yet
         self._problems: dict[str, float] = {}  # problem -> monotonic time it was last logged
         self.retention_days = retention_days  # 0 keeps every usage row; a reload may change it
@@ -77,7 +98,24 @@ class ManagedKeys:
     async def start(self) -> None:
         await self.refresh()
         await self._import_spill()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        if not self._local and hasattr(self.store, "wait_for_change"):
+            self._watcher = loop.create_task(self._watch_changes())
+
+    async def _watch_changes(self) -> None:
+        """Wake the sync as soon as the shared store announces a key change (see `PostgresStore.wait_for_change`,
+        which also answers True after its listening connection was remade, since changes may have gone
+        unheard meanwhile)."""
+        store = self.store
+        wait = getattr(store, "wait_for_change")
+        while not self._stopping.is_set():
+            try:
+                if await asyncio.to_thread(wait, WATCH_WAIT_S):
+                    self._wake.set()
+            except Exception as exc:  # never let the watcher die: the per-round poll still works, but slower
+                log.error("Key store %s: change watcher: %s", self.path, exc)
+                await asyncio.sleep(POLL_S)
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop polling and write the usage still pending. `deadline` (event-loop time; by default
@@ -87,6 +125,9 @@ class ManagedKeys:
         if deadline is None:
             deadline = loop.time() + BUSY_TIMEOUT_S
         self._stopping.set()
+        self._wake.set()
+        if self._watcher is not None:
+            await asyncio.wait({self._watcher}, timeout=WATCH_WAIT_S + 1.0)
         task = self._task
         if task is not None:
             # Let a round in progress finish rather than cancel it mid-write: a cancelled write leaves a batch
@@ -100,10 +141,12 @@ class ManagedKeys:
                 except asyncio.CancelledError:
                     pass
         problem: str | None = None
-        try:
-            current = await asyncio.to_thread(file_id, self.path)
-        except OSError as exc:
-            current, problem = None, f"cannot look at {self.path}: {exc.strerror}"
+        current: FileId | None = None
+        if self._local:
+            try:
+                current = await asyncio.to_thread(file_id, self.path)
+            except OSError as exc:
+                current, problem = None, f"cannot look at {self.path}: {exc.strerror}"
         if self.store is None or current != self._file_id:
             # Gone or replaced since the last round: rows written to the old file now would be lost with it.
             # The spill lies at the path, so the store next found there imports them.
@@ -119,36 +162,86 @@ class ManagedKeys:
             await asyncio.to_thread(self.store.close)
 
     def _spill(self, problem: str) -> None:
-        rows, last_used = self._pending, self._last_used
+        pending, last_used = self._pending, self._last_used
         self._pending, self._last_used = [], {}
         try:
-            path = spill_usage(self.path, rows, last_used, uuid.uuid4().hex)
+            path = self._spill_rows(pending, last_used)
         except OSError as exc:
+            self._dropped(len(pending))
             log.error("Could not write %d usage rows before shutdown (%s), nor save them to %s (%s): they are "
-                      "lost", len(rows), problem, spill_path(self.path), exc.strerror)
+                      "lost", len(pending), problem, self._spill_file, exc.strerror)
             return
         log.error("Could not write %d usage rows before shutdown (%s); saved them to %s, which the next start "
-                  "imports", len(rows), problem, path)
+                  "imports", len(pending), problem, path)
+
+    @property
+    def _spill_file(self) -> str:
+        return spill_path(self.path) if self._local else str(getattr(self.store, "spill_file", ""))
+
+    def _spill_rows(self, pending: Sequence[tuple[str, UsageRecord]], last_used: dict[str, float]) -> str:
+        """Append rows to the spill file (blocking: a small fsync'd append). OSError when it cannot."""
+        rows = [row for _, row in pending]
+        if self._local:
+            return spill_usage(self.path, rows, last_used, uuid.uuid4().hex)
+        return self.store.spill(rows, [row_id for row_id, _ in pending], last_used)  # type: ignore[union-attr]
+
+    def _dropped(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.usage_rows_dropped += count
 
     def record(self, usage: UsageRecord) -> None:
-        """Usage sink for the proxy: called once per forwarded request, never blocks."""
+        """Usage sink for the proxy: called once per forwarded request, never blocks (but see the bound)."""
         if usage.key_id.startswith("k_"):
             self._last_used[usage.key_id] = usage.at
         else:
             usage = replace(usage, key_id="")  # config-file keys have no store id
         if len(self._pending) >= MAX_PENDING_ROWS:
-            del self._pending[: MAX_PENDING_ROWS // 10]
-        self._pending.append(usage)
+            self._overflow()
+        self._sequence += 1
+        self._pending.append((f"{self._instance}-{self._sequence}", usage))
+        if self.metrics is not None:
+            self.metrics.usage_rows_pending = len(self._pending)
+
+    def _overflow(self) -> None:
+        """The store has not taken rows for a long while: the oldest tenth goes to the spill file (one small
+        fsync'd append on the loop, once per MAX_PENDING_ROWS // 10 requests at worst), imported once the store
+        takes writes again. Rows are dropped, and counted, only when even that fails."""
+        oldest = self._pending[: MAX_PENDING_ROWS // 10]
+        del self._pending[: MAX_PENDING_ROWS // 10]
+        try:
+            self._spill_rows(oldest, {})
+        except OSError as exc:
+            self._dropped(len(oldest))
+            self._problem("dropped", "Usage buffer full (%d rows) and the spill file %s cannot be written (%s): "
+                          "dropped the oldest %d rows", MAX_PENDING_ROWS, self._spill_file, exc.strerror,
+                          len(oldest))
+            return
+        self._spill_waiting = True
+        self._problem("overflow", "Usage buffer full (%d rows waiting for the key store): moved the oldest %d to "
+                      "%s, imported once the store takes writes again", MAX_PENDING_ROWS, len(oldest),
+                      self._spill_file)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_round = loop.time() + POLL_S
         while True:
             try:
-                await asyncio.wait_for(self._stopping.wait(), POLL_S)
-                return
+                await asyncio.wait_for(self._wake.wait(), max(next_round - loop.time(), 0.0))
             except asyncio.TimeoutError:
                 pass
+            if self._stopping.is_set():
+                return
+            if self._wake.is_set():  # the shared store announced a key change: reload now, flush on schedule
+                self._wake.clear()
+                try:
+                    await self.refresh()
+                except StoreError as exc:
+                    self._problem("down", "%s: the %d managed keys loaded last stay in force", exc, self._active)
+                if loop.time() < next_round:
+                    continue
+            next_round = loop.time() + POLL_S
             try:
-                if not await self._check_file():
+                if self._local and not await self._check_file():
                     continue
                 await self.refresh()
                 await self.flush()
@@ -160,7 +253,14 @@ class ManagedKeys:
                 self._problem("busy", "%s (another connection holds the write lock); %d usage rows wait in "
                               "memory and are retried every second", exc, len(self._pending))
             except StoreError as exc:
-                log.error("Key store: %s", exc)
+                if self._local:
+                    log.error("Key store: %s", exc)
+                else:  # a shared database that is down: said once a minute, not every second
+                    self._problem("down", "%s: the %d managed keys loaded last stay in force, %d usage rows wait "
+                                  "in memory (retried every second)", exc, self._active, len(self._pending))
+            else:
+                if not self._local:
+                    self._resolved("down", "Key store %s is reachable again: usage written", self.path)
 
     async def _check_file(self) -> bool:
         """Is the file at the store's path still the one open? A replacement is reopened; False while none can
@@ -255,15 +355,20 @@ class ManagedKeys:
         store = self.store
         if store is None or (not self._pending and not self._last_used):
             return
-        rows, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
         last_used, self._last_used = self._last_used, {}
         try:
-            await asyncio.to_thread(store.write_usage, rows, last_used, wait_s=wait_s)
+            # The same ids on every try: a batch whose commit went through unseen is skipped, not added again.
+            await asyncio.to_thread(store.write_usage, [row for _, row in pending], last_used, wait_s=wait_s,
+                                    ids=[row_id for row_id, _ in pending])
         except BaseException:
-            self._pending[:0] = rows  # try again next time rather than lose them
+            self._pending[:0] = pending  # try again next time rather than lose them
             for key_id, at in last_used.items():
                 self._last_used.setdefault(key_id, at)
             raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.usage_rows_pending = len(self._pending)
 
     async def _prune_if_due(self) -> None:
         """Delete usage rows older than `retention_days`, once a day. A failure (StoreBusy) leaves the pass due,

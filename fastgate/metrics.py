@@ -88,6 +88,10 @@ class Metrics:
         self.upstream_head = Histogram()
         self.request_duration = Histogram()
         self.upstream_up = -1  # unknown until the first exchange or health probe
+        # Usage rows for the key store (set by fastgate.managed): waiting in memory, and lost for good because
+        # the buffer was full and not even the spill file could take them (0 unless something is badly wrong).
+        self.usage_rows_pending = 0
+        self.usage_rows_dropped = 0
 
     def request(self, user: str, path: str, status: int) -> None:
         key = (user, path_label(path), str(status))
@@ -133,6 +137,11 @@ class Metrics:
         lines.append(f"fastgate_buffered_body_bytes {buffered_bytes}")
         family("fastgate_buffer_refusals_total", "counter", "Requests refused because the body budget was spent.")
         lines.append(f"fastgate_buffer_refusals_total {buffer_refusals}")
+        family("fastgate_usage_rows_pending", "gauge", "Usage rows waiting in memory for the key store.")
+        lines.append(f"fastgate_usage_rows_pending {self.usage_rows_pending}")
+        family("fastgate_usage_rows_dropped_total", "counter",
+               "Usage rows lost: the buffer was full and the spill file could not be written.")
+        lines.append(f"fastgate_usage_rows_dropped_total {self.usage_rows_dropped}")
         family("fastgate_upstream_up", "gauge", "1 if Ollama answered the last exchange or probe, 0 if not.")
         lines.append(f"fastgate_upstream_up {max(self.upstream_up, 0)}")
         if backends:  # several backends ([[backends]]): each one's state, as the router sees it

@@ -40,6 +40,7 @@ from .metrics import BackendGauges, Metrics, path_label
 from .routing import MAX_MOVES, MoveReason, Placement, Refusal, Router, Ticket
 from .routing.health import RESTORE_AFTER_SUCCESSES
 from .routing.pollers import Pollers
+from .state import LiveState
 from .upstream import (
     BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
 )
@@ -172,6 +173,7 @@ class Proxy:
         self.metrics = Metrics()
         self.budget = BodyBudget(config.auth.max_buffered_bytes)
         self.usage_sink: Callable[[UsageRecord], None] | None = None
+        self.state: LiveState | None = None  # [state]: limits, leases, trust and lockout shared (server.py)
         self._idle_event: asyncio.Event | None = None
         self._health_probe: asyncio.Task[dict[str, object]] | None = None
         self._health_result: tuple[float, dict[str, object]] = (float("-inf"), {"reachable": False})
@@ -384,6 +386,8 @@ class Proxy:
                 del raw, body
         except GateError as err:
             conn.release_budget()
+            if self.state is not None and err.status == 401 and err.detail:  # a wrong key: counted by all
+                err = await self.state.failed_guess(self.gate.client_ip(req), err)
             return await self._refuse(ctx, err)
         except ClientClosed:
             conn.release_budget()
@@ -439,6 +443,13 @@ class Proxy:
     # -- forwarding --------------------------------------------------------------------------------------
 
     async def _forward(self, ctx: RequestContext, fwd: Forward) -> bool:
+        lease = None
+        if self.state is not None and fwd.principal.limited:
+            try:  # with [state] the key's limits are counted here, in the shared state, not by the gate
+                lease = await self.state.admit(fwd.principal)
+            except GateError as err:
+                err.user, err.key_label = fwd.user, fwd.key_label
+                return await self._refuse(ctx, err)
         self.in_flight += 1
         try:
             return await self._exchange(ctx, fwd)
@@ -447,6 +458,8 @@ class Proxy:
                 self.router.release(ctx.placement, ctx.conn.loop.time())
             self.in_flight -= 1
             self.gate.finished(fwd)
+            if lease is not None:
+                self.state.release(lease)  # type: ignore[union-attr]
 
     # -- routing (issue 9): the router decides, this layer awaits and does -----------------------------------
 
@@ -850,6 +863,8 @@ class Proxy:
         reachable = bool(upstream_info["reachable"])
         status = 200 if reachable else 503
         body: dict[str, object] = {"status": "ok" if reachable else "degraded"}
+        if self.state is not None:
+            body["state"] = self.state.mode  # "shared", or "degraded": Redis unreachable, local tables
         if probe.detailed:
             body["fastgate"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
                                 "connections": len(self.connections), "in_flight": self.in_flight,
@@ -861,6 +876,8 @@ class Proxy:
         snapshot = self.router.snapshot(asyncio.get_running_loop().time())
         healthy = snapshot.healthy > 0
         body: dict[str, object] = {"status": "ok" if healthy else "degraded"}
+        if self.state is not None:
+            body["state"] = self.state.mode
         if probe.detailed:
             body["fastgate"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
                                 "connections": len(self.connections), "in_flight": self.in_flight,

@@ -19,14 +19,17 @@ from . import __version__
 from .config import Config
 from .connection import ClientProtocol, _plain_ip
 from .errors import BadRequest, ConfigError
+from .gate import Gate
 from .gojson import warm_up as warm_up_json_reader
 from .logs import log, set_format, set_level
 from . import pidfile
 from .managed import ManagedKeys
 from .messages import error_response
 from .startup import example_key_warnings, in_effect, probe_ollama
-from .store import KeyStore, StoreError
+from .store import StoreError
+from .state.stores import open_store
 from .proxy import FD_WARN_INTERVAL_S, Proxy
+from .state import LiveState
 from .tls import load_certificate, server_context
 
 try:
@@ -391,6 +394,8 @@ class RunningServer:
         await self.server.wait_closed()
         if self.managed is not None:
             await self.managed.stop(deadline)  # the last usage records go to the store (or to its spill file)
+        if self.proxy.state is not None:
+            await self.proxy.state.stop()  # this instance's leases and heartbeat are given back at once
 
 
 async def start(config: Config) -> RunningServer:
@@ -403,13 +408,16 @@ async def start(config: Config) -> RunningServer:
     if fd_limit:
         proxy.fd_warn_at = int(fd_limit * FD_WARN_SHARE)
     await proxy.start()
+    if config.state is not None:
+        proxy.state = await open_state(config, proxy.gate)  # before the key store seeds the daily token counts
     managed = None
-    if config.store.path:
+    if config.store.path or config.store.url:
         try:
-            store = await asyncio.to_thread(KeyStore, config.store.path)
+            store = await asyncio.to_thread(open_store, config)  # SQLite file or PostgreSQL database
         except StoreError as exc:
-            raise ConfigError(f"store.path: {exc}") from None
-        managed = ManagedKeys(store, proxy.gate, retention_days=config.store.usage_retention_days)
+            raise ConfigError(f"{'store.url' if config.store.url else 'store.path'}: {exc}") from None
+        managed = ManagedKeys(store, proxy.gate, retention_days=config.store.usage_retention_days,
+                              metrics=proxy.metrics)
         await managed.start()
         proxy.set_usage_sink(managed.record)
     accepted: weakref.WeakSet[ClientProtocol] = weakref.WeakSet()
@@ -439,6 +447,17 @@ async def start(config: Config) -> RunningServer:
                                                   metrics.listen.port, reuse_address=True)
     return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context,
                          metrics_server, managed, accepted)
+
+
+async def open_state(config: Config, gate: Gate) -> LiveState:
+    """The shared live state of [state] (imported only then: the redis client is an extra)."""
+    assert config.state is not None
+    try:
+        from .state.redis_state import open_state as open_redis
+    except ImportError:
+        raise ConfigError("state.url: the Redis client is not installed: pip install 'fastgate[redis]'") from None
+    # The gate's tables become mirrors of the shared ones (see fastgate/state/redis_state.py).
+    return await open_redis(config.state, gate)
 
 
 def warn_if_keys_exposed(config: Config) -> None:

@@ -485,9 +485,10 @@ class KeyStore:
 
     def write_usage(self, rows: Iterable[UsageRow],
                     last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
-                    wait_s: float | None = None) -> None:
+                    wait_s: float | None = None, ids: Sequence[str] | None = None) -> None:
         """Usage rows and last-used stamps in one transaction: one wait for the lock, one fsync. `wait_s` bounds
-        the wait for the write lock (StoreBusy after it)."""
+        the wait for the write lock (StoreBusy after it). `ids` (the shared store's per-row ids, see
+        fastgate.state.stores) are not kept: a local file's transaction commits or not, never "maybe"."""
         pairs = last_used.items() if isinstance(last_used, Mapping) else last_used
         stamps = [(at, key_id) for key_id, at in pairs]
         params = [self._usage_params(r) for r in rows]

@@ -282,6 +282,17 @@ class FailureLimiter:
         else:  # every entry is locked
             self._fold(_overflow_slot(bucket), 1, now)
 
+    def lock(self, bucket: str, left_s: float, now: float) -> None:
+        """Lock `bucket` (a `failure_bucket`) for the `left_s` seconds left of a window that reached the limit
+        elsewhere (another instance, counted in the shared state): refused here as if counted here."""
+        if not self._max_failures or left_s <= 0:
+            return
+        self._windows.pop(bucket, None)
+        self._open.pop(bucket, None)
+        # Ends when the shared window ends; kept at the back (the front's windows may end later, which costs
+        # _make_room only an early stop, never an unlock).
+        self._windows[bucket] = [now + left_s - self.window_s, float(self._max_failures)]
+
     def _count(self, bucket: str, window: list[float]) -> None:
         window[1] += 1
         if window[1] >= self._max_failures:

@@ -1,5 +1,45 @@
 """Shared state of several fastgate instances: the key store engines and the live state in Redis.
 
-I/O behind small interfaces: the policy (gate, limits, trust) asks them questions without knowing which
-engine answers, and without [state] none of this is imported at all.
+I/O behind small interfaces: the proxy asks `LiveState` questions without knowing which engine answers, and
+without [state] none of this is imported at all (the gate's synchronous, in-process limits stay as they are).
 """
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..access import Principal
+from ..errors import GateError
+
+SHARED = "shared"  # every limit, lease, trust grant and lockout is read and written in the shared store
+DEGRADED = "degraded"  # the shared store is unreachable or slow: local tables, limits divided by live instances
+
+
+class Lease(Protocol):
+    """What `LiveState.admit` hands out for one admitted request; given back with `release`."""
+
+
+class LiveState(Protocol):
+    """Live state shared by every instance (rate limits, concurrency leases, daily tokens, key-guessing
+    counts, IP trust). No call waits longer than the configured timeout: past it, local tables answer."""
+
+    @property
+    def mode(self) -> str:
+        """SHARED or DEGRADED (for /health and /metrics)."""
+        ...
+
+    async def admit(self, principal: Principal) -> Lease:
+        """Count one request of a limited key, or raise TooManyRequests (429 with Retry-After) uncounted."""
+        ...
+
+    def release(self, lease: Lease) -> None:
+        """The exchange admitted with `lease` is over (never waits)."""
+        ...
+
+    async def failed_guess(self, ip: str, error: GateError) -> GateError:
+        """A wrong key from `ip` (already counted locally): counted in the shared window too. Returns the
+        error to answer: `error` itself, or 429 once the shared window is over the limit."""
+        ...
+
+    async def stop(self) -> None:
+        ...

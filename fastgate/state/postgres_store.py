@@ -1,0 +1,562 @@
+"""The key store and usage ledger in PostgreSQL (`[store] url`), shared by every fastgate instance.
+
+Same interface and rules as the SQLite store (`fastgate.store`, see `fastgate.state.stores.Store`), with what
+sharing one database between machines adds:
+
+- Every change to the keys bumps the revision row and sends `NOTIFY fastgate_keys` in the same transaction:
+  the notification leaves only if the change commits, and `wait_for_change` (a LISTEN connection of its own)
+  wakes every instance at once. The revision number is also what the slower safety-net poll reads.
+- Every usage row carries a unique id chosen by the instance that served the request, and goes in with
+  `ON CONFLICT (id) DO NOTHING`: a batch written again after a commit whose answer was lost (connection cut
+  between COMMIT and its reply, a spill file imported twice) adds nothing the second time.
+- The schema is created and migrated on first use, by whichever instance gets there first: the migration runs
+  under a transaction-scoped advisory lock, and `fastgate_schema_version` records how far it got.
+- A connection that broke (server restarted, network cut) is dropped and a new one made on the next call;
+  connecting and every statement are bounded (`CONNECT_TIMEOUT_S`, `STATEMENT_TIMEOUT_S`), so a dead server
+  costs a caller seconds, never a hang.
+- Usage rows the database could not take at shutdown are appended to a local spill file (with their ids)
+  and imported later by whichever instance finds it: imports claim the file by renaming it first, so rows
+  appended meanwhile land in a new file, and the ids make a repeated import harmless.
+
+Nothing here reads the clock for the data (times are parameters); no URL with its password is ever put in a
+message. Blocking I/O: a caller on an event loop runs these calls in a worker thread. One `PostgresStore` may
+be shared between threads: the main connection's calls are serialised by a lock; `wait_for_change` uses a
+connection of its own and is meant for one watcher thread at a time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fcntl
+import glob
+import json
+import os
+import re
+import secrets
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from ..store import (
+    DISPLAY_PREFIX_CHARS, ERROR_STATUS_MIN, PRUNE_BATCH_ROWS, USAGE_GROUPS, KeyRecord, StoreBusy, StoreError,
+    UsageSummary, _validate, new_secret, secret_digest,
+)
+from ..usage import UsageRecord
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+CHANNEL = "fastgate_keys"  # LISTEN/NOTIFY channel: a key was added, revoked, rotated or imported
+CONNECT_TIMEOUT_S = 3  # libpq takes whole seconds
+STATEMENT_TIMEOUT_S = 10.0  # any one statement; a server that stopped answering costs at most this
+TCP_USER_TIMEOUT_MS = 5000  # unacknowledged data on a dead link: give up after this (Linux)
+BUSY_TIMEOUT_S = 10.0  # lock waits when the caller gives no bound
+# A fixed advisory-lock number for the schema migration ("fastgate" in ASCII, as an integer).
+MIGRATION_LOCK = 0x66617374676174
+SPILL_CLAIM_MARK = ".importing-"
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE fastgate_keys (
+            id             text PRIMARY KEY,
+            user_name      text NOT NULL,
+            role           text NOT NULL,
+            prefix         text NOT NULL,            -- first characters of the secret, for lists
+            digest         text NOT NULL UNIQUE,     -- sha256 hex of the secret, which is never stored
+            models         text NOT NULL,            -- JSON array of glob patterns, [] = every model
+            created_at     double precision NOT NULL,
+            expires_at     double precision,
+            last_used_at   double precision,
+            revoked_at     double precision,
+            rpm            integer,
+            max_concurrent integer,
+            tokens_per_day bigint
+        )""",
+        "CREATE TABLE fastgate_meta (name text PRIMARY KEY, value bigint NOT NULL)",
+        "INSERT INTO fastgate_meta (name, value) VALUES ('revision', 0)",
+        """CREATE TABLE fastgate_usage (
+            id                text PRIMARY KEY,         -- chosen by the instance: makes a retried write a no-op
+            at                double precision NOT NULL,
+            user_name         text NOT NULL,
+            key_id            text NOT NULL,            -- "" for keys from the config file
+            model             text NOT NULL,
+            path              text NOT NULL,
+            status            integer NOT NULL,
+            prompt_tokens     bigint NOT NULL,
+            completion_tokens bigint NOT NULL,
+            duration_ms       double precision NOT NULL,
+            backend           text                      -- the [[backends]] name that served it
+        )""",
+        "CREATE INDEX fastgate_usage_at ON fastgate_usage (at)",
+        "CREATE INDEX fastgate_usage_key_at ON fastgate_usage (key_id, at)",  # tokens_used_since()
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_KEY_COLUMNS = ("id, user_name, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at, "
+                "rpm, max_concurrent, tokens_per_day")
+_PG_USAGE_GROUPS = {"user": "user_name", "model": "model", "key": "key_id", "backend": "coalesce(backend, '')"}
+_INSERT_USAGE = (
+    "INSERT INTO fastgate_usage (id, at, user_name, key_id, model, path, status, prompt_tokens, completion_tokens, "
+    "duration_ms, backend) SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[], %s::text[], %s::text[], "
+    "%s::text[], %s::int[], %s::int8[], %s::int8[], %s::float8[], %s::text[]) ON CONFLICT (id) DO NOTHING")
+_STAMP_LAST_USED = (
+    "UPDATE fastgate_keys AS k SET last_used_at = greatest(coalesce(k.last_used_at, s.at), s.at) "
+    "FROM unnest(%s::text[], %s::float8[]) AS s(id, at) WHERE k.id = s.id")
+
+
+def redacted_url(url: str) -> str:
+    """The URL without user password or query (which may also hold one): safe for logs and messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}@{host}"
+    return parts._replace(netloc=netloc, query="", fragment="").geturl()
+
+
+def _first_line(exc: BaseException) -> str:
+    """libpq's messages run over several lines (with hints); operators get one. Passwords never appear in
+    them (libpq does not echo the connection string)."""
+    text = " ".join(str(exc).split("\n", 1)[0].split())
+    return text or type(exc).__name__
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    (id_, user, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at,
+     rpm, max_concurrent, tokens_per_day) = row
+    return KeyRecord(id_, user, role, prefix, digest, tuple(json.loads(models)), created_at, expires_at,
+                     last_used_at, revoked_at is not None, rpm, max_concurrent, tokens_per_day)
+
+
+def _usage_columns(ids: Sequence[str], rows: Sequence[UsageRecord]) -> tuple[builtins.list[Any], ...]:
+    """Rows -> one array per column, for the unnest() insert (one statement and one round trip a batch)."""
+    return (list(ids), [r.at for r in rows], [r.user for r in rows], [r.key_id for r in rows],
+            [r.model for r in rows], [r.path for r in rows], [r.status for r in rows],
+            [r.prompt_tokens for r in rows], [r.completion_tokens for r in rows], [r.duration_ms for r in rows],
+            [r.backend for r in rows])
+
+
+def _stamp_columns(pairs: Iterable[tuple[str, float]]) -> tuple[builtins.list[str], builtins.list[float]]:
+    stamps = dict(pairs)
+    return list(stamps), list(stamps.values())
+
+
+class PostgresStore:
+    """One PostgreSQL database. Open it once per process and `close()` it; see the module docstring."""
+
+    def __init__(self, url: str, *, spill_file: str) -> None:
+        self.url = url
+        self.path = redacted_url(url)  # what messages call it (the interface's `path`)
+        self.spill_file = spill_file
+        self._lock = threading.Lock()
+        self._db: psycopg.Connection[Any] | None = None
+        self._listen: psycopg.Connection[Any] | None = None
+        self._closed = threading.Event()
+        try:
+            self._db = self._connect()
+            self._migrate()
+        except StoreError:
+            self.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            # autocommit: reads hold no snapshot between calls; writes say where their transaction begins.
+            return psycopg.connect(
+                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="fastgate",
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS,
+                options=f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}")
+        except psycopg.Error as exc:
+            raise StoreError(f"key store {self.path}: cannot connect: {_first_line(exc)}") from None
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        """The main connection, made anew when the last one broke."""
+        if self._closed.is_set():
+            raise StoreError(f"key store {self.path}: already closed")
+        if self._db is None or self._db.closed:
+            self._db = self._connect()
+        return self._db
+
+    def _failed(self, exc: psycopg.Error) -> StoreError:
+        """Map a psycopg error at the module edge, once; a broken connection is dropped for the next call."""
+        if self._db is not None and (self._db.broken or self._db.closed):
+            self._db.close()
+            self._db = None
+        busy = isinstance(exc, (pg_errors.LockNotAvailable, pg_errors.QueryCanceled))
+        return (StoreBusy if busy else StoreError)(f"key store {self.path}: {_first_line(exc)}")
+
+    @contextmanager
+    def _transaction(self, wait_s: float | None = None) -> Iterator[psycopg.Cursor[Any]]:
+        """One write transaction; `wait_s` bounds waits for row locks (StoreBusy after it)."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            raise StoreBusy(f"key store {self.path}: busy (another call in this process is waiting for it)")
+        try:
+            conn = self._conn()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    lock_ms = int(max(BUSY_TIMEOUT_S if wait_s is None else wait_s, 0.001) * 1000)
+                    cur.execute(f"SET LOCAL lock_timeout = {lock_ms}")
+                    yield cur
+            except psycopg.Error as exc:
+                raise self._failed(exc) from None
+        finally:
+            self._lock.release()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        with self._lock:
+            conn = self._conn()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.Error as exc:
+                raise self._failed(exc) from None
+
+    def _migrate(self) -> None:
+        with self._lock:
+            conn = self._conn()
+            try:
+                version = self._schema_version(conn)
+                if version == SCHEMA_VERSION:  # the usual case: no lock needed
+                    return
+                with conn.transaction():
+                    # Two instances starting on a fresh database: the second waits here, then finds it done.
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    conn.execute("CREATE TABLE IF NOT EXISTS fastgate_schema_version (version integer NOT NULL)")
+                    row = conn.execute("SELECT version FROM fastgate_schema_version").fetchone()
+                    if row is None:
+                        conn.execute("INSERT INTO fastgate_schema_version (version) VALUES (0)")
+                        version = 0
+                    else:
+                        version = row[0]
+                    if version > SCHEMA_VERSION:
+                        raise StoreError(f"key store {self.path}: schema version {version} is newer than this "
+                                         f"fastgate understands ({SCHEMA_VERSION}); upgrade fastgate")
+                    for migration in _MIGRATIONS[version:]:
+                        for statement in migration:
+                            conn.execute(statement)
+                    conn.execute("UPDATE fastgate_schema_version SET version = %s", (SCHEMA_VERSION,))
+            except psycopg.Error as exc:
+                raise StoreError(f"key store {self.path}: cannot prepare the schema: {_first_line(exc)}") from None
+
+    @staticmethod
+    def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
+        row = conn.execute("SELECT to_regclass('fastgate_schema_version') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return None
+        found = conn.execute("SELECT version FROM fastgate_schema_version").fetchone()
+        return None if found is None else int(found[0])
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        listen = self._listen
+        if listen is not None:
+            listen.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.path!r}, {'closed' if self._closed.is_set() else 'open'})"
+
+    @staticmethod
+    def _bump_revision(cur: psycopg.Cursor[Any]) -> None:
+        cur.execute("UPDATE fastgate_meta SET value = value + 1 WHERE name = 'revision'")
+        cur.execute(f"NOTIFY {CHANNEL}")  # delivered at COMMIT, and only if it commits
+
+    @staticmethod
+    def _new_id(cur: psycopg.Cursor[Any]) -> str:
+        while True:
+            key_id = "k_" + secrets.token_hex(4)
+            if cur.execute("SELECT 1 FROM fastgate_keys WHERE id = %s", (key_id,)).fetchone() is None:
+                return key_id
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def add(self, user: str, *, role: str = "user", models: Iterable[str] = (), expires_at: float | None = None,
+            rpm: int | None = None, max_concurrent: int | None = None, tokens_per_day: int | None = None,
+            now: float) -> tuple[KeyRecord, str]:
+        patterns = _validate(user, role, models,
+                             {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
+        secret = new_secret()
+        with self._transaction() as cur:
+            key_id = self._new_id(cur)
+            cur.execute(f"INSERT INTO fastgate_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, "
+                        "NULL, %s, %s, %s)",
+                        (key_id, user, role, secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret),
+                         json.dumps(patterns), now, expires_at, rpm, max_concurrent, tokens_per_day))
+            self._bump_revision(cur)
+        return self.get(key_id), secret
+
+    def list(self, include_revoked: bool = False) -> builtins.list[KeyRecord]:
+        where = "" if include_revoked else "WHERE revoked_at IS NULL"
+        return [_record(row) for row in
+                self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys {where} ORDER BY created_at, id")]
+
+    def get(self, key_id: str) -> KeyRecord:
+        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys WHERE id = %s", (key_id,))
+        if not rows:
+            raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+        return _record(rows[0])
+
+    def revoke(self, key_id: str, now: float) -> KeyRecord:
+        with self._transaction() as cur:
+            if cur.execute("SELECT 1 FROM fastgate_keys WHERE id = %s", (key_id,)).fetchone() is None:
+                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+            if cur.execute("UPDATE fastgate_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
+                           (now, key_id)).rowcount:
+                self._bump_revision(cur)
+        return self.get(key_id)
+
+    def rotate(self, key_id: str, now: float) -> tuple[KeyRecord, str]:
+        secret = new_secret()
+        with self._transaction() as cur:
+            row = cur.execute("SELECT revoked_at FROM fastgate_keys WHERE id = %s FOR UPDATE", (key_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+            if row[0] is not None:
+                raise StoreError(f"key {key_id} is revoked; add a new key instead")
+            cur.execute("UPDATE fastgate_keys SET prefix = %s, digest = %s WHERE id = %s",
+                        (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
+            self._bump_revision(cur)
+        return self.get(key_id), secret
+
+    def import_digests(self, entries: Sequence[tuple[str, str, str]], *, role: str,
+                       now: float) -> builtins.list[tuple[KeyRecord, bool]]:
+        checked = []
+        for digest, prefix, user in entries:
+            _validate(user, role, (), {})
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise StoreError(f"expected a sha256 hex digest, got {len(digest)} characters")
+            checked.append((digest, prefix, user))
+        added: builtins.list[tuple[str, bool]] = []
+        with self._transaction() as cur:
+            for digest, prefix, user in checked:
+                row = cur.execute("SELECT id FROM fastgate_keys WHERE digest = %s", (digest,)).fetchone()
+                if row is not None:
+                    added.append((row[0], False))
+                    continue
+                key_id = self._new_id(cur)
+                cur.execute(f"INSERT INTO fastgate_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, '[]', %s, NULL, "
+                            "NULL, NULL, NULL, NULL, NULL)", (key_id, user, role, prefix, digest, now))
+                added.append((key_id, True))
+            if any(new for _, new in added):
+                self._bump_revision(cur)
+        return [(self.get(key_id), new) for key_id, new in added]
+
+    def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
+        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys WHERE revoked_at IS NULL "
+                           "AND (expires_at IS NULL OR expires_at > %s)", (now,))
+        return {bytes.fromhex(record.digest): record for record in map(_record, rows)}
+
+    def change_token(self) -> int:
+        """The revision number: it moves with every change to the keys, made by any instance or CLI."""
+        return int(self._query("SELECT value FROM fastgate_meta WHERE name = 'revision'")[0][0])
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` for a key change anywhere (LISTEN). True when one was announced, or when
+        the listening connection was (re)made, since changes in between went unheard; False on timeout or
+        while the server cannot be reached (then it waits out `timeout_s`, so a caller's loop never spins)."""
+        if self._closed.is_set():
+            return False
+        listen = self._listen
+        if listen is None or listen.closed:
+            try:
+                listen = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                         application_name="fastgate-listen", keepalives=1, keepalives_idle=10,
+                                         keepalives_interval=5, keepalives_count=3,
+                                         tcp_user_timeout=TCP_USER_TIMEOUT_MS)
+                listen.execute(f"LISTEN {CHANNEL}")
+            except psycopg.Error:
+                self._listen = None
+                self._closed.wait(timeout_s)
+                return False
+            self._listen = listen
+            return True
+        try:
+            for _ in listen.notifies(timeout=timeout_s, stop_after=1):
+                return True
+        except psycopg.Error:
+            listen.close()
+            self._listen = None
+            return True  # a refresh at once finds out whether the server is back (and catches up if so)
+        return False
+
+    @property
+    def listening(self) -> bool:
+        listen = self._listen
+        return listen is not None and not listen.closed
+
+    def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
+        self.write_usage((), ids_with_times)
+
+    # -- usage ------------------------------------------------------------------------------------------
+
+    def record_usage(self, rows: Iterable[UsageRecord]) -> None:
+        self.write_usage(rows, ())
+
+    def write_usage(self, rows: Iterable[UsageRecord],
+                    last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
+                    wait_s: float | None = None, ids: Sequence[str] | None = None) -> None:
+        """Usage rows and last-used stamps in one transaction. `ids` (one per row, unique across every
+        instance and every time) make the write idempotent: rows whose id is already stored are skipped. Rows
+        without ids get fresh random ones (then a retry of the same rows would count them again)."""
+        rows = list(rows)
+        if ids is None:
+            ids = [uuid.uuid4().hex for _ in rows]
+        elif len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} usage ids for {len(rows)} rows")
+        pairs = last_used.items() if isinstance(last_used, Mapping) else last_used
+        stamp_ids, stamp_times = _stamp_columns(pairs)
+        if not rows and not stamp_ids:
+            return
+        with self._transaction(wait_s) as cur:
+            if rows:
+                cur.execute(_INSERT_USAGE, _usage_columns(ids, rows))
+            if stamp_ids:
+                cur.execute(_STAMP_LAST_USED, (stamp_ids, stamp_times))
+
+    def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
+        column = _PG_USAGE_GROUPS.get(by)
+        if column is None:
+            raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
+        where, params = ("WHERE at >= %s", (since,)) if since is not None else ("", ())
+        rows = self._query(
+            f"SELECT {column}, count(*), sum(prompt_tokens)::int8, sum(completion_tokens)::int8, "
+            f"sum(duration_ms), count(*) FILTER (WHERE status >= {ERROR_STATUS_MIN}) FROM fastgate_usage {where} "
+            f"GROUP BY {column} ORDER BY {column} COLLATE \"C\"", params)
+        return [UsageSummary(group, int(n), int(p), int(c), float(d), int(e)) for group, n, p, c, d, e in rows]
+
+    def prune_usage(self, before: float, limit: int = PRUNE_BATCH_ROWS, wait_s: float | None = None) -> int:
+        with self._transaction(wait_s) as cur:
+            return cur.execute("DELETE FROM fastgate_usage WHERE id IN (SELECT id FROM fastgate_usage WHERE at < %s "
+                               "LIMIT %s)", (before, limit)).rowcount
+
+    def tokens_used_since(self, key_id: str, since: float) -> int:
+        rows = self._query("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0)::int8 FROM fastgate_usage "
+                           "WHERE key_id = %s AND at >= %s", (key_id, since))
+        return int(rows[0][0])
+
+    # -- the local spill file ---------------------------------------------------------------------------
+
+    def spill(self, rows: Sequence[UsageRecord], ids: Sequence[str], last_used: Mapping[str, float]) -> str:
+        """Append rows (with their ids) and last-used stamps the database could not take to the spill file,
+        flushed to disk; `import_spill` brings them in later. Returns its path; OSError when it cannot be
+        written."""
+        lines = [json.dumps({"id": row_id, **asdict(row)}, separators=(",", ":")) for row_id, row in zip(ids, rows)]
+        if last_used:
+            lines.append(json.dumps({"last_used": dict(last_used)}, separators=(",", ":")))
+        data = ("\n".join(lines) + "\n").encode()
+        while True:
+            # Private to its owner: usage rows say who ran what.
+            fd = os.open(self.spill_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(self.spill_file)
+                except FileNotFoundError:
+                    current = None
+                mine = os.fstat(fd)
+                if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                    continue  # an import claimed (renamed) this file after we opened it: open the new one
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                return self.spill_file
+            finally:
+                os.close(fd)
+
+    def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
+        """Import the spill file (and any an earlier import claimed but did not finish), then remove it.
+        Returns (rows newly stored, unreadable lines skipped). Rows already stored are skipped by id."""
+        claimed = f"{self.spill_file}{SPILL_CLAIM_MARK}{uuid.uuid4().hex}"
+        try:
+            os.rename(self.spill_file, claimed)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"usage spill {self.spill_file}: cannot claim it: {exc.strerror}") from None
+        imported = unreadable = 0
+        for path in sorted(glob.glob(glob.escape(self.spill_file) + SPILL_CLAIM_MARK + "*")):
+            done, bad = self._import_claimed(path, wait_s)
+            imported += done
+            unreadable += bad
+        return imported, unreadable
+
+    def _import_claimed(self, path: str, wait_s: float | None) -> tuple[int, int]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0, 0  # another instance imported it meanwhile
+        except OSError as exc:
+            raise StoreError(f"usage spill {path}: cannot read: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a writer that had it open before the rename finishes first
+            with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        finally:
+            os.close(fd)
+        by_id: dict[str, UsageRecord] = {}  # a row spilled twice (by a stop that was retried) counts once
+        stamps: dict[str, float] = {}
+        unreadable = 0
+        for line in lines:
+            try:
+                item = json.loads(line)
+                if "last_used" in item:
+                    for key_id, at in item["last_used"].items():
+                        stamps[str(key_id)] = max(float(at), stamps.get(str(key_id), float(at)))
+                else:
+                    row_id = str(item.pop("id"))
+                    by_id[row_id] = UsageRecord(**item)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                unreadable += 1  # a line cut short by a crash mid-write: the others are still good
+        ids, rows = list(by_id), list(by_id.values())
+        before = self._count_ids(ids)
+        self.write_usage(rows, stamps, wait_s=wait_s, ids=ids)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"usage spill {path}: imported, but cannot remove it: {exc.strerror}") from None
+        return len(rows) - before, unreadable
+
+    def _count_ids(self, ids: Sequence[str]) -> int:
+        """How many of these usage ids are stored already (to report what an import added)."""
+        if not ids:
+            return 0
+        return int(self._query("SELECT count(*) FROM fastgate_usage WHERE id = ANY(%s)", (list(ids),))[0][0])
+
+
+def count_active_keys(url: str, now: float) -> int | None:
+    """Active keys in the database at `url`, read without creating or migrating anything (for
+    `check-config`); None when fastgate's tables are not there yet. StoreError when it cannot be read."""
+    where = redacted_url(url)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                             application_name="fastgate") as conn:
+            found = conn.execute("SELECT to_regclass('fastgate_keys') IS NOT NULL").fetchone()
+            if not found or not found[0]:
+                return None
+            row = conn.execute("SELECT count(*) FROM fastgate_keys WHERE revoked_at IS NULL "
+                               "AND (expires_at IS NULL OR expires_at > %s)", (now,)).fetchone()
+            return int(row[0]) if row else 0
+    except psycopg.Error as exc:
+        raise StoreError(f"key store {where}: cannot read: {_first_line(exc)}") from None

@@ -1,0 +1,588 @@
+"""Live state in Redis ([state]): what several fastgate instances must agree on, one truth for all.
+
+Owns, per key: the requests-per-minute bucket, the concurrency leases and the daily token count; per address:
+the key-guessing window and IP trust. Admission is one Lua script per admitted request, on Redis's clock
+(`TIME`), so instances with skewed clocks still share one bucket (the same token bucket as limits.KeyLimits:
+`rpm` requests of burst, refilled at rpm per minute). Concurrency is a sorted set of leases per key whose
+scores are expiry times: renewed every LEASE_RENEW_S while the stream runs, removed when it ends, and a
+crashed instance's leases fall out LEASE_TTL_S after their last renewal.
+
+IP trust and lockouts are mirrored, not looked up: a grant is written to Redis with its TTL and published, a
+lock is published when the shared count reaches the limit, and every instance applies both to its own tables
+(trust.TrustTable, trust.FailureLimiter), so the per-request lookups stay local and synchronous.
+
+Never hang a request on Redis: every call on a request's path is bounded by `state.timeout`. A timeout or a
+connection error turns the instance DEGRADED at once: from then on no request touches Redis; limits are
+local buckets of limit / live instances (the count of instances seen in the last heartbeat), trust and
+lockout the local tables. A reconnect loop probes Redis every RECONNECT_S and, once it answers, reloads the
+trust grants, resubscribes and goes back to SHARED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..access import Principal
+from ..config import StateConfig
+from ..errors import GateError, TooManyRequests
+from ..limits import DAY_S, KeyLimits, too_many
+from ..logs import log
+from ..trust import FailureLimiter, TrustGrant, TrustTable, failure_bucket
+from . import DEGRADED, SHARED
+
+PREFIX = "fastgate:"
+EVENTS_CHANNEL = PREFIX + "events"
+INSTANCES_KEY = PREFIX + "instances"
+LEASE_TTL_S = 15.0  # a crashed instance's leases are free this long after their last renewal (< 30 s)
+LEASE_RENEW_S = 5.0
+HEARTBEAT_S = 1.0
+INSTANCE_TTL_S = 3.0  # an instance missing this many seconds of heartbeats no longer counts as live
+RECONNECT_S = 1.0  # Redis back: shared again within this plus one probe (well under 5 s)
+PROBE_TIMEOUT_S = 1.0  # background calls (heartbeat, reconnect probe, trust reload) are off the request path
+TOKENS_KEY_TTL_S = 2 * DAY_S
+
+T = TypeVar("T")
+
+# KEYS: rpm bucket, lease set, today's token count. ARGV: rpm (0: none), max_concurrent (0: none),
+# tokens_per_day (-1: none), lease id, lease TTL (ms), seconds left in the day (client's wall clock, as the
+# day of the token key is). Returns {0, tokens used} admitted; {1, s} daily tokens; {2, 1} concurrency;
+# {3, "s"} rate limit, with the seconds until a token is back.
+ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm = tonumber(ARGV[1])
+local maxc = tonumber(ARGV[2])
+local tpd = tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tpd >= 0 and used >= tpd then return {1, ARGV[6]} end
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= maxc then return {2, 1} end
+end
+if rpm > 0 then
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+  local tokens = tonumber(b[1])
+  local at = tonumber(b[2])
+  if tokens == nil or at == nil then tokens = rpm; at = now end
+  tokens = math.min(rpm, tokens + math.max(0, now - at) * rpm / 60000)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+    redis.call('PEXPIRE', KEYS[1], 61000)
+    return {3, tostring((1 - tokens) * 60 / rpm)}
+  end
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', now)
+  redis.call('PEXPIRE', KEYS[1], 61000)
+end
+if maxc > 0 then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[5]))
+end
+return {0, used}
+"""
+
+# KEYS: lease sets; ARGV: lease TTL (ms), then one lease id per key. Pushes each live lease's expiry on.
+RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, 2 * ttl)
+end
+return #KEYS
+"""
+
+# KEYS: the instance set; ARGV: this instance's id, its TTL (ms). Returns how many instances are live.
+HEARTBEAT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: a guessing window; ARGV: window (ms), max_failures, channel, bucket, instance id. Counts one wrong
+# key; the one that reaches the limit publishes the lock. Returns {failures, ms left in the window}.
+FAILURE_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local left = redis.call('PTTL', KEYS[1])
+if n == tonumber(ARGV[2]) then
+  redis.call('PUBLISH', ARGV[3], cjson.encode({t = 'lock', bucket = ARGV[4], ms = left, from = ARGV[5]}))
+end
+return {n, left}
+"""
+
+# KEYS: today's token count; ARGV: a count from the store, the key's TTL (s). Raises the count to it.
+SEED_TOKENS_LUA = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > used then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 0
+"""
+
+
+def rpm_key(key_id: str) -> str:
+    return f"{PREFIX}rpm:{key_id}"
+
+
+def lease_key(key_id: str) -> str:
+    return f"{PREFIX}lease:{key_id}"
+
+
+def tokens_key(key_id: str, wall: float) -> str:
+    return f"{PREFIX}tokens:{key_id}:{int(wall // DAY_S)}"
+
+
+def failure_key(bucket: str) -> str:
+    return f"{PREFIX}fail:{bucket}"
+
+
+def trust_key(ip: str) -> str:
+    return f"{PREFIX}trust:{ip}"
+
+
+def local_share(limit: int | None, live: int) -> int | None:
+    """One instance's part of a limit while the shared state is unreachable: limit / live instances, at least
+    1 (an instance never refuses every request of a key that may make some)."""
+    return None if limit is None else max(1, limit // max(1, live))
+
+
+if sys.version_info >= (3, 11):
+    def _bounded(coro: Coroutine[Any, Any, T], timeout_s: float) -> Coroutine[Any, Any, T]:
+        async def run() -> T:
+            async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
+                return await coro
+        return run()
+else:  # pragma: no cover - 3.10
+    def _bounded(coro: Coroutine[Any, Any, T], timeout_s: float) -> Coroutine[Any, Any, T]:
+        return asyncio.wait_for(coro, timeout_s)
+
+
+@dataclass(slots=True)
+class SharedLease:
+    """A lease in Redis (`member` of `key`); `local` holds the scaled principal of a lease taken while
+    degraded, released in the local limits instead."""
+
+    key: str = ""
+    member: str = ""
+    local: Principal | None = None
+
+
+NO_LEASE = SharedLease()  # a key without max_concurrent: nothing to give back
+
+
+class MirroredLimits(KeyLimits):
+    """gate.limits with [state]: admission moves to RedisState.admit (awaited by the proxy), so the gate's
+    synchronous admit/release do nothing; the daily token count is kept here as a local mirror (for the
+    degraded mode) and every change is sent on to Redis."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: RedisState) -> None:
+        super().__init__()
+        self.state = state
+
+    def admit(self, principal: Principal, now: float, wall: float) -> None:
+        pass
+
+    def release(self, principal: Principal) -> None:
+        pass
+
+    def add_tokens(self, key: str, tokens: int, wall: float) -> None:
+        super().add_tokens(key, tokens, wall)
+        self.state.send_tokens(key, tokens, wall)
+
+    def set_tokens_today(self, key: str, tokens: int, wall: float) -> None:
+        super().set_tokens_today(key, tokens, wall)
+        self.state.seed_tokens(key, tokens, wall)
+
+    def mirror_tokens(self, key: str, tokens: int, wall: float) -> None:
+        """What Redis said today's count is: the mirror never goes down (local additions may be ahead)."""
+        if tokens > self.tokens_today(key, wall):
+            KeyLimits.set_tokens_today(self, key, tokens, wall)
+
+
+class MirroredTrust(TrustTable):
+    """gate.trust with [state]: a grant made here is also written to Redis and published; grants published
+    by other instances are applied here with `apply` (without publishing them again)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, max_entries: int, state: RedisState) -> None:
+        super().__init__(max_entries)
+        self.state = state
+
+    def grant(self, ip: str, user: str, key_label: str, ttl: float, now: float, key_id: str = "") -> TrustGrant:
+        grant = super().grant(ip, user, key_label, ttl, now, key_id)
+        self.state.send_grant(ip, grant, ttl)
+        return grant
+
+    def apply(self, ip: str, user: str, key_label: str, ttl: float, now: float, key_id: str) -> None:
+        super().grant(ip, user, key_label, ttl, now, key_id)
+
+
+class RedisState:
+    """The LiveState of one instance, on one Redis. Create, `attach` to the gate, `start`; `stop` at exit."""
+
+    def __init__(self, settings: StateConfig, *, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, lease_ttl_s: float = LEASE_TTL_S) -> None:
+        self.settings = settings
+        self.timeout_s = settings.timeout
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.lease_ttl_s = lease_ttl_s
+        self.instance = uuid.uuid4().hex[:16]
+        self.mode = DEGRADED  # until the first answer from Redis
+        self.live_instances = 1
+        self.degraded_total = 0  # times this instance fell back to local tables
+        self.redis = aioredis.Redis.from_url(
+            settings.url.text, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self._admit = self.redis.register_script(ADMIT_LUA)
+        self._renew = self.redis.register_script(RENEW_LUA)
+        self._heartbeat = self.redis.register_script(HEARTBEAT_LUA)
+        self._failure = self.redis.register_script(FAILURE_LUA)
+        self._seed = self.redis.register_script(SEED_TOKENS_LUA)
+        self.local = KeyLimits()  # degraded mode: this instance's share of each limit
+        self._scaled: dict[tuple[Principal, int], Principal] = {}
+        self._leases: dict[str, str] = {}  # live shared leases: member -> lease set (renewed while they run)
+        self._lease_seq = 0
+        self._renewed_at = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._stopping = False
+        self.limits: MirroredLimits | None = None
+        self.trust: MirroredTrust | None = None
+        self.failures: FailureLimiter | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisState({self.settings.url.redacted}, {self.mode}, {self.live_instances} live)"
+
+    # -- wiring ------------------------------------------------------------------------------------------
+
+    def attach(self, gate: Any) -> None:
+        """Put the mirrored tables into the gate (before it has served anyone)."""
+        self.limits = MirroredLimits(self)
+        self.trust = MirroredTrust(gate.trust.max_entries, self)
+        gate.limits = self.limits
+        gate.trust = self.trust
+        self.failures = gate.failures
+
+    async def start(self) -> None:
+        """Connect (or start degraded when Redis does not answer: the reconnect loop keeps trying)."""
+        try:
+            await self._connect()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Give back this instance's leases and its heartbeat (best effort, bounded), close the connections."""
+        self._stopping = True
+        for task in (self._runner, self._listener):
+            if task is not None:
+                task.cancel()
+        if self.mode == SHARED:
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT_S) if sys.version_info >= (3, 11) else _nullcontext():
+                    pipe = self.redis.pipeline(transaction=False)
+                    for member, key in self._leases.items():
+                        pipe.zrem(key, member)
+                    pipe.zrem(INSTANCES_KEY, self.instance)
+                    await pipe.execute()
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=PROBE_TIMEOUT_S)
+        await self._close_pubsub()
+        try:
+            await self.redis.aclose()
+        except (RedisError, OSError):
+            pass
+
+    # -- the request path --------------------------------------------------------------------------------
+
+    async def admit(self, principal: Principal) -> SharedLease:
+        wall = self.wall_clock()
+        if self.mode == SHARED:
+            self._lease_seq += 1
+            member = f"{self.instance}:{self._lease_seq}" if principal.max_concurrent is not None else ""
+            key = lease_key(principal.key_id)
+            try:
+                code, value = await _bounded(self._admit(
+                    keys=(rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall)),
+                    args=(principal.rpm or 0, principal.max_concurrent or 0,
+                          -1 if principal.tokens_per_day is None else principal.tokens_per_day,
+                          member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)),
+                    self.timeout_s)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                self._degrade(exc)
+            else:
+                code = int(code)
+                if code == 0:
+                    if principal.tokens_per_day is not None and self.limits is not None:
+                        self.limits.mirror_tokens(principal.key_id, int(value), wall)
+                    if not member:
+                        return NO_LEASE
+                    self._leases[member] = key
+                    return SharedLease(key, member)
+                raise self._refusal(principal, code, value)
+        return self._admit_locally(principal, wall)
+
+    def _refusal(self, principal: Principal, code: int, value: Any) -> TooManyRequests:
+        # The messages and Retry-After of limits.KeyLimits, word for word.
+        if code == 1:
+            return too_many(f"daily token limit of {principal.tokens_per_day} reached for this key", float(value))
+        if code == 2:
+            return too_many(f"this key already has {principal.max_concurrent} requests in flight", 1)
+        return too_many(f"rate limit of {principal.rpm} requests per minute reached for this key", float(value))
+
+    def _admit_locally(self, principal: Principal, wall: float) -> SharedLease:
+        """Degraded: the daily count from the mirror, rpm and concurrency from this instance's share."""
+        if principal.tokens_per_day is not None and self.limits is not None:
+            if self.limits.tokens_today(principal.key_id, wall) >= principal.tokens_per_day:
+                raise too_many(f"daily token limit of {principal.tokens_per_day} reached for this key",
+                               DAY_S - wall % DAY_S)
+        if principal.rpm is None and principal.max_concurrent is None:
+            return NO_LEASE
+        live = self.live_instances
+        scaled = self._scaled.get((principal, live))
+        if scaled is None:
+            if len(self._scaled) > 10000:
+                self._scaled.clear()
+            scaled = self._scaled[(principal, live)] = replace(
+                principal, rpm=local_share(principal.rpm, live), tokens_per_day=None,
+                max_concurrent=local_share(principal.max_concurrent, live))
+        try:
+            self.local.admit(scaled, self.clock(), wall)
+        except TooManyRequests as err:
+            # The refusal names the key's limit, not this instance's share of it.
+            message = err.message.replace(f"of {scaled.rpm} ", f"of {principal.rpm} ").replace(
+                f"has {scaled.max_concurrent} ", f"has {principal.max_concurrent} ")
+            raise TooManyRequests(message, headers=err.extra_headers) from None
+        return SharedLease(local=scaled) if scaled.max_concurrent is not None else NO_LEASE
+
+    def release(self, lease: SharedLease) -> None:  # type: ignore[override]
+        if lease.local is not None:
+            self.local.release(lease.local)
+        elif lease.member:
+            self._leases.pop(lease.member, None)
+            if self.mode == SHARED:
+                self._spawn(self._release(lease))
+            # Degraded: the lease runs out by itself within the lease TTL.
+
+    async def _release(self, lease: SharedLease) -> None:
+        try:
+            await _bounded(self.redis.zrem(lease.key, lease.member), PROBE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+
+    async def failed_guess(self, ip: str, error: GateError) -> GateError:
+        failures = self.failures
+        if self.mode != SHARED or failures is None or not failures.max_failures:
+            return error
+        bucket = failure_bucket(ip)
+        try:
+            count, left_ms = await _bounded(self._failure(
+                keys=(failure_key(bucket),),
+                args=(int(failures.window_s * 1000), failures.max_failures, EVENTS_CHANNEL, bucket, self.instance)),
+                self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+            return error
+        count, left_s = int(count), max(0, int(left_ms)) / 1000
+        if count >= failures.max_failures:
+            failures.lock(bucket, left_s, self.clock())
+        if count <= failures.max_failures:
+            return error
+        # Over the shared limit: this instance had not seen the lock yet. As trust.FailureLimiter answers.
+        refused = TooManyRequests(headers=((b"Retry-After", str(max(1, round(left_s))).encode()),))
+        refused.key_label, refused.detail = error.key_label, f"{error.key_label} from {ip}"
+        return refused
+
+    # -- sent on without waiting -------------------------------------------------------------------------
+
+    def send_grant(self, ip: str, grant: TrustGrant, ttl_s: float) -> None:
+        if self.mode == SHARED:
+            self._spawn(self._send_grant(ip, grant, ttl_s))
+
+    async def _send_grant(self, ip: str, grant: TrustGrant, ttl_s: float) -> None:
+        record = {"ip": ip, "user": grant.user, "label": grant.key_label, "key_id": grant.key_id}
+        message = json.dumps({"t": "trust", "from": self.instance, "ms": int(ttl_s * 1000), **record})
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(trust_key(ip), json.dumps(record), px=max(1, int(ttl_s * 1000)))
+            pipe.publish(EVENTS_CHANNEL, message)
+            await _bounded(pipe.execute(), PROBE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+
+    def send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
+        if self.mode == SHARED and tokens:
+            self._spawn(self._send_tokens(key_id, tokens, wall))
+
+    async def _send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            key = tokens_key(key_id, wall)
+            pipe.incrby(key, tokens)
+            pipe.expire(key, TOKENS_KEY_TTL_S)
+            await _bounded(pipe.execute(), PROBE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+
+    def seed_tokens(self, key_id: str, tokens: int, wall: float) -> None:
+        if self.mode == SHARED:
+            self._spawn(self._seed_tokens(key_id, tokens, wall))
+
+    async def _seed_tokens(self, key_id: str, tokens: int, wall: float) -> None:
+        try:
+            await _bounded(self._seed(keys=(tokens_key(key_id, wall),), args=(tokens, TOKENS_KEY_TTL_S)),
+                           PROBE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._degrade(exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- shared, degraded, and back ----------------------------------------------------------------------
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self.mode == DEGRADED:
+            return
+        self.mode = DEGRADED
+        self.degraded_total += 1
+        what = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+        log.warning("Shared state %s unreachable (%s): limits are local (limit / %d live instances), IP trust and "
+                    "lockout local, until it answers again", self.settings.url.redacted, what, self.live_instances)
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    async def _connect(self) -> None:
+        """One probe and the state that must be fetched before going SHARED (live count, trust grants)."""
+        self.live_instances = int(await _bounded(
+            self._heartbeat(keys=(INSTANCES_KEY,), args=(self.instance, int(INSTANCE_TTL_S * 1000))),
+            PROBE_TIMEOUT_S))
+        await self._close_pubsub()
+        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await _bounded(self._pubsub.subscribe(EVENTS_CHANNEL), PROBE_TIMEOUT_S)
+        await _bounded(self._load_grants(), 5 * PROBE_TIMEOUT_S)
+        self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
+        was = self.mode
+        self.mode = SHARED
+        self._renewed_at = 0.0  # leases taken before a blip: renew them at once
+        if was == DEGRADED and self.degraded_total:
+            log.warning("Shared state %s answers again: limits, leases, IP trust and lockout are shared "
+                        "(%d live instances)", self.settings.url.redacted, self.live_instances)
+
+    async def _load_grants(self) -> None:
+        if self.trust is None:
+            return
+        async for name in self.redis.scan_iter(match=trust_key("*"), count=500):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            raw, left_ms = await pipe.execute()
+            if raw is None or left_ms is None or int(left_ms) <= 0:
+                continue
+            self._apply_grant(json.loads(raw), int(left_ms) / 1000)
+
+    def _apply_grant(self, record: dict[str, Any], ttl_s: float) -> None:
+        if self.trust is None:
+            return
+        ip = str(record["ip"])
+        current = self.trust.lookup(ip, self.clock())
+        if current is not None and current.user == record["user"] and current.expires_at >= self.clock() + ttl_s:
+            return
+        try:
+            self.trust.apply(ip, str(record["user"]), str(record["label"]), ttl_s, self.clock(),
+                             str(record.get("key_id", "")))
+        except GateError:
+            pass  # an address the table cannot hold trust for
+
+    async def _listen(self, pubsub: Any) -> None:
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                try:
+                    event = json.loads(message["data"])
+                    if event.get("from") == self.instance:
+                        continue
+                    if event["t"] == "trust":
+                        self._apply_grant(event, int(event["ms"]) / 1000)
+                    elif event["t"] == "lock" and self.failures is not None:
+                        self.failures.lock(str(event["bucket"]), max(0, int(event["ms"])) / 1000, self.clock())
+                except (ValueError, KeyError, TypeError):
+                    log.warning("Shared state: ignored a malformed event on %s", EVENTS_CHANNEL)
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError) as exc:
+            self._degrade(exc)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await _bounded(pubsub.aclose(), PROBE_TIMEOUT_S)
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass
+
+    async def _run(self) -> None:
+        """Heartbeat and lease renewal while shared; a reconnect probe every RECONNECT_S while degraded."""
+        while not self._stopping:
+            await asyncio.sleep(HEARTBEAT_S if self.mode == SHARED else RECONNECT_S)
+            try:
+                if self.mode == DEGRADED:
+                    await self._connect()
+                    continue
+                self.live_instances = int(await _bounded(
+                    self._heartbeat(keys=(INSTANCES_KEY,), args=(self.instance, int(INSTANCE_TTL_S * 1000))),
+                    PROBE_TIMEOUT_S))
+                if self._leases and self.clock() - self._renewed_at >= LEASE_RENEW_S:
+                    leases = list(self._leases.items())
+                    await _bounded(self._renew(keys=[key for _, key in leases],
+                                               args=[int(self.lease_ttl_s * 1000), *[m for m, _ in leases]]),
+                                   PROBE_TIMEOUT_S)
+                    self._renewed_at = self.clock()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                self._degrade(exc)
+            except Exception:  # noqa: BLE001 - the loop must outlive a bug, or the instance never reconnects
+                log.exception("Shared state: unexpected error in the heartbeat")
+
+
+class _nullcontext:  # pragma: no cover - 3.10 only
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def open_state(settings: StateConfig, gate: Any, *, lease_ttl_s: float = LEASE_TTL_S) -> RedisState:
+    """The LiveState for `settings`, attached to `gate` and started (degraded if Redis does not answer yet)."""
+    state = RedisState(settings, lease_ttl_s=lease_ttl_s, clock=gate.clock, wall_clock=gate.wall_clock)
+    state.attach(gate)
+    await state.start()
+    return state
+
+

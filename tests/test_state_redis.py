@@ -1,0 +1,347 @@
+"""[state]: live state shared through a real redis-server by three fastgate processes (issue 10).
+
+Each test starts three `fastgate serve` processes that share one SQLite key store (keys with limits come from
+`fastgate keys add`) and one private redis-server, and spreads its requests across them. Nothing here mocks
+Redis: limits, leases, trust and lockout are what the instances agree on through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fastgate.config import build_config
+from fastgate.errors import ConfigError
+from fastgate.state.redis_state import local_share
+from tests.conftest import KEYS
+from tests.fake_ollama import FakeOllama
+from tests.proc import FastgateProcess, write_config
+from tests.rawhttp import Client, RawResponse
+from tests.redis_server import RedisServer, require_redis_server
+
+pytestmark = pytest.mark.timeout(120)
+
+INSTANCES = 3
+GENERATE = {"model": "qwen2.5:0.5b", "prompt": "hi", "stream": False}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config (pure)
+
+@pytest.mark.parametrize(("url", "host", "port", "path", "db"), [
+    ("redis://127.0.0.1:6379/0", "127.0.0.1", 6379, "", 0),
+    ("redis://cache.internal/3", "cache.internal", 6379, "", 3),
+    ("redis://:secret@10.0.0.5:6380", "10.0.0.5", 6380, "", 0),
+    ("unix:///run/redis/redis.sock", "", 6379, "/run/redis/redis.sock", 0),
+    ("unix:///run/redis/redis.sock?db=2", "", 6379, "/run/redis/redis.sock", 2),
+])
+def test_state_url_forms(url: str, host: str, port: int, path: str, db: int) -> None:
+    state = build_config({"state": {"url": url}}).state
+    assert state is not None and state.timeout == 0.05
+    assert (state.url.host, state.url.port, state.url.path, state.url.db) == (host, port, path, db)
+    assert "secret" not in state.url.redacted and "secret" not in repr(state)
+
+
+def test_without_state_section_there_is_none() -> None:
+    assert build_config({}).state is None
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({}, "state.url: required"),
+    ({"url": "http://127.0.0.1:6379"}, "state.url: expected redis://"),
+    ({"url": "redis://h/zero"}, "state.url: the database is a number"),
+    ({"url": "redis://h:0"}, "state.url: port 0"),
+    ({"url": "redis://h:99999"}, "state.url: bad port"),
+    ({"url": "unix://relative/path"}, "state.url: expected"),
+    ({"url": "unix:///p.sock?database=1"}, "state.url: the only query"),
+    ({"url": 6379}, "state.url: expected"),
+    ({"url": "redis://h", "timeout": 0}, "state.timeout: expected a number of seconds > 0"),
+    ({"url": "redis://h", "timeout": "fast"}, "state.timeout: expected a number of seconds > 0"),
+    ({"url": "redis://h", "timout": 1}, "state.timout: unknown key"),
+])
+def test_state_config_errors_name_the_key(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("?", r"\?")):
+        build_config({"state": section})
+
+
+def test_password_never_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"state": {"url": "redis://user:hunter2@h/x"}})
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(("limit", "live", "share"), [(10, 3, 3), (10, 1, 10), (2, 3, 1), (None, 3, None), (7, 0, 7)])
+def test_local_share_while_degraded(limit: int | None, live: int, share: int | None) -> None:
+    assert local_share(limit, live) == share
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Three processes, one Redis
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    return require_redis_server()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(redis_binary: str) -> Iterator[RedisServer]:
+    server = RedisServer(redis_binary)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis(shared_redis: RedisServer) -> RedisServer:
+    if shared_redis.proc is None:
+        shared_redis.start()
+    shared_redis.command("FLUSHALL")
+    return shared_redis
+
+
+@pytest.fixture
+def own_redis(redis_binary: str) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop it."""
+    server = RedisServer(redis_binary)
+    server.start()
+    yield server
+    server.close()
+
+
+def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastgate", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@dataclass
+class Cluster:
+    procs: list[FastgateProcess]
+    configs: list[Path]
+    clients: list[Client]
+
+    async def add_key(self, *argv: str) -> str:
+        seen = [bytes(proc.log).count(b"Key store changed") for proc in self.procs]
+        added = await asyncio.to_thread(cli, "keys", "add", "lim", *argv, config=self.configs[0])
+        assert added.returncode == 0, added.stderr
+        secret = next(line.split()[-1] for line in added.stdout.splitlines() if line.startswith("API key:"))
+        # Every instance polls the shared store: wait until each has read it again (any request with the key
+        # would use up some of its limits, or count as a wrong key).
+        for proc, before in zip(self.procs, seen):
+            if proc.proc.returncode is None:
+                await eventually(lambda p=proc, b=before: bytes(p.log).count(b"Key store changed") > b, timeout=10)
+        return secret
+
+    async def get(self, i: int, target: str = "/api/version", **headers: str) -> RawResponse:
+        return await self.clients[i % len(self.clients)].request("GET", target, headers=headers)
+
+    async def health(self, i: int) -> dict[str, object]:
+        return json.loads((await self.get(i, "/health")).body)
+
+
+async def eventually(check, timeout: float = 5.0, interval: float = 0.05) -> float:  # type: ignore[no-untyped-def]
+    """Poll `check` (sync or async) until true; how long it took. Fails at the deadline."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return loop.time() - started
+        assert loop.time() - started < timeout, "condition not met in time"
+        await asyncio.sleep(interval)
+
+
+async def start_cluster(tmp_path: Path, ollama: FakeOllama, redis_url: str, *, auth: str = "") -> Cluster:
+    procs: list[FastgateProcess] = []
+    configs: list[Path] = []
+    extra = f'[store]\npath = "{tmp_path / "keys.db"}"\n\n[state]\nurl = "{redis_url}"\n\n{auth}'
+    for i in range(INSTANCES):
+        config = write_config(tmp_path / f"fastgate{i}.toml", ollama.url, keys=KEYS, extra=extra)
+        text = config.read_text().replace("[upstream]", 'hostnames = ["gateway.example.com"]\n\n[upstream]', 1)
+        config.write_text(text)
+        configs.append(config)
+    try:
+        for config in configs:
+            procs.append(await FastgateProcess.start("serve", "--config", str(config)))
+        clients = [await Client.connect(proc.port) for proc in procs]
+    except BaseException:
+        for proc in procs:
+            await proc.stop()
+        raise
+    return Cluster(procs, configs, clients)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, ollama: FakeOllama, redis: RedisServer) -> AsyncIterator[Cluster]:
+    c = await start_cluster(tmp_path, ollama, redis.url)
+    yield c
+    await stop_cluster(c)
+
+
+async def stop_cluster(c: Cluster) -> None:
+    for client in c.clients:
+        await client.close()
+    for proc in c.procs:
+        await proc.stop()
+
+
+async def test_rpm_is_one_bucket_across_instances(cluster: Cluster) -> None:
+    secret = await cluster.add_key("--rpm", "10")
+    statuses = []
+    for i in range(100):  # 10x the limit, spread round-robin over the three
+        resp = await cluster.get(i, **{"X-API-Key": secret})
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert resp.header("retry-after") is not None
+            assert b"rate limit of 10 requests per minute reached for this key" in resp.body
+    admitted = statuses.count(200)
+    # The burst is the limit (a full bucket); refilling at 10/min adds one per 6 s of test time.
+    assert 10 <= admitted <= 11, statuses
+    assert statuses.count(429) == 100 - admitted
+    assert all(s == 200 for s in statuses[:10])
+    for i in range(INSTANCES):
+        assert (await cluster.health(i))["state"] == "shared"
+
+
+async def test_max_concurrent_across_instances_and_a_killed_holder(cluster: Cluster, ollama: FakeOllama) -> None:
+    secret = await cluster.add_key("--max-concurrent", "2")
+    body = {"model": "qwen2.5:0.5b", "prompt": "hi", "stream": True,
+            "options": {"num_predict": 100000, "fake_gap_ms": 50}}
+    streams: list[Client] = []
+    admitted: list[int] = []
+    for i in range(6):  # two attempts per instance, the first two streams hold their slots throughout
+        c = await Client.connect(cluster.procs[i % INSTANCES].port)
+        streams.append(c)
+        c.send(build(secret, body))
+        head = await c.response_head()
+        if head.status == 200:
+            admitted.append(i)
+        else:
+            assert head.status == 429
+            assert b"this key already has 2 requests in flight" in (await c.body(head)).body
+    assert admitted == [0, 1]  # the third, fourth... on any instance: refused
+    # The holder on instance 0 dies without a word: its lease runs out, and a new stream gets the slot.
+    cluster.procs[0].proc.send_signal(signal.SIGKILL)
+    await cluster.procs[0].wait()
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+
+    async def slot_free() -> bool:
+        c = await Client.connect(cluster.procs[2].port)
+        c.send(build(secret, body))
+        head = await c.response_head()
+        await c.close()
+        return head.status == 200
+
+    took = await eventually(slot_free, timeout=30, interval=0.5)
+    assert loop.time() - killed_at < 30
+    print(f"lease of a SIGKILLed instance freed after {took:.1f} s")
+    for c in streams:
+        await c.close()
+
+
+def build(secret: str, body: dict[str, object]) -> bytes:
+    from tests.rawhttp import build_request
+    return build_request("POST", "/api/generate", headers={"X-API-Key": secret}, body=json.dumps(body).encode())
+
+
+async def test_auth_on_one_instance_trusts_on_all(cluster: Cluster) -> None:
+    for i in range(INSTANCES):
+        assert (await cluster.get(i)).status == 401
+    key = next(iter(KEYS))
+    resp = await cluster.clients[0].request("POST", "/auth", json_body={"api_key": key})
+    assert resp.status == 200 and json.loads(resp.body)["ip_trust"] is True
+    for i in range(INSTANCES):
+        await eventually(lambda i=i: _status_is(cluster, i, 200), timeout=1)
+
+
+async def _status_is(cluster: Cluster, i: int, status: int, **headers: str) -> bool:
+    return (await cluster.get(i, **headers)).status == status
+
+
+async def test_key_guessing_is_counted_together(tmp_path: Path, ollama: FakeOllama, redis: RedisServer) -> None:
+    c = await start_cluster(tmp_path, ollama, redis.url, auth="[auth]\nmax_failures = 6\nfailure_window = 60\n")
+    try:
+        statuses = [(await c.get(i, **{"X-API-Key": f"wrong-{i}"})).status for i in range(12)]
+        # Six wrong keys in all (two per instance) lock the address everywhere; alone each instance would
+        # have allowed six of its own (eighteen).
+        assert statuses[:6] == [401] * 6 and statuses[6:] == [429] * 6, statuses
+        good = next(iter(KEYS))
+        for i in range(INSTANCES):  # even the right key, on every instance: a lock answers every key alike
+            await eventually(lambda i=i: _status_is(c, i, 429, **{"X-API-Key": good}), timeout=1)
+    finally:
+        await stop_cluster(c)
+
+
+async def test_tokens_per_day_are_one_count(cluster: Cluster) -> None:
+    secret = await cluster.add_key("--tokens-per-day", "40")
+    spent = 0
+    for _ in range(20):  # each answer costs 10 + 5 tokens: the third reaches 45
+        resp = await cluster.clients[0].request("POST", "/api/generate", headers={"X-API-Key": secret},
+                                                json_body=GENERATE)
+        if resp.status == 429:
+            break
+        spent += 1
+    assert spent == 3
+    for i in (1, 2):
+        resp = await cluster.clients[i].request("POST", "/api/generate", headers={"X-API-Key": secret},
+                                                json_body=GENERATE)
+        assert resp.status == 429 and b"daily token limit of 40 reached for this key" in resp.body
+
+
+async def test_redis_down_every_request_served_and_back_within_5_s(tmp_path: Path, ollama: FakeOllama,
+                                                                   own_redis: RedisServer) -> None:
+    c = await start_cluster(tmp_path, ollama, own_redis.url)
+    try:
+        busy = await c.add_key("--rpm", "100000")  # limited (so Redis is on its path) but never refused
+
+        async def timed(i: int) -> float:
+            started = time.perf_counter()
+            resp = await c.get(i, **{"X-API-Key": busy})
+            assert resp.status == 200
+            return time.perf_counter() - started
+
+        shared = [await timed(i) for i in range(60)]
+        # Frozen (SIGSTOP): connections stay open and nothing answers, the worst case. Each instance waits
+        # state.timeout once, then answers locally without asking Redis again.
+        own_redis.pause()
+        paused = [await timed(i) for i in range(60)]
+        for i in range(INSTANCES):
+            assert (await c.health(i))["state"] == "degraded"
+        own_redis.resume()
+        own_redis.stop()  # gone: connection refused
+        down = [await timed(i) for i in range(60)]
+        base = sorted(shared)[len(shared) // 2]
+        worst = max(paused + down)
+        print(f"p50 shared {base * 1000:.2f} ms; worst with Redis frozen or down {worst * 1000:.2f} ms")
+        assert worst - base < 0.1, (base, worst)
+        # Degraded: each instance has its share of the limit (rpm 9 / 3 live instances = 3 each).
+        limited = await c.add_key("--rpm", "9")
+        admitted = sum([(await c.get(i, **{"X-API-Key": limited})).status == 200 for i in range(45)])
+        assert admitted == 9
+        # Redis back (empty: no persistence): every instance shared again within 5 s, and the limit global.
+        own_redis.start()
+        loop = asyncio.get_running_loop()
+        back_at = loop.time()
+        for i in range(INSTANCES):
+            await eventually(lambda i=i: _health_state(c, i, "shared"), timeout=5 - (loop.time() - back_at))
+        print(f"shared again after {loop.time() - back_at:.2f} s")
+        strict = await c.add_key("--rpm", "4")
+        statuses = [(await c.get(i, **{"X-API-Key": strict})).status for i in range(30)]
+        assert statuses.count(200) == 4, statuses
+    finally:
+        await stop_cluster(c)
+
+
+async def _health_state(c: Cluster, i: int, state: str) -> bool:
+    return (await c.health(i)).get("state") == state
