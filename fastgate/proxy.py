@@ -186,14 +186,16 @@ class Proxy:
             ("upstream.url", self.config.upstream.url, config.upstream.url),
             ("backends", self.config.backend_tables, config.backend_tables),
             ("store.path", self.config.store.path, config.store.path),
-            ("metrics.listen", self.config.metrics.listen, config.metrics.listen)) if old != new]
+            ("metrics.listen", self.config.metrics.listen, config.metrics.listen),
+            ("state", self.config.state, config.state)) if old != new]
         if fixed:
             config = replace(config,
                              server=replace(config.server, listen=self.config.server.listen),
                              upstream=replace(config.upstream, url=self.config.upstream.url),
                              backend_tables=self.config.backend_tables,
                              store=self.config.store,
-                             metrics=replace(config.metrics, listen=self.config.metrics.listen))
+                             metrics=replace(config.metrics, listen=self.config.metrics.listen),
+                             state=self.config.state)
         self.config = config
         self.max_connections = config.server.max_connections
         self.gate.reload(config)

@@ -12,7 +12,7 @@ PURE_MODULES = ["fastgate.config", "fastgate.keys", "fastgate.trust", "fastgate.
                 "fastgate.errors", "fastgate.logs", "fastgate.access", "fastgate.limits", "fastgate.usage",
                 "fastgate.cors", "fastgate.metrics", "fastgate.store", "fastgate.admin", "fastgate.models",
                 "fastgate.forms", "fastgate.gojson", "fastgate.routing", "fastgate.routing.choice",
-                "fastgate.routing.health", "fastgate.routing.waiting"]
+                "fastgate.routing.health", "fastgate.routing.waiting", "fastgate.state"]
 IO_MODULES = ["asyncio", "ssl", "h11", "uvloop", "socket"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +47,10 @@ def test_pure_modules_do_not_import_io() -> None:
 def test_the_check_can_see_asyncio() -> None:
     # Guard against a broken probe that would make the tests above pass vacuously.
     assert "asyncio" in imported_after(["fastgate.proxy"])
+
+
+def test_the_redis_client_is_imported_only_with_state() -> None:
+    # The core install is h11 + uvloop: a server without [state] must not need the `redis` extra.
+    loaded = imported_after(["fastgate.server", "fastgate.cli"])
+    assert "fastgate.server" in loaded
+    assert not {m for m in loaded if m == "redis" or m.startswith(("redis.", "hiredis", "fastgate.state.redis"))}

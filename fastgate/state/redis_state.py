@@ -287,7 +287,11 @@ class RedisState:
         try:
             await self._connect()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.mode = SHARED  # so that _degrade says why, once
             self._degrade(exc)
+        else:
+            log.info("Shared state %s: limits, leases, IP trust and lockout shared by %d live instance(s)",
+                     self.settings.url.redacted, self.live_instances)
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
