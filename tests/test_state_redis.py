@@ -345,3 +345,103 @@ async def test_redis_down_every_request_served_and_back_within_5_s(tmp_path: Pat
 
 async def _health_state(c: Cluster, i: int, state: str) -> bool:
     return (await c.health(i)).get("state") == state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two RedisStates in this process (two instances' worth), for what needs a short lease or a unix socket
+
+from fastgate.access import Principal  # noqa: E402
+from fastgate.errors import TooManyRequests, Unauthorized  # noqa: E402
+from fastgate.gate import Gate  # noqa: E402
+from fastgate.state.redis_state import RedisState, open_state  # noqa: E402
+
+
+async def two_states(url: str, *, lease_ttl_s: float = 15.0, **auth: object) -> list[tuple[Gate, RedisState]]:
+    config = build_config({"state": {"url": url}, "auth": auth})
+    assert config.state is not None
+    pairs = []
+    for _ in range(2):
+        gate = Gate(config)
+        pairs.append((gate, await open_state(config.state, gate, lease_ttl_s=lease_ttl_s)))
+    return pairs
+
+
+async def test_a_running_stream_keeps_its_lease_and_a_dead_one_loses_it(redis: RedisServer) -> None:
+    (_, a), (_, b) = await two_states(redis.url, lease_ttl_s=0.6)
+    try:
+        key = Principal("ann", "k_lease", max_concurrent=1)
+        lease = await a.admit(key)
+        await asyncio.sleep(1.5)  # well past the TTL: only renewals keep it
+        with pytest.raises(TooManyRequests, match="this key already has 1 requests in flight"):
+            await b.admit(key)
+        a.release(lease)
+        await eventually(lambda: _admits(b, key), timeout=2)
+        # An instance that stops renewing (its process died): its lease lapses after the TTL, not before.
+        assert a._runner is not None
+        a._runner.cancel()
+        await a.admit(key)  # b's lease was released by _admits
+        took = await eventually(lambda: _admits(b, key), timeout=3, interval=0.05)
+        assert 0.2 < took < 1.5, took
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def _admits(state: RedisState, key: Principal) -> bool:
+    try:
+        lease = await state.admit(key)
+    except TooManyRequests:
+        return False
+    state.release(lease)
+    await asyncio.sleep(0.05)  # the release is sent on without waiting
+    return True
+
+
+async def test_unix_socket_url(redis_binary: str, tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen([redis_binary, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        await eventually(sock.exists, timeout=10)
+        (_, a), (_, b) = await two_states(f"unix://{sock}?db=3")
+        try:
+            assert a.mode == b.mode == "shared"
+            key = Principal("ann", "k_unix", rpm=2)
+            await a.admit(key)
+            await b.admit(key)
+            with pytest.raises(TooManyRequests, match="rate limit of 2 requests per minute"):
+                await a.admit(key)
+        finally:
+            await a.stop()
+            await b.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisServer) -> None:
+    (gate_a, a), (_, b) = await two_states(own_redis.url, max_failures=3)
+    try:
+        key = Principal("ann", "k_frozen", rpm=6)
+        await eventually(lambda: a.live_instances == 2, timeout=3)  # b's first heartbeat came after a's
+        own_redis.pause()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await a.admit(key)  # waits state.timeout (0.05 s), then answers from the local share
+        assert loop.time() - started < 0.05 + 0.05
+        assert a.mode == "degraded"
+        started = loop.time()
+        for _ in range(2):  # live instances: 2, so 3 of 6 here, one already taken
+            await a.admit(key)
+        with pytest.raises(TooManyRequests, match="rate limit of 6 requests per minute"):
+            await a.admit(key)
+        assert loop.time() - started < 0.01  # degraded: Redis is not asked at all
+        # Guessing: the wrong key is still counted, locally.
+        error = Unauthorized("invalid API key")
+        assert await a.failed_guess("192.0.2.9", error) is error
+        own_redis.resume()
+        await eventually(lambda: a.mode == "shared", timeout=5)
+    finally:
+        own_redis.resume()
+        await a.stop()
+        await b.stop()

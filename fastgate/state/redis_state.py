@@ -243,6 +243,7 @@ class RedisState:
         self.clock = clock
         self.wall_clock = wall_clock
         self.lease_ttl_s = lease_ttl_s
+        self.renew_s = min(LEASE_RENEW_S, lease_ttl_s / 3)  # three renewals may fail before a lease lapses
         self.instance = uuid.uuid4().hex[:16]
         self.mode = DEGRADED  # until the first answer from Redis
         self.live_instances = 1
@@ -552,7 +553,7 @@ class RedisState:
     async def _run(self) -> None:
         """Heartbeat and lease renewal while shared; a reconnect probe every RECONNECT_S while degraded."""
         while not self._stopping:
-            await asyncio.sleep(HEARTBEAT_S if self.mode == SHARED else RECONNECT_S)
+            await asyncio.sleep(min(HEARTBEAT_S, self.renew_s) if self.mode == SHARED else RECONNECT_S)
             try:
                 if self.mode == DEGRADED:
                     await self._connect()
@@ -560,7 +561,7 @@ class RedisState:
                 self.live_instances = int(await _bounded(
                     self._heartbeat(keys=(INSTANCES_KEY,), args=(self.instance, int(INSTANCE_TTL_S * 1000))),
                     PROBE_TIMEOUT_S))
-                if self._leases and self.clock() - self._renewed_at >= LEASE_RENEW_S:
+                if self._leases and self.clock() - self._renewed_at >= self.renew_s:
                     leases = list(self._leases.items())
                     await _bounded(self._renew(keys=[key for _, key in leases],
                                                args=[int(self.lease_ttl_s * 1000), *[m for m, _ in leases]]),
