@@ -397,6 +397,14 @@ async def _admits(state: RedisState, key: Principal) -> bool:
     return True
 
 
+async def _refused(state: RedisState, key: Principal, message: str) -> bool:
+    try:
+        state.release(await state.admit(key))
+    except TooManyRequests as err:
+        return message in err.message
+    return False
+
+
 async def test_unix_socket_url(redis_binary: str, tmp_path: Path) -> None:
     sock = tmp_path / "redis.sock"
     proc = subprocess.Popen([redis_binary, "--port", "0", "--unixsocket", str(sock), "--save", "",
@@ -420,7 +428,7 @@ async def test_unix_socket_url(redis_binary: str, tmp_path: Path) -> None:
 
 
 async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisServer) -> None:
-    (gate_a, a), (_, b) = await two_states(own_redis.url, max_failures=3)
+    (gate_a, a), (gate_b, b) = await two_states(own_redis.url, max_failures=3)
     try:
         key = Principal("ann", "k_frozen", rpm=6)
         await eventually(lambda: a.live_instances == 2, timeout=3)  # b's first heartbeat came after a's
@@ -439,8 +447,15 @@ async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisSer
         # Guessing: the wrong key is still counted, locally.
         error = Unauthorized("invalid API key")
         assert await a.failed_guess("192.0.2.9", error) is error
+        # Tokens spent and trust granted during the outage reach the others once Redis is back.
+        gate_a.limits.add_tokens("k_frozen_tokens", 500, time.time())
+        gate_a.trust.grant("192.0.2.77", "ann", "x-api-key:sk-****0001", 3600, gate_a.clock(), "config:ann")
+        assert gate_b.trust.lookup("192.0.2.77", gate_b.clock()) is None
         own_redis.resume()
         await eventually(lambda: a.mode == "shared", timeout=5)
+        await eventually(lambda: gate_b.trust.lookup("192.0.2.77", gate_b.clock()) is not None, timeout=2)
+        await eventually(lambda: _refused(b, Principal("ann", "k_frozen_tokens", tokens_per_day=400),
+                                          "daily token limit of 400 reached"), timeout=2)
     finally:
         own_redis.resume()
         await a.stop()

@@ -260,6 +260,10 @@ class RedisState:
         self._scaled: dict[tuple[Principal, int], Principal] = {}
         self._leases: dict[str, str] = {}  # live shared leases: member -> lease set (renewed while they run)
         self._lease_seq = 0
+        # Made while degraded, sent when Redis answers again (bounded: at most the trust table's size, and
+        # one count per key and day): tokens spent and trust granted during an outage are not forgotten.
+        self._unsent_tokens: dict[tuple[str, float], int] = {}
+        self._unsent_grants: dict[str, TrustGrant] = {}
         self._renewed_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -424,6 +428,8 @@ class RedisState:
     def send_grant(self, ip: str, grant: TrustGrant, ttl_s: float) -> None:
         if self.mode == SHARED:
             self._spawn(self._send_grant(ip, grant, ttl_s))
+        elif self.trust is not None and len(self._unsent_grants) < self.trust.max_entries:
+            self._unsent_grants[ip] = grant
 
     async def _send_grant(self, ip: str, grant: TrustGrant, ttl_s: float) -> None:
         record = {"ip": ip, "user": grant.user, "label": grant.key_label, "key_id": grant.key_id}
@@ -439,6 +445,9 @@ class RedisState:
     def send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
         if self.mode == SHARED and tokens:
             self._spawn(self._send_tokens(key_id, tokens, wall))
+        elif tokens:
+            day = (key_id, wall - wall % DAY_S)
+            self._unsent_tokens[day] = self._unsent_tokens.get(day, 0) + tokens
 
     async def _send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
         try:
@@ -460,6 +469,16 @@ class RedisState:
                            PROBE_TIMEOUT_S)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._degrade(exc)
+
+    def _send_unsent(self) -> None:
+        tokens, self._unsent_tokens = self._unsent_tokens, {}
+        for (key_id, day_start), count in tokens.items():
+            self._spawn(self._send_tokens(key_id, count, day_start))
+        grants, self._unsent_grants = self._unsent_grants, {}
+        now = self.clock()
+        for ip, grant in grants.items():
+            if grant.expires_at > now:
+                self._spawn(self._send_grant(ip, grant, grant.expires_at - now))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -493,6 +512,7 @@ class RedisState:
         was = self.mode
         self.mode = SHARED
         self._renewed_at = 0.0  # leases taken before a blip: renew them at once
+        self._send_unsent()
         if was == DEGRADED and self.degraded_total:
             log.warning("Shared state %s answers again: limits, leases, IP trust and lockout are shared "
                         "(%d live instances)", self.settings.url.redacted, self.live_instances)
