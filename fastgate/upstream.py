@@ -17,6 +17,7 @@ import asyncio
 import enum
 import errno
 import re
+import select
 import socket
 from collections import deque
 from typing import Protocol
@@ -38,6 +39,8 @@ TAIL_KEEP_BYTES = 2 * TAIL_BYTES
 # Chunk framing between two chunks' data ("\r\n" ending one, the next size line): removed from a chunked
 # tail so that an object Ollama's answer split across chunks reads as one. JSON text holds no raw CR or LF.
 _CHUNK_SEAM = re.compile(rb"\r\n[0-9A-Fa-f]{1,16}(?:;[^\r\n]*)?\r\n")
+# An idle keep-alive connection is readable only when Ollama closed it (FIN or RST waiting) or talks out of turn.
+_POLL_READABLE = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 
 
 class Sink(Protocol):
@@ -107,9 +110,20 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused_by_client = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._fd = -1
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.state.value} requests={self.requests}>"
+
+    def peer_closed(self) -> bool:
+        """Whether the kernel already holds Ollama's close (or stray bytes) for this idle connection. The event
+        loop learns of a close only at its next turn: a request written before that is lost with the
+        connection and, its bytes being out, may not move to another backend (issue 9 rule 4). One poll(2)."""
+        if self._fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, _POLL_READABLE)
+        return bool(poller.poll(0))
 
     @property
     def pool(self) -> UpstreamPool:
@@ -124,6 +138,10 @@ class UpstreamConnection(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+            try:
+                self._fd = sock.fileno()
             except (OSError, AttributeError):
                 pass
 
@@ -481,6 +499,9 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn.state is ConnState.IDLE and conn.reusable and not conn.transport.is_closing():  # type: ignore[union-attr]
+                if conn.peer_closed():  # Ollama restarted or was killed: try the next, else connect
+                    conn.abort()
+                    continue
                 return conn, True
         return await self.connect(), False
 

@@ -329,6 +329,7 @@ class ReceivedRequest:
     conn_id: int  # upstream TCP connection number (1, 2, ...)
     blob_size: int | None = None
     blob_sha256: str | None = None  # hex digest of what was received for blob uploads
+    received_at: float = 0.0  # time.monotonic() when the whole request was in
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -403,10 +404,11 @@ class _Req:
         if self.hasher is not None:
             return ReceivedRequest(
                 self.method, self.target, self.path, self.query, self.headers, b"", self.conn_id,
-                self.blob_size, self.hasher.hexdigest(),
+                self.blob_size, self.hasher.hexdigest(), received_at=time.monotonic(),
             )
         return ReceivedRequest(
-            self.method, self.target, self.path, self.query, self.headers, b"".join(self.chunks), self.conn_id
+            self.method, self.target, self.path, self.query, self.headers, b"".join(self.chunks), self.conn_id,
+            received_at=time.monotonic(),
         )
 
 
@@ -977,6 +979,9 @@ class _Conn(asyncio.Protocol):
             )
             return
         req.t0 = time.monotonic_ns()
+        hang = self.fake.hang_paths
+        if hang and ("*" in hang or req.route_path in hang):
+            await self.loop.create_future()  # read and recorded, never answered: ends with the connection
         if req.fault is not None:
             if req.fault not in FAULTS:
                 await self._unknown_fault(req)
@@ -1525,6 +1530,10 @@ class FakeOllama:
         self.max_parallel = max_parallel
         self.busy_answers = 0
         self._running: set[_Req] = set()
+        # Per-instance fault (several backends' failover): requests on these paths ("*": every path) are read
+        # and recorded, then never answered, like a stuck Ollama whose kernel still accepts connections.
+        # `stop()` is the other one: like a killed process (listener gone, every connection closed).
+        self.hang_paths: set[str] = set()
         self.received: list[ReceivedRequest] = []
         self.disconnects: list[Disconnect] = []
         self.connections_opened = 0

@@ -155,6 +155,7 @@ class Pollers:
         loop = asyncio.get_running_loop()
         backend, pool = self.backends[name], self.pools[name]
         while not self._stopped:
+            started = loop.time()
             try:
                 status, _ = await fetch(pool, backend, "/api/version", self.settings.health_timeout)
                 ok, refused, why = status == 200, False, f"answered {status}"
@@ -171,7 +172,10 @@ class Pollers:
                     log.warning("Backend %s (%s) restored: it answers again", name, backend.url)
                 if self.on_health_change is not None:
                     self.on_health_change(name, change)
-            await asyncio.sleep(self.settings.health_interval)
+            # Probes start every health_interval, however long the last one took: a backend that hangs is
+            # ejected by its second timed-out probe within health_interval + 2 * health_timeout (3 s with the
+            # defaults), not another interval later.
+            await asyncio.sleep(max(0.0, started + self.settings.health_interval - loop.time()))
 
     async def _inventory(self, name: str) -> None:
         loop = asyncio.get_running_loop()
