@@ -388,7 +388,8 @@ def harness_cost(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, An
             for phase, field in (("paced", "client_cpu_per_token_us"), ("paced", "upstream_cpu_per_token_us"),
                                  ("full_speed", "client_cpu_per_token_us"),
                                  ("full_speed", "upstream_cpu_per_token_us"),
-                                 ("small", "client_cpu_per_request_us"),
+                                 ("small", "client_cpu_per_request_us"), ("small", "client_cpu_util"),
+                                 ("small", "aux_cpu_per_request_us"), ("paced", "aux_cpu_per_token_us"),
                                  ("small", "upstream_cpu_per_request_us"),
                                  ("full_speed", "proxy_cpu_util"), ("small", "proxy_cpu_util")):
                 v = (res.get(phase) or {}).get(field)
@@ -601,6 +602,16 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt(h.get('small.upstream_cpu_per_request_us', math.nan), 'us')} | "
                      f"{_pct(h.get('full_speed.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} | "
                      f"{_pct(h.get('small.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} |")
+    aux = [n for n in names if not _isnan(hc.get(n, {}).get("small.aux_cpu_per_request_us", math.nan))
+           and hc[n]["small.aux_cpu_per_request_us"] > 0]
+    if aux:
+        lines += ["", "Targets with [state]: the run's redis-server's CPU (not counted in the proxy's): " + "; ".join(
+            f"{n} {_fmt(hc[n]['small.aux_cpu_per_request_us'], 'us')} per small request, "
+            f"{_fmt(hc[n].get('paced.aux_cpu_per_token_us', math.nan), 'us')} per paced token" for n in aux) + "."]
+    cu = {n: hc.get(n, {}).get("small.client_cpu_util", math.nan) for n in names}
+    if any(not _isnan(v) for v in cu.values()):
+        lines += ["", "Load generator's CPU use during the small-request window (CPUs): " + ", ".join(
+            f"{n} {_fmt(v)}" for n, v in cu.items() if not _isnan(v)) + "."]
     lines.append("")
     return "\n".join(lines)
 

@@ -112,6 +112,18 @@ def environment(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     }
 
 
+def environment_commit() -> str:
+    """fastgate's commit, marked when fastgate/ has changes not committed."""
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "fastgate"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+    return commit + (" (fastgate/ modified)" if dirty else "")
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:

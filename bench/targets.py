@@ -189,11 +189,15 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
     if variants:
         argv = [sys.executable, "-m", "bench.variants", variants, "serve", "--config", path]
     proc = spawn(name, argv, log_path=os.path.join(run_dir, "logs", f"{stem}.log"), cpus=cpus, cwd=ROOT)
-    wait_port(HOST, port, 20, proc.proc)
-    if kind == "workers2":
-        _wait_processes(proc, 1 + WORKERS, 20)
-    if kind == "3backends":
-        _wait_backends_up(port, BACKENDS, 20)
+    try:
+        wait_port(HOST, port, 20, proc.proc)
+        if kind == "workers2":
+            _wait_processes(proc, 1 + WORKERS, 20)
+        if kind == "3backends":
+            _wait_backends_up(port, BACKENDS, 20)
+    except BaseException:
+        proc.stop()
+        raise
     proc.refresh()
     target = Target(name, port, proc, upstreams=upstreams, aux=aux, multi_process=kind == "workers2")
     if managed:

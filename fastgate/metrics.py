@@ -92,6 +92,9 @@ class Metrics:
         # the buffer was full and not even the spill file could take them (0 unless something is badly wrong).
         self.usage_rows_pending = 0
         self.usage_rows_dropped = 0
+        # [state] (set by fastgate.state): 1 shared, 0 degraded (local tables); -1 without [state] (not shown).
+        self.state_shared = -1
+        self.state_fallbacks = 0
 
     def request(self, user: str, path: str, status: int) -> None:
         key = (user, path_label(path), str(status))
@@ -142,6 +145,13 @@ class Metrics:
         family("fastgate_usage_rows_dropped_total", "counter",
                "Usage rows lost: the buffer was full and the spill file could not be written.")
         lines.append(f"fastgate_usage_rows_dropped_total {self.usage_rows_dropped}")
+        if self.state_shared >= 0:
+            family("fastgate_state_shared", "gauge",
+                   "1 while limits, leases, IP trust and lockout are shared in Redis; 0 while local ([state]).")
+            lines.append(f"fastgate_state_shared {self.state_shared}")
+            family("fastgate_state_fallbacks_total", "counter",
+                   "Times Redis was unreachable or slower than state.timeout and local tables took over.")
+            lines.append(f"fastgate_state_fallbacks_total {self.state_fallbacks}")
         family("fastgate_upstream_up", "gauge", "1 if Ollama answered the last exchange or probe, 0 if not.")
         lines.append(f"fastgate_upstream_up {max(self.upstream_up, 0)}")
         if backends:  # several backends ([[backends]]): each one's state, as the router sees it

@@ -25,6 +25,7 @@ from .logs import log, set_format, set_level
 from . import pidfile
 from .managed import ManagedKeys
 from .messages import error_response
+from .metrics import Metrics
 from .startup import example_key_warnings, in_effect, probe_ollama
 from .store import StoreError
 from .state.stores import open_store
@@ -409,7 +410,7 @@ async def start(config: Config) -> RunningServer:
         proxy.fd_warn_at = int(fd_limit * FD_WARN_SHARE)
     await proxy.start()
     if config.state is not None:
-        proxy.state = await open_state(config, proxy.gate)  # before the key store seeds the daily token counts
+        proxy.state = await open_state(config, proxy.gate, proxy.metrics)  # before the key store seeds the daily token counts
     managed = None
     if config.store.path or config.store.url:
         try:
@@ -449,7 +450,7 @@ async def start(config: Config) -> RunningServer:
                          metrics_server, managed, accepted)
 
 
-async def open_state(config: Config, gate: Gate) -> LiveState:
+async def open_state(config: Config, gate: Gate, metrics: Metrics) -> LiveState:
     """The shared live state of [state] (imported only then: the redis client is an extra)."""
     assert config.state is not None
     try:
@@ -457,7 +458,7 @@ async def open_state(config: Config, gate: Gate) -> LiveState:
     except ImportError:
         raise ConfigError("state.url: the Redis client is not installed: pip install 'fastgate[redis]'") from None
     # The gate's tables become mirrors of the shared ones (see fastgate/state/redis_state.py).
-    return await open_redis(config.state, gate)
+    return await open_redis(config.state, gate, metrics=metrics)
 
 
 def warn_if_keys_exposed(config: Config) -> None:
