@@ -438,6 +438,8 @@ async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisSer
         await a.admit(key)  # waits state.timeout (0.05 s), then answers from the local share
         assert loop.time() - started < 0.05 + 0.05
         assert a.mode == "degraded"
+        rendered = a.metrics.render(in_flight=0, connections=0)
+        assert b"fastgate_state_shared 0\n" in rendered and b"fastgate_state_fallbacks_total 1\n" in rendered
         started = loop.time()
         for _ in range(2):  # live instances: 2, so 3 of 6 here, one already taken
             await a.admit(key)
@@ -453,6 +455,7 @@ async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisSer
         assert gate_b.trust.lookup("192.0.2.77", gate_b.clock()) is None
         own_redis.resume()
         await eventually(lambda: a.mode == "shared", timeout=5)
+        assert b"fastgate_state_shared 1\n" in a.metrics.render(in_flight=0, connections=0)
         await eventually(lambda: gate_b.trust.lookup("192.0.2.77", gate_b.clock()) is not None, timeout=2)
         await eventually(lambda: _refused(b, Principal("ann", "k_frozen_tokens", tokens_per_day=400),
                                           "daily token limit of 400 reached"), timeout=2)

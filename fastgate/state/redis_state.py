@@ -39,6 +39,7 @@ from ..config import StateConfig
 from ..errors import GateError, TooManyRequests
 from ..limits import DAY_S, KeyLimits, too_many
 from ..logs import log
+from ..metrics import Metrics
 from ..trust import FailureLimiter, TrustGrant, TrustTable, failure_bucket
 from . import DEGRADED, SHARED
 
@@ -237,7 +238,8 @@ class RedisState:
     """The LiveState of one instance, on one Redis. Create, `attach` to the gate, `start`; `stop` at exit."""
 
     def __init__(self, settings: StateConfig, *, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, lease_ttl_s: float = LEASE_TTL_S) -> None:
+                 wall_clock: Callable[[], float] = time.time, lease_ttl_s: float = LEASE_TTL_S,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.timeout_s = settings.timeout
         self.clock = clock
@@ -245,7 +247,9 @@ class RedisState:
         self.lease_ttl_s = lease_ttl_s
         self.renew_s = min(LEASE_RENEW_S, lease_ttl_s / 3)  # three renewals may fail before a lease lapses
         self.instance = uuid.uuid4().hex[:16]
+        self.metrics = metrics or Metrics()
         self.mode = DEGRADED  # until the first answer from Redis
+        self.metrics.state_shared = 0
         self.live_instances = 1
         self.degraded_total = 0  # times this instance fell back to local tables
         self.redis = aioredis.Redis.from_url(
@@ -492,6 +496,8 @@ class RedisState:
             return
         self.mode = DEGRADED
         self.degraded_total += 1
+        self.metrics.state_shared = 0
+        self.metrics.state_fallbacks += 1
         what = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
         log.warning("Shared state %s unreachable (%s): limits are local (limit / %d live instances), IP trust and "
                     "lockout local, until it answers again", self.settings.url.redacted, what, self.live_instances)
@@ -511,6 +517,7 @@ class RedisState:
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
         was = self.mode
         self.mode = SHARED
+        self.metrics.state_shared = 1
         self._renewed_at = 0.0  # leases taken before a blip: renew them at once
         self._send_unsent()
         if was == DEGRADED and self.degraded_total:
@@ -603,9 +610,11 @@ class _nullcontext:  # pragma: no cover - 3.10 only
         return None
 
 
-async def open_state(settings: StateConfig, gate: Any, *, lease_ttl_s: float = LEASE_TTL_S) -> RedisState:
+async def open_state(settings: StateConfig, gate: Any, *, lease_ttl_s: float = LEASE_TTL_S,
+                     metrics: Metrics | None = None) -> RedisState:
     """The LiveState for `settings`, attached to `gate` and started (degraded if Redis does not answer yet)."""
-    state = RedisState(settings, lease_ttl_s=lease_ttl_s, clock=gate.clock, wall_clock=gate.wall_clock)
+    state = RedisState(settings, lease_ttl_s=lease_ttl_s, clock=gate.clock, wall_clock=gate.wall_clock,
+                       metrics=metrics)
     state.attach(gate)
     await state.start()
     return state
