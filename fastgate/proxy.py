@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import h11
 
-from . import __version__
+from . import __version__, fanout
 from .budget import BodyBudget
 from .config import Config
 from .connection import (
@@ -454,6 +454,8 @@ class Proxy:
                 return await self._refuse(ctx, err)
         self.in_flight += 1
         try:
+            if fwd.fan_out is not None:  # several backends asked at once (issue 9 rules 6 and 7)
+                return await fanout.serve(self, ctx, fwd)
             return await self._exchange(ctx, fwd)
         finally:
             if ctx.placement is not None:  # its slot goes to the next waiter (a no-op if moved or released)
@@ -801,7 +803,7 @@ class Proxy:
                 at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
                 path=path_label(ctx.path), status=status, prompt_tokens=counts.prompt if counts else 0,
                 completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3),
-                backend=ctx.placement.backend if ctx.placement is not None else ""))
+                backend=ctx.placement.backend if ctx.placement is not None else ctx.backend or ""))
 
     async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
         """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""
