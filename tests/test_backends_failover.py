@@ -255,6 +255,17 @@ async def test_a_killed_backend_by_what_each_request_had_reached(fakes: Fakes, g
     assert not {"written0", "written1"} & set(on_b)
     assert {f"queued{i}" for i in range(3)} | {f"after{i}" for i in range(4)} <= set(on_b)
     assert view(gw, "a").state == "ejected"
+    # /metrics per backend: answers by status (a's cut streams had their 200 head), ejections, time to first byte
+    async with await Client.connect(gw.port) as client:
+        text = (await client.request("GET", "/metrics", headers={"X-API-Key": KEY1})).body.decode()
+    series = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert series['fastgate_backend_requests_total{backend="a",status="200"}'] == "2"
+    assert series['fastgate_backend_requests_total{backend="a",status="502"}'] == "2"
+    assert series['fastgate_backend_requests_total{backend="b",status="200"}'] == "9"
+    assert int(series['fastgate_backend_ejections_total{backend="a"}']) >= 1
+    assert series['fastgate_backend_first_byte_seconds_count{backend="a"}'] == "2"
+    assert series['fastgate_backend_first_byte_seconds_count{backend="b"}'] == "9"
+    assert series['fastgate_backend_first_byte_seconds_bucket{backend="b",le="+Inf"}'] == "9"
 
 
 async def test_killed_under_random_traffic_only_requests_it_held_fail(fakes: Fakes, gateway: Gateway) -> None:
