@@ -514,6 +514,7 @@ class RedisState:
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await _bounded(self._pubsub.subscribe(EVENTS_CHANNEL), PROBE_TIMEOUT_S)
         await _bounded(self._load_grants(), 5 * PROBE_TIMEOUT_S)
+        await _bounded(self._load_locks(), 5 * PROBE_TIMEOUT_S)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
         was = self.mode
         self.mode = SHARED
@@ -523,6 +524,21 @@ class RedisState:
         if was == DEGRADED and self.degraded_total:
             log.warning("Shared state %s answers again: limits, leases, IP trust and lockout are shared "
                         "(%d live instances)", self.settings.url.redacted, self.live_instances)
+
+    async def _load_locks(self) -> None:
+        """Windows that reached the limit while this instance was away (started, or cut off from Redis)."""
+        failures = self.failures
+        if failures is None or not failures.max_failures:
+            return
+        prefix = failure_key("")
+        async for name in self.redis.scan_iter(match=failure_key("*"), count=500):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            count, left_ms = await pipe.execute()
+            if count is not None and int(count) >= failures.max_failures and left_ms is not None and int(left_ms) > 0:
+                bucket = name.decode() if isinstance(name, bytes) else str(name)
+                failures.lock(bucket[len(prefix):], int(left_ms) / 1000, self.clock())
 
     async def _load_grants(self) -> None:
         if self.trust is None:
