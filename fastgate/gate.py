@@ -28,6 +28,7 @@ from .limits import KeyLimits
 from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
 from .requested import NOTHING, BufferedBody, Requested, Route, Unreadable, read_requested, route_for
+from .routing.aggregate import FanOut, fan_out_for
 from .trust import FailureLimiter, TrustTable, client_ip, in_networks
 
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
@@ -117,6 +118,7 @@ class Forward:
     target: bytes = b""  # path and query as sent, without the backend's base path (to retarget the head)
     pin: str | None = None  # an admin's X-Fastgate-Backend: the backend to use
     runs_model: bool = False  # takes a backend slot (RUNS_MODEL_PATHS)
+    fan_out: FanOut | None = None  # several backends, none named: ask them all (issue 9 rules 6 and 7)
 
     @property
     def user(self) -> str:
@@ -296,14 +298,15 @@ class Gate:
                 pinned = _header(req, BACKEND_HEADER)
                 if pinned is not None:
                     pin = pinned.strip().decode("latin-1")
-            if pin is None and self._route_models and _manages_models(normal):
-                # Which Ollama should get a new model, a blob, or lose one? The router only knows where models
-                # are: until pull/delete fan out to every backend, the admin names the backend.
+            fan_out = fan_out_for(normal, req.method) if pin is None and self._route_models else None
+            if pin is None and self._route_models and fan_out is None and _manages_models(normal):
+                # Pull, delete and copy go to every backend (fan_out); which Ollama should get a new model
+                # made from blobs, push one, or hold a blob is the admin's to name.
                 raise BadRequest(f"with several backends, {normal.decode('latin-1')} needs an "
                                  f"X-Fastgate-Backend: NAME header (an admin key's) naming the Ollama to act on")
             forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
                                     trim_listing=judged and route is not None and route.listing, pin=pin,
-                                    runs_model=normal in RUNS_MODEL_PATHS)
+                                    runs_model=normal in RUNS_MODEL_PATHS, fan_out=fan_out)
             if principal.limited:
                 # Last, so a request refused for any other reason never uses up the key's allowance.
                 self.limits.admit(principal, self.clock(), self.wall_clock())
@@ -438,7 +441,8 @@ class Gate:
 
     def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str,
                  query: bytes, body: bytes | None, ip: str, requested: Requested, *,
-                 trim_listing: bool, pin: str | None = None, runs_model: bool = False) -> Forward:
+                 trim_listing: bool, pin: str | None = None, runs_model: bool = False,
+                 fan_out: FanOut | None = None) -> Forward:
         path = req.path
         # A trimmed listing's length is only known after trimming: a HEAD for one is sent as GET, so the
         # answer's head can carry the trimmed body's length.
@@ -467,7 +471,7 @@ class Gate:
         return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip,
                        model=requested.model, trim_listing=trim_listing,
                        upstream_method=method if method != req.method else b"", target=rest, pin=pin,
-                       runs_model=runs_model)
+                       runs_model=runs_model, fan_out=fan_out)
 
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:

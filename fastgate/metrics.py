@@ -92,6 +92,10 @@ class Metrics:
         # the buffer was full and not even the spill file could take them (0 unless something is badly wrong).
         self.usage_rows_pending = 0
         self.usage_rows_dropped = 0
+        # Several backends: answers by backend and status, and each backend's time to its response head. Keys
+        # are configured backend names (bounded); recorded once per request, never per chunk.
+        self.backend_requests: dict[tuple[str, str], int] = {}
+        self.backend_first_byte: dict[str, Histogram] = {}
         # [state] (set by fastgate.state): 1 shared, 0 degraded (local tables); -1 without [state] (not shown).
         self.state_shared = -1
         self.state_fallbacks = 0
@@ -99,6 +103,16 @@ class Metrics:
     def request(self, user: str, path: str, status: int) -> None:
         key = (user, path_label(path), str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def backend_request(self, backend: str, status: int) -> None:
+        key = (backend, str(status))
+        self.backend_requests[key] = self.backend_requests.get(key, 0) + 1
+
+    def backend_head(self, backend: str, seconds: float) -> None:
+        hist = self.backend_first_byte.get(backend)
+        if hist is None:
+            hist = self.backend_first_byte[backend] = Histogram()
+        hist.observe(seconds)
 
     def add_tokens(self, user: str, model: str, prompt: int, completion: int) -> None:
         if model not in self._models:
@@ -162,17 +176,32 @@ class Metrics:
             if queue_depth is not None:
                 family("fastgate_routing_queue_depth", "gauge", "Requests waiting for a free backend slot.")
                 lines.append(f"fastgate_routing_queue_depth {queue_depth}")
+            family("fastgate_backend_requests_total", "counter",
+                   "Answers to requests a backend was chosen for, by backend and status (its own or fastgate's "
+                   "502/504 when it failed).")
+            for (backend, status), n in sorted(self.backend_requests.items()):
+                lines.append(f"fastgate_backend_requests_total{_labels((('backend', backend), ('status', status)))} {n}")
+            family("fastgate_backend_first_byte_seconds", "histogram",
+                   "Time from writing a request to a backend to its response head (its first byte).")
+            for backend, hist in sorted(self.backend_first_byte.items()):
+                _histogram_lines(lines, "fastgate_backend_first_byte_seconds", hist, f'backend="{_escape(backend)}",')
         for name, hist, help_text in (
                 ("fastgate_upstream_first_byte_seconds", self.upstream_head,
                  "Time from sending a request to Ollama to its response head (its first byte)."),
                 ("fastgate_request_duration_seconds", self.request_duration,
                  "Time from sending a request to Ollama to the end of its response.")):
             family(name, "histogram", help_text)
-            cumulative = 0
-            for bound, n in zip((*BUCKETS_S, float("inf")), hist.counts):
-                cumulative += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
-            lines.append(f"{name}_sum {hist.total:.6f}")
-            lines.append(f"{name}_count {hist.count}")
+            _histogram_lines(lines, name, hist)
         return ("\n".join(lines) + "\n").encode()
+
+
+def _histogram_lines(lines: list[str], name: str, hist: Histogram, labels: str = "") -> None:
+    """One histogram's series; `labels`: more label pairs, each followed by a comma (`backend="a",`)."""
+    cumulative = 0
+    for bound, n in zip((*BUCKETS_S, float("inf")), hist.counts):
+        cumulative += n
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f'{name}_bucket{{{labels}le="{le}"}} {cumulative}')
+    tail = "{" + labels.rstrip(",") + "}" if labels else ""
+    lines.append(f"{name}_sum{tail} {hist.total:.6f}")
+    lines.append(f"{name}_count{tail} {hist.count}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import h11
 
-from . import __version__
+from . import __version__, fanout
 from .budget import BodyBudget
 from .config import Config
 from .connection import (
@@ -430,6 +430,8 @@ class Proxy:
                  extra=ctx.log_fields(fwd, status=err.status) if fwd is not None else
                  ctx.log_fields(user=user or None, key=err.key_label or None, status=err.status))
         self.metrics.request(user or "-", ctx.path, err.status)
+        if fwd is not None and ctx.placement is not None and self.several:  # the backend failed it (502, 504)
+            self.metrics.backend_request(ctx.placement.backend, err.status)
         if err.status in (401, 429) and not err.message.startswith(("rate limit", "daily", "this key")):
             self.metrics.auth_failure("rate_limited" if err.status == 429 else
                                       "invalid_key" if err.detail else "missing_key")
@@ -454,6 +456,8 @@ class Proxy:
                 return await self._refuse(ctx, err)
         self.in_flight += 1
         try:
+            if fwd.fan_out is not None:  # several backends asked at once (issue 9 rules 6 and 7)
+                return await fanout.serve(self, ctx, fwd)
             return await self._exchange(ctx, fwd)
         finally:
             if ctx.placement is not None:  # its slot goes to the next waiter (a no-op if moved or released)
@@ -623,6 +627,7 @@ class Proxy:
                     return await self._refuse(ctx, err, fwd=fwd)
                 body = b"".join(frame_body_parts(parts, req.chunked, last=complete))
                 body_pending = not complete
+        sent_at = started  # when the request went to the backend that answers it
         try:
             pooled_retry = True  # one retry on a fresh connection when a pooled one was found closed
             while True:
@@ -633,6 +638,7 @@ class Proxy:
                 assert ctx.placement is not None
                 fwd = self._for_backend(fwd, ctx.placement)
                 protocol.exchange = upstream
+                sent_at = time.perf_counter()
                 upstream.send_head(fwd.head + body if body else fwd.head, fwd.upstream_method or req.method)
                 if body_pending:
                     body_task = loop.create_task(self._pump_body(conn, upstream, req.chunked))
@@ -685,6 +691,8 @@ class Proxy:
         head_at = time.perf_counter()
         self.metrics.upstream_up = 1
         self.metrics.upstream_head.observe(head_at - started)
+        if ctx.backend is not None:
+            self.metrics.backend_head(ctx.backend, head_at - sent_at)
         upstream_ms = (head_at - started) * 1000
         if head.status == 404 and fwd.model is not None and self.pollers is not None and ctx.backend:
             # Most likely "model not found" where the inventory said it was: read that inventory again now.
@@ -785,6 +793,8 @@ class Proxy:
         """Per-request bookkeeping after the fact: metrics, the key's daily tokens, the usage record."""
         principal = fwd.principal
         self.metrics.request(principal.user, ctx.path, status)
+        if ctx.placement is not None and self.several:
+            self.metrics.backend_request(ctx.placement.backend, status)
         tail = upstream.tail() if upstream is not None else b""
         counts = token_counts(tail, openai=is_openai_path(ctx.req.path)) if tail else None
         if counts is None and self.usage_sink is None:
@@ -801,7 +811,7 @@ class Proxy:
                 at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
                 path=path_label(ctx.path), status=status, prompt_tokens=counts.prompt if counts else 0,
                 completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3),
-                backend=ctx.placement.backend if ctx.placement is not None else ""))
+                backend=ctx.placement.backend if ctx.placement is not None else ctx.backend or ""))
 
     async def _pump_body(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
         """Stream the client's request body to Ollama as it arrives, bounded by Ollama's pace."""

@@ -1254,8 +1254,8 @@ class _Conn(asyncio.Protocol):
 
         def items() -> Iterator[dict[str, Any]]:
             yield {"status": "pulling manifest"}
-            if "missing" in name:  # lets tests exercise the 200-then-error-line case
-                yield {"error": "pull model manifest: file does not exist"}
+            if "missing" in name or fake.pull_error:  # lets tests exercise the 200-then-error-line case
+                yield {"error": fake.pull_error or "pull model manifest: file does not exist"}
                 return
             for i, size in enumerate((2_019_377_376, 1_429, 7_711)):
                 digest = hashlib.sha256(f"{name}/{i}".encode()).hexdigest()
@@ -1530,6 +1530,9 @@ class FakeOllama:
         self.max_parallel = max_parallel
         self.busy_answers = 0
         self._running: set[_Req] = set()
+        # Per-instance fault (fan-out to several backends): every pull here ends with this error line after
+        # "pulling manifest", like a registry this Ollama cannot reach. None: pulls behave as above.
+        self.pull_error: str | None = None
         # Per-instance fault (several backends' failover): requests on these paths ("*": every path) are read
         # and recorded, then never answered, like a stuck Ollama whose kernel still accepts connections.
         # `stop()` is the other one: like a killed process (listener gone, every connection closed).

@@ -311,11 +311,8 @@ async def test_a_client_that_leaves_the_queue_gives_up_its_place(fakes, gateway_
     assert len(chats(a)) + len(chats(b)) == 2  # the one that left reached no backend
 
 
-@pytest.mark.parametrize("method, path, body", [
-    ("POST", "/api/pull", {"model": "brand-new:latest"}),
+@pytest.mark.parametrize("method, path, body", [  # pull, delete and copy fan out: tests/test_backends_fanout.py
     ("POST", "/api/create", {"model": "mine", "from": "llama3.2:latest"}),
-    ("DELETE", "/api/delete", {"model": "llama3.2:latest"}),
-    ("POST", "/api/copy", {"source": "llama3.2:latest", "destination": "x"}),
     ("POST", "/api/blobs/sha256:" + "0" * 64, {}),
 ])
 async def test_model_management_with_several_backends_names_its_backend(
