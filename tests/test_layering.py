@@ -55,3 +55,11 @@ def test_the_redis_client_is_imported_only_with_state() -> None:
     loaded = imported_after(["fastgate.server", "fastgate.cli"])
     assert "fastgate.server" in loaded
     assert not {m for m in loaded if m == "redis" or m.startswith(("redis.", "hiredis", "fastgate.state.redis"))}
+
+
+def test_store_interface_loads_no_database_driver() -> None:
+    # The core install (SQLite store, `fastgate keys`) never needs psycopg: only [store] url imports it.
+    loaded = imported_after(["fastgate.state.stores", "fastgate.admin"])
+    assert "fastgate.state.stores" in loaded
+    assert not {"psycopg", "fastgate.state.postgres_store"} & loaded
+    assert sorted(m for m in IO_MODULES if m in loaded) == []
