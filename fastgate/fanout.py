@@ -133,6 +133,7 @@ async def _listing(proxy: Proxy, ctx: RequestContext, fwd: Forward, kind: FanOut
     ctx.backend = ",".join(answered or names)
     fwd = _logged_as(proxy, fwd, answered or names)
     for name, entries, why in answers:
+        proxy.metrics.backend_request(name, 200 if entries is not None else 502)
         if entries is None:
             log.info("[%s] Backend %s left out of %s: %s", ctx.rid.decode(), name, kind.value, why,
                      extra=ctx.log_fields(fwd))
@@ -177,7 +178,7 @@ async def _manage(proxy: Proxy, ctx: RequestContext, fwd: Forward, kind: FanOut,
     results = early + list(asked)
     await _refresh(proxy, kind, fwd.model, names, results)
     status, message = verdict(kind, results)
-    _log_parts(ctx, fwd, results)
+    _record_parts(proxy, ctx, fwd, results)
     content_type = b"application/json" if kind is FanOut.PULL and not message else \
         b"application/json; charset=utf-8"
     return await _answer(proxy, ctx, fwd, status, verdict_body(kind, message), started, content_type=content_type)
@@ -374,7 +375,7 @@ async def _stream_pull(proxy: Proxy, ctx: RequestContext, fwd: Forward, names: l
             return _client_left(proxy, ctx, fwd, started)
         if not streaming.done():  # every backend refused it before streaming anything
             results = tally.results()
-            _log_parts(ctx, fwd, results)
+            _record_parts(proxy, ctx, fwd, results)
             status, message = verdict(FanOut.PULL, results)
             return await _answer(proxy, ctx, fwd, status, verdict_body(FanOut.PULL, message), started)
         out.begin(_stream_head(ctx, chunked=chunked, close=close))
@@ -393,7 +394,7 @@ async def _stream_pull(proxy: Proxy, ctx: RequestContext, fwd: Forward, names: l
             task.cancel()
         everything.cancel()
     elapsed = time.perf_counter() - started
-    _log_parts(ctx, fwd, results)
+    _record_parts(proxy, ctx, fwd, results)
     log.info("[%s] Completed 200: pull on %d backend(s) in %.3f s", ctx.rid.decode(), len(names), elapsed,
              extra=ctx.log_fields(fwd, status=200, duration_ms=elapsed * 1000))
     proxy.metrics.request_duration.observe(elapsed)
@@ -427,8 +428,10 @@ async def _refresh(proxy: Proxy, kind: FanOut, model: str | None, names: Sequenc
 # ---------------------------------------------------------------------------------------------------------
 # Answers
 
-def _log_parts(ctx: RequestContext, fwd: Forward, results: Sequence[PartResult]) -> None:
+def _record_parts(proxy: Proxy, ctx: RequestContext, fwd: Forward, results: Sequence[PartResult]) -> None:
+    """Each backend's part in /metrics (its status; 502 when it gave none) and, when it failed, in the log."""
     for result in results:
+        proxy.metrics.backend_request(result.backend, result.status or 502)
         if not result.ok and not result.absent:
             log.info("[%s] Backend %s: %s failed (%s): %s", ctx.rid.decode(), result.backend, ctx.path,
                      result.status or "no answer", result.message, extra=ctx.log_fields(fwd))

@@ -206,6 +206,9 @@ async def test_pull_goes_to_every_backend_in_one_stream(fakes: Fakes, gateway_fo
     run = await call(gw.port, "POST", "/api/generate", body=generate(PHI))
     assert run.status == 200, run.body
     assert [(record.path, record.backend) for record in records][0] == ("/api/pull", "a,b")
+    metrics = (await call(gw.port, "GET", "/metrics")).body.decode()
+    assert 'fastgate_backend_requests_total{backend="a",status="200"}' in metrics
+    assert 'fastgate_backend_requests_total{backend="b",status="200"}' in metrics
 
 
 async def test_pull_with_one_backend_failing_names_it_last(fakes: Fakes, gateway_for: Start) -> None:
@@ -235,6 +238,22 @@ async def test_pull_where_a_backend_is_down_fails_naming_it(fakes: Fakes, gatewa
     assert views(gw)["b"].state == "ejected"  # the refused connection counted for its health
     again = await call(gw.port, "POST", "/api/pull", body={"model": BGE})  # now only the healthy one
     assert again.lines[-1] == {"status": "success"} and {line.get("backend") for line in again.lines[:-1]} == {"a"}
+
+
+async def test_pull_for_an_http10_client_ends_with_the_connection(fakes: Fakes, gateway_for: Start) -> None:
+    a, b = await fakes([QWEN]), await fakes([LLAMA])
+    gw = await gateway_for(backends_of(a, b), **SLOW_POLLS)
+    await settled(gw, a, b)
+    body = json.dumps({"model": PHI}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /api/pull HTTP/1.0\r\nHost: gateway.example.com\r\nX-API-Key: %s\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (KEY1.encode(), len(body), body))
+    raw = await asyncio.wait_for(reader.read(), 10.0)  # to the end: the connection closes after the stream
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    lines = [json.loads(line) for line in rest.splitlines()]
+    assert lines[-1] == {"status": "success"} and {line.get("backend") for line in lines[:-1]} == {"a", "b"}
 
 
 async def test_pull_without_a_stream_answers_one_object(fakes: Fakes, gateway_for: Start) -> None:
