@@ -183,7 +183,7 @@ def _reload(config_path: str | None) -> int:
 
 def _check_config(config: Config) -> int:
     from .pidfile import PidFileError, process_state, read_pid
-    from .startup import example_key_warnings, in_effect, probe_ollama
+    from .startup import example_key_warnings, forwarding_to, in_effect, probe_backends
     from .store import StoreError, count_active_keys
     store_keys: int | str | None = None
     if config.store.path:
@@ -211,9 +211,9 @@ def _check_config(config: Config) -> int:
             alive = pid is not None and process_state(pid) == "fastgate"
             running = (f"; running as pid {pid} (pid file {config.server.pid_file})" if alive
                        else f"; not running (pid file {config.server.pid_file})")
-    ollama = asyncio.run(probe_ollama(config.upstream.url))
+    ollama = asyncio.run(probe_backends(config))
     print(f"config OK ({config.source or 'defaults'}): listen {config.server.listen}, "
-          f"upstream {config.upstream.url}, {len(config.keys)} keys")
+          f"upstream {forwarding_to(config)}, {len(config.keys)} keys")
     print(f"In effect: {in_effect(config, ollama=ollama, store_keys=store_keys)}{running}")
     for line in example_key_warnings(config):
         print(f"fastgate: warning: {line}", file=sys.stderr)

@@ -26,7 +26,7 @@ from . import pidfile
 from .managed import ManagedKeys
 from .messages import error_response
 from .metrics import Metrics
-from .startup import example_key_warnings, in_effect, probe_ollama
+from .startup import example_key_warnings, forwarding_to, in_effect, probe_backends, probe_warnings
 from .store import StoreError
 from .state.stores import open_store
 from .proxy import FD_WARN_INTERVAL_S, Proxy
@@ -495,7 +495,7 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
     loop = asyncio.get_running_loop()
     # Ollama is probed while the listener comes up: the start line says whether it answered, and startup waits
     # at most the probe's short timeout for it.
-    probe = loop.create_task(probe_ollama(config.upstream.url))
+    probe = loop.create_task(probe_backends(config))
     try:
         running = await start(config)
     except BaseException:
@@ -516,12 +516,12 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
         running.pid_file = pid_path
     try:
         ollama = await probe
-        if not ollama.answered:
-            log.warning("%s at %s: requests will get 502 or 504 until it does", ollama, config.upstream.url)
+        for warning in probe_warnings(config, ollama):
+            log.warning("%s", warning)
         # Where it listens, and what is in effect, is announced whatever the log level: operators and scripts
         # wait for this line.
         log.log(max(logging.INFO, log.getEffectiveLevel()), "fastgate %s listening on %s, forwarding to %s; %s",
-                __version__, running.url, config.upstream.url,
+                __version__, running.url, forwarding_to(config),
                 in_effect(config, ollama=ollama, pid=os.getpid(),
                           store_keys=running.managed.active_keys if running.managed is not None else None))
         if on_ready is not None:

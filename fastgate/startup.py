@@ -117,6 +117,54 @@ class OllamaStatus:
         return f"Ollama answered ({self.detail})" if self.answered else f"Ollama did not answer ({self.detail})"
 
 
+@dataclass(frozen=True)
+class BackendsStatus:
+    """The startup probe of several [[backends]]: each one's answer, in file order."""
+
+    each: tuple[tuple[str, OllamaStatus], ...]  # (backend name, its status)
+
+    @property
+    def answered(self) -> bool:
+        """At least one backend answered: fastgate can serve (the router sends requests to those that did)."""
+        return any(status.answered for _, status in self.each)
+
+    def __str__(self) -> str:
+        return "backends: " + ", ".join(
+            f"{name} {'answered' if status.answered else 'did not answer'} ({status.detail})"
+            for name, status in self.each)
+
+
+async def probe_backends(config: Config, timeout_s: float = OLLAMA_PROBE_TIMEOUT_S) -> OllamaStatus | BackendsStatus:
+    """The startup probe: of upstream.url as before with one backend; of every [[backends]] table with several,
+    all at once (so the whole probe still takes at most `timeout_s`)."""
+    backends = config.backends
+    if len(backends) == 1:
+        return await probe_ollama(backends[0].url, timeout_s)
+    answers = await asyncio.gather(*(probe_ollama(backend.url, timeout_s) for backend in backends))
+    return BackendsStatus(tuple((backend.name, status) for backend, status in zip(backends, answers)))
+
+
+def probe_warnings(config: Config, status: OllamaStatus | BackendsStatus) -> list[str]:
+    """What the start line's probe result calls for at WARNING: each Ollama that did not answer, and what that
+    means for requests."""
+    if isinstance(status, OllamaStatus):
+        return [] if status.answered else [
+            f"{status} at {config.upstream.url}: requests will get 502 or 504 until it does"]
+    urls = {backend.name: backend.url for backend in config.backends}
+    consequence = ("the others take its requests until it answers its health probes" if status.answered else
+                   "no backend answered: requests will get 502, 503 or 504 until one does")
+    return [f"Backend {name} ({urls[name]}) did not answer ({backend.detail}): {consequence}"
+            for name, backend in status.each if not backend.answered]
+
+
+def forwarding_to(config: Config) -> str:
+    """Where requests go, for the start line and check-config: the URL, or each backend's name and URL."""
+    backends = config.backends
+    if len(backends) == 1:
+        return str(config.upstream.url)
+    return f"{len(backends)} backends (" + ", ".join(f"{b.name} {b.url}" for b in backends) + ")"
+
+
 async def probe_ollama(url: UpstreamURL, timeout_s: float = OLLAMA_PROBE_TIMEOUT_S) -> OllamaStatus:
     """One `GET /api/version` on a connection of its own, bounded by `timeout_s` in all."""
     try:
@@ -166,7 +214,7 @@ async def _probe(url: UpstreamURL) -> OllamaStatus:
 # What is in effect
 
 
-def in_effect(config: Config, *, ollama: OllamaStatus, store_keys: int | str | None,
+def in_effect(config: Config, *, ollama: OllamaStatus | BackendsStatus, store_keys: int | str | None,
               pid: int | None = None) -> str:
     """One line for the start line and check-config. `store_keys`: active keys in the store, None without a
     store, or a word on why they are not known ("no file yet")."""
