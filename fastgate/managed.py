@@ -107,8 +107,7 @@ class ManagedKeys:
         """Wake the sync as soon as the shared store announces a key change (see `PostgresStore.wait_for_change`,
         which also answers True after its listening connection was remade, since changes may have gone
         unheard meanwhile)."""
-        store = self.store
-        wait = getattr(store, "wait_for_change")
+        wait = self.store.wait_for_change  # type: ignore[union-attr]  # checked in start()
         while not self._stopping.is_set():
             try:
                 if await asyncio.to_thread(wait, WATCH_WAIT_S):
