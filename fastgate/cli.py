@@ -255,10 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level)
     from .pidfile import PidFileError
     from .server import run
+    from .supervisor import WorkersFailed, supervise
     if config_path is None and config.source:
         config_path = config.source  # found ./fastgate.toml: a reload re-reads that same file
     try:
-        run(config, reread=read_config)
+        if config.server.workers > 1:
+            supervise(config, reread=read_config)
+        else:
+            run(config, reread=read_config)
+    except WorkersFailed as exc:
+        print(f"fastgate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ConfigError as exc:  # found only once serving starts (the key store cannot be opened)
         print(f"fastgate: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,8 +13,9 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import h11
 
@@ -174,6 +175,8 @@ class Proxy:
         self.budget = BodyBudget(config.auth.max_buffered_bytes)
         self.usage_sink: Callable[[UsageRecord], None] | None = None
         self.state: LiveState | None = None  # [state]: limits, leases, trust and lockout shared (server.py)
+        # [server] workers > 1: the /metrics body summed over every worker (fastgate.worker sets it); None: ours
+        self.metrics_total: Callable[[], Awaitable[bytes]] | None = None
         self._idle_event: asyncio.Event | None = None
         self._health_probe: asyncio.Task[dict[str, object]] | None = None
         self._health_result: tuple[float, dict[str, object]] = (float("-inf"), {"reachable": False})
@@ -401,7 +404,7 @@ class Proxy:
             if isinstance(decision, ProbeHealth):
                 decision = await self._health(decision)
             elif isinstance(decision, ServeMetrics):
-                decision = self._metrics_reply(decision.head_only)
+                decision = await self._metrics_answer(decision.head_only)
             return await self._reply(ctx, decision)
         finally:
             # The buffered body lives as long as the decision that carries it (until the exchange ends).
@@ -834,7 +837,8 @@ class Proxy:
 
     # -- metrics -----------------------------------------------------------------------------------------
 
-    def _metrics_reply(self, head_only: bool) -> LocalReply:
+    def metrics_gauges(self) -> dict[str, Any]:
+        """This process's gauges: the keyword arguments of Metrics.render besides the counters it holds."""
         backends: list[BackendGauges] = []
         queue_depth = None
         if self.several:
@@ -842,16 +846,24 @@ class Proxy:
             backends = [BackendGauges(view.name, view.state == "up", view.in_flight, view.waiting,
                                       view.ejections) for view in snapshot.backends]
             queue_depth = snapshot.queue_depth
-        return LocalReply(200, self.metrics.render(in_flight=self.in_flight, connections=len(self.connections),
-                                                   buffered_bytes=self.budget.used,
-                                                   buffer_refusals=self.budget.refusals,
-                                                   backends=backends, queue_depth=queue_depth),
-                          head_only=head_only, content_type=PROMETHEUS_TEXT)
+        return {"in_flight": self.in_flight, "connections": len(self.connections),
+                "buffered_bytes": self.budget.used, "buffer_refusals": self.budget.refusals,
+                "backends": backends, "queue_depth": queue_depth}
+
+    def _metrics_reply(self, head_only: bool) -> LocalReply:
+        return LocalReply(200, self.metrics.render(**self.metrics_gauges()), head_only=head_only,
+                          content_type=PROMETHEUS_TEXT)
+
+    async def _metrics_answer(self, head_only: bool) -> LocalReply:
+        """One process: its own numbers. Several workers: every worker's, summed (asked at scrape time only)."""
+        if self.metrics_total is None:
+            return self._metrics_reply(head_only)
+        return LocalReply(200, await self.metrics_total(), head_only=head_only, content_type=PROMETHEUS_TEXT)
 
     async def _metrics_listener(self, ctx: RequestContext) -> bool:
         """The separate metrics listener ([metrics] listen) serves /metrics to anyone who can reach it."""
         if ctx.path == "/metrics" and ctx.req.method in (b"GET", b"HEAD"):
-            return await self._reply(ctx, self._metrics_reply(ctx.req.method == b"HEAD"))
+            return await self._reply(ctx, await self._metrics_answer(ctx.req.method == b"HEAD"))
         return await self._refuse(ctx, NotFound("only /metrics is served here"))
 
     # -- health ------------------------------------------------------------------------------------------

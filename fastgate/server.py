@@ -32,6 +32,7 @@ from .state.stores import open_store
 from .proxy import FD_WARN_INTERVAL_S, Proxy
 from .state import LiveState
 from .tls import load_certificate, server_context
+from .worker import MetricsPeers, WorkerRole
 
 try:
     import resource
@@ -169,7 +170,7 @@ class TlsListener(asyncio.AbstractServer):
 
     @classmethod
     async def bind(cls, proxy: Proxy, ssl_context: ssl.SSLContext, factory: Callable[..., ClientProtocol],
-                   host: str, port: int) -> TlsListener:
+                   host: str, port: int, *, reuse_port: bool = False) -> TlsListener:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         listeners: list[socket.socket] = []
@@ -178,6 +179,8 @@ class TlsListener(asyncio.AbstractServer):
                 sock = socket.socket(family, kind, proto)
                 listeners.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:  # one of several workers on this address (see fastgate.supervisor)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as create_server binds them
                 sock.bind(address)
@@ -354,6 +357,7 @@ class RunningServer:
     # Every accepted connection not yet collected, whatever the proxy thinks of it: stop() leaves none open.
     accepted: weakref.WeakSet[ClientProtocol] = field(default_factory=weakref.WeakSet)
     pid_file: str = ""  # the pid file this process wrote ("" for none); stays where it is until exit
+    worker: WorkerRole | None = None  # one of several workers ([server] workers > 1), or the only process
 
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping a connection: keys, trust, limits, timeouts, log level and
@@ -399,8 +403,9 @@ class RunningServer:
             await self.proxy.state.stop()  # this instance's leases and heartbeat are given back at once
 
 
-async def start(config: Config) -> RunningServer:
-    """Bind the listener and start serving; returns once it accepts connections."""
+async def start(config: Config, *, reuse_port: bool = False) -> RunningServer:
+    """Bind the listener and start serving; returns once it accepts connections. `reuse_port`: a worker of
+    several, whose listeners share their addresses with its siblings' (SO_REUSEPORT)."""
     listen = config.server.listen
     ssl_context = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls else None
     proxy = Proxy(config)
@@ -435,17 +440,19 @@ async def start(config: Config) -> RunningServer:
         loop.set_exception_handler(_log_loop_error)
     server: asyncio.AbstractServer
     if ssl_context is not None:
-        server = await TlsListener.bind(proxy, ssl_context, tracked(proxy.protocol_factory), listen.host, listen.port)
+        server = await TlsListener.bind(proxy, ssl_context, tracked(proxy.protocol_factory), listen.host, listen.port,
+                                        reuse_port=reuse_port)
     else:
         server = await loop.create_server(
-            tracked(proxy.protocol_factory), listen.host, listen.port, backlog=LISTEN_BACKLOG, reuse_address=True)
+            tracked(proxy.protocol_factory), listen.host, listen.port, backlog=LISTEN_BACKLOG, reuse_address=True,
+            reuse_port=reuse_port)
     sock: socket.socket = server.sockets[0]  # type: ignore[attr-defined]
     host, port = sock.getsockname()[:2]
     metrics_server = None
     metrics = config.metrics
     if metrics.enabled and metrics.listen is not None:
         metrics_server = await loop.create_server(tracked(proxy.metrics_protocol_factory), metrics.listen.host,
-                                                  metrics.listen.port, reuse_address=True)
+                                                  metrics.listen.port, reuse_address=True, reuse_port=reuse_port)
     return RunningServer(proxy, server, host, port, "https" if ssl_context else "http", ssl_context,
                          metrics_server, managed, accepted)
 
@@ -478,16 +485,22 @@ def warn_if_keys_exposed(config: Config) -> None:
 
 
 async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
-                on_ready: Callable[[RunningServer], None] | None = None) -> None:
+                on_ready: Callable[[RunningServer], None] | None = None, worker: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the config via `reread`.
 
     With `[server] pid_file`: PidFileError before binding when it names another running fastgate; written once
     the listener is up and SIGHUP is handled (a `fastgate reload` that finds it never kills the process), removed
-    on the way out."""
+    on the way out.
+
+    As one of several workers (`worker`, see fastgate.supervisor): the supervisor owns the pid file and says the
+    startup and reload warnings once; the listeners share their addresses with the siblings' (SO_REUSEPORT); the
+    start line goes to the supervisor; /metrics answers with the totals of every worker."""
     set_format(config.log.format)  # before the first line: every line of a run in the configured format
-    warn_if_keys_exposed(config)
-    warn_if_example_keys(config)
-    pid_path = config.server.pid_file
+    pid_path = ""
+    if worker is None:
+        warn_if_keys_exposed(config)
+        warn_if_example_keys(config)
+        pid_path = config.server.pid_file
     if pid_path:
         stale = pidfile.claim(pid_path)
         if stale:
@@ -497,10 +510,21 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
     # at most the probe's short timeout for it.
     probe = loop.create_task(probe_backends(config))
     try:
-        running = await start(config)
+        running = await start(config, reuse_port=worker is not None)
     except BaseException:
         probe.cancel()
         raise
+    peers = None
+    if worker is not None:
+        running.worker = worker
+        peers = MetricsPeers(worker, running.proxy.metrics, running.proxy.metrics_gauges)
+        try:
+            await peers.start()
+        except BaseException:
+            probe.cancel()
+            await running.stop(grace=0)
+            raise
+        running.proxy.metrics_total = peers.render
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -518,18 +542,27 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
         ollama = await probe
         for warning in probe_warnings(config, ollama):
             log.warning("%s", warning)
-        # Where it listens, and what is in effect, is announced whatever the log level: operators and scripts
-        # wait for this line.
-        log.log(max(logging.INFO, log.getEffectiveLevel()), "fastgate %s listening on %s, forwarding to %s; %s",
-                __version__, running.url, forwarding_to(config),
-                in_effect(config, ollama=ollama, pid=os.getpid(),
-                          store_keys=running.managed.active_keys if running.managed is not None else None))
+        store_keys = running.managed.active_keys if running.managed is not None else None
+        if worker is None:
+            # Where it listens, and what is in effect, is announced whatever the log level: operators and
+            # scripts wait for this line.
+            log.log(max(logging.INFO, log.getEffectiveLevel()), "fastgate %s listening on %s, forwarding to %s; %s",
+                    __version__, running.url, forwarding_to(config),
+                    in_effect(config, ollama=ollama, pid=os.getpid(), store_keys=store_keys))
+        else:  # the supervisor says it once all workers serve, with its own pid (the pid file's)
+            log.info("Worker %d of %d serving %s", worker.index, worker.count, running.url)
+            worker.report({"ready": f"fastgate {__version__} listening on {running.url}, forwarding to "
+                                    f"{forwarding_to(config)}; " + in_effect(config, ollama=ollama,
+                                                                           pid=worker.parent_pid,
+                                                                           store_keys=store_keys)})
         if on_ready is not None:
             on_ready(running)
         await stop.wait()
         log.info("Shutting down: no new connections; waiting up to %.0f s for requests in flight",
                  config.server.shutdown_grace)
         await running.stop()
+        if peers is not None:
+            await peers.stop()  # after the drain: the final counts, for the totals of the workers that remain
         log.info("Stopped")
     finally:
         if running.pid_file:
@@ -569,8 +602,9 @@ def _reload(running: RunningServer, reread: Callable[[], Config]) -> None:
 def _apply_reload(running: RunningServer, reread: Callable[[], Config]) -> None:
     try:
         config = reread()
-        warn_if_keys_exposed(config)
-        warn_if_example_keys(config)
+        if running.worker is None:  # several workers: the supervisor warns, once
+            warn_if_keys_exposed(config)
+            warn_if_example_keys(config)
         running.reload(config)
     except ConfigError as exc:
         log.error("Reload failed, keeping the running config: %s", exc)
@@ -580,9 +614,9 @@ def _apply_reload(running: RunningServer, reread: Callable[[], Config]) -> None:
 
 
 def run(config: Config, reread: Callable[[], Config] | None = None,
-        on_ready: Callable[[RunningServer], None] | None = None) -> None:
+        on_ready: Callable[[RunningServer], None] | None = None, worker: WorkerRole | None = None) -> None:
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(config, reread=reread, on_ready=on_ready))
+        loop.run_until_complete(serve(config, reread=reread, on_ready=on_ready, worker=worker))
     finally:
         loop.close()

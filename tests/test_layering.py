@@ -13,7 +13,7 @@ PURE_MODULES = ["fastgate.config", "fastgate.keys", "fastgate.trust", "fastgate.
                 "fastgate.cors", "fastgate.metrics", "fastgate.store", "fastgate.admin", "fastgate.models",
                 "fastgate.forms", "fastgate.gojson", "fastgate.routing", "fastgate.routing.choice",
                 "fastgate.routing.health", "fastgate.routing.waiting", "fastgate.state",
-                "fastgate.routing.aggregate"]
+                "fastgate.routing.aggregate", "fastgate.metrics_sum"]
 IO_MODULES = ["asyncio", "ssl", "h11", "uvloop", "socket"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
