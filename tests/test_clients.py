@@ -23,7 +23,8 @@ import openai
 import pytest
 from langchain_ollama import ChatOllama, OllamaEmbeddings
 
-from fastgate.server import RunningServer
+from fastgate.config import build_config
+from fastgate.server import RunningServer, start
 from tests.conftest import KEY1, KEY2
 from tests.fake_ollama import DEFAULT_MODELS, FakeOllama, _embedding
 from tests.rawhttp import Client, build_request
@@ -404,6 +405,101 @@ async def test_go_cli_chunked_blob_upload_from_trusted_ip(gateway: RunningServer
     assert upload.header("content-type") == "application/json"
     assert f"sha256:{digest}" in ollama.blobs
     assert_no_key_reached(ollama)
+
+
+# -- three backends ----------------------------------------------------------------------------------------
+# The same clients through a fastgate in front of three Ollamas (issue 9), models spread so that routing
+# matters: qwen only on gpu2, the embedding model only on gpu3, llama on gpu1 and gpu3. Listings are the union.
+
+QWEN = "qwen2.5:0.5b"
+EMBEDDER = "nomic-embed-text:latest"
+SPREAD = {"gpu1": [MODEL], "gpu2": [QWEN], "gpu3": [MODEL, EMBEDDER]}
+
+
+@pytest.fixture
+async def three() -> AsyncIterator[tuple[RunningServer, dict[str, FakeOllama]]]:
+    fakes = {name: FakeOllama(models=models) for name, models in SPREAD.items()}
+    for fake in fakes.values():
+        await fake.start()
+    config = build_config({
+        "server": {"listen": "127.0.0.1:0"}, "keys": {KEY1: "user1"},
+        "backends": [{"name": name, "url": fake.url} for name, fake in fakes.items()],
+        "routing": {"health_interval": 0.1, "inventory_interval": 0.5, "loaded_interval": 0.1}})
+    gw = await start(config)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not all(view.inventory_known for view in gw.proxy.router.snapshot(loop.time()).backends):
+            assert loop.time() < deadline, "the pollers did not read every backend's models"
+            await asyncio.sleep(0.01)
+        yield gw, fakes
+    finally:
+        await gw.stop(grace=0.5)
+        for fake in fakes.values():
+            await fake.stop()
+
+
+def served(fakes: dict[str, FakeOllama], path: str) -> dict[str, list[str]]:
+    """Backend name -> the models of the `path` requests it received (the ones the clients' calls made)."""
+    return {name: [r.json()["model"] for r in fake.received if r.path == path] for name, fake in fakes.items()}
+
+
+async def test_three_backends_ollama_python(three: tuple[RunningServer, dict[str, FakeOllama]]) -> None:
+    gw, fakes = three
+    async with async_client(gw) as client:
+        parts = [p async for p in await client.chat(model=QWEN, messages=MESSAGES, stream=True)]
+        gen = await client.generate(model=MODEL, prompt="Why is the sky blue?")
+        embedded = await client.embed(model=EMBEDDER, input=["first text"])
+        listed = await client.list()
+        running = await client.ps()
+    assert "".join(p.message.content or "" for p in parts) == TOKENS and parts[-1].done
+    assert gen.response == TOKENS
+    assert [list(v) for v in embedded.embeddings] == [_embedding("first text")]
+    assert served(fakes, "/api/chat") == {"gpu1": [], "gpu2": [QWEN], "gpu3": []}
+    assert served(fakes, "/api/embed") == {"gpu1": [], "gpu2": [], "gpu3": [EMBEDDER]}
+    assert sum(len(models) for models in served(fakes, "/api/generate").values()) == 1
+    assert served(fakes, "/api/generate")["gpu2"] == []  # llama is not there
+    # one list and one ps for all three: the union, each model once
+    assert sorted(m.model for m in listed.models) == sorted({MODEL, QWEN, EMBEDDER})
+    assert sorted(m.model for m in running.models) == sorted({QWEN, MODEL, EMBEDDER})
+    for fake in fakes.values():
+        assert_no_key_reached(fake)
+
+
+async def test_three_backends_openai(three: tuple[RunningServer, dict[str, FakeOllama]]) -> None:
+    gw, fakes = three
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY1, max_retries=0) as client:
+        resp = await client.chat.completions.create(model=QWEN, messages=MESSAGES)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                                      stream=True)
+        deltas = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+        models = [m.id async for m in client.models.list()]
+        emb = await client.embeddings.create(model=EMBEDDER, input=["alpha"])
+    assert resp.choices[0].message.content == TOKENS and resp.model == QWEN
+    assert "".join(deltas) == TOKENS
+    assert sorted(models) == sorted({MODEL, QWEN, EMBEDDER})
+    assert emb.data[0].embedding == pytest.approx(_embedding("alpha"), abs=1e-6)
+    chats = served(fakes, "/v1/chat/completions")
+    assert chats["gpu2"] == [QWEN] and chats["gpu1"] + chats["gpu3"] == [MODEL]
+    assert served(fakes, "/v1/embeddings") == {"gpu1": [], "gpu2": [], "gpu3": [EMBEDDER]}
+    for fake in fakes.values():
+        assert_no_key_reached(fake)
+
+
+async def test_three_backends_langchain(three: tuple[RunningServer, dict[str, FakeOllama]]) -> None:
+    gw, fakes = three
+    headers = {"client_kwargs": {"headers": {"X-API-Key": KEY1}}}
+    async with closing_langchain(ChatOllama(model=QWEN, base_url=gw.url, **headers)) as llm:
+        sync_answer = await asyncio.to_thread(llm.invoke, "Why is the sky blue?")
+        pieces = [chunk.content async for chunk in llm.astream("Why is the sky blue?")]
+    async with closing_langchain(OllamaEmbeddings(model=EMBEDDER, base_url=gw.url, **headers)) as emb:
+        docs = await emb.aembed_documents(["doc one"])
+    assert sync_answer.content == TOKENS and "".join(pieces) == TOKENS  # type: ignore[arg-type]
+    assert docs == [pytest.approx(_embedding("doc one"))]
+    assert served(fakes, "/api/chat") == {"gpu1": [], "gpu2": [QWEN, QWEN], "gpu3": []}
+    assert served(fakes, "/api/embed") == {"gpu1": [], "gpu2": [], "gpu3": [EMBEDDER]}
+    for fake in fakes.values():
+        assert_no_key_reached(fake)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
