@@ -10,6 +10,8 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import ollama as ollama_lib
+import openai
 import pytest
 
 from fastgate.access import Principal, Role
@@ -113,6 +115,8 @@ async def test_tags_ps_and_v1_models_are_the_union_of_the_backends(fakes: Fakes,
     assert set(tags.json()["models"][0]) >= {"name", "model", "modified_at", "size", "digest", "details"}
     ps = await call(gw.port, "GET", "/api/ps")
     assert ps.status == 200 and names(ps) == [BGE, LLAMA]
+    version = await call(gw.port, "GET", "/api/version")  # from one backend, whichever
+    assert version.status == 200 and version.json() == {"version": a.version}
     models = await call(gw.port, "GET", "/v1/models")
     assert models.status == 200 and models.json()["object"] == "list"
     assert names(models, "data", "id") == [BGE, LLAMA, PHI, QWEN]
@@ -402,3 +406,37 @@ async def test_one_backend_answers_exactly_as_it_always_did(ollama: FakeOllama, 
     assert (await call(gw.port, "DELETE", "/api/delete", body={"model": PHI})).status == 200
     copied = await call(gw.port, "POST", "/api/copy", body={"source": LLAMA, "destination": "x:1"})
     assert copied.status == 200 and ollama._has_model("x:1")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real clients through three backends
+
+async def test_ollama_and_openai_clients_through_three_backends(fakes: Fakes, gateway_for: Start) -> None:
+    a, b, c = await fakes([QWEN]), await fakes([LLAMA]), await fakes([BGE])
+    a._loaded[_norm_model(QWEN)] = None
+    gw = await gateway_for(backends_of(a, b, c), **SLOW_POLLS)
+    await settled(gw, a, b, c)
+    async with ollama_lib.AsyncClient(host=gw.url, headers={"X-API-Key": KEY1}) as client:
+        listed = await client.list()
+        running = await client.ps()
+        progress = [part async for part in await client.pull(PHI, stream=True)]
+        done = await client.pull("llama3.1:8b")  # without a stream: one object
+        copied = await client.copy(PHI, "phi-copy:1")
+        deleted = await client.delete("llama3.1:8b")
+        c.pull_error = "registry unreachable"
+        with pytest.raises(ollama_lib.ResponseError) as failed:
+            async for _ in await client.pull("smollm:135m", stream=True):
+                pass
+    assert [m.model for m in listed.models] == [BGE, LLAMA, QWEN]
+    assert [m.model for m in running.models] == [QWEN]
+    assert progress[-1].status == "success" and {p.status for p in progress[:-1]} >= {"pulling manifest"}
+    assert done.status == "success"
+    assert copied.status == "success" and deleted.status == "success"
+    assert all(fake._has_model("phi-copy:1") for fake in (a, b, c))
+    assert not any(fake._has_model("llama3.1:8b") for fake in (a, b, c))
+    assert "pull failed on c: registry unreachable (succeeded on a, b)" in str(failed.value)
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY1, max_retries=0) as oai:
+        ids = [m.id async for m in oai.models.list()]
+        one = await oai.models.retrieve(BGE)
+    assert ids == sorted([BGE, LLAMA, QWEN, PHI, "phi-copy:1", "smollm:135m"])
+    assert one.id == BGE and len(paths(c, f"/v1/models/{BGE}")) == 1
