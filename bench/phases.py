@@ -382,14 +382,25 @@ class Phases:
             await asyncio.wait_for(conn.request(req), 10)
         values = []
         failures: list[str] = []
+        exchanges = []
+        meter = Meter(target, self.upstream, self.spinner_pids)
+        a = meter.snap()
         for _ in range(p.ttfb_requests):
             ex = await asyncio.wait_for(conn.request(req), 10)
             values.append((ex.first_byte_ns - ex.sent_ns) / 1000)
+            exchanges.append(ex)
+        b = meter.snap()
+        for ex in exchanges:  # checked after the window, so that the checks' CPU is not in it
             check = analysis.check_stream(analysis.parse_exchange(ex, want_times=False), 1)
             if not check.ok:
                 failures.append(check.error)
         conn.close()
+        n = len(values)
+        _, cpu, _, _ = Meter.diff(a, b)
         return {
+            "others_cpus": Meter.others(a, b),
+            "cpu_per_request_us": cpu / n / 1000 if n else float("nan"),
+            "aux_cpu_per_request_us": Meter.aux(a, b) / n / 1000 if n else float("nan"),
             "p50_us": analysis.percentile(values, 50),
             "p99_us": analysis.percentile(values, 99),
             "streams_ok": len(values) - len(failures),

@@ -109,7 +109,7 @@ GOALS = [
     # issue 10: admission through Redis against in-process limits (the same managed key), and workers
     Goal("ttfb_p50", "plus", 150.0, "Redis admission adds <= 150 us p50 per request (TTFB p50)", "10",
          "fastgate-redis", "fastgate-limited"),
-    Goal("ttfb_p99", "report", math.nan, "Redis admission: TTFB p99 added", "10",
+    Goal("ttfb_p99", "report_plus", math.nan, "Redis admission: TTFB p99 added", "10",
          "fastgate-redis", "fastgate-limited"),
     Goal("requests_per_s", "report", math.nan, "workers = 2: small requests/s, ratio to workers = 1", "10",
          "fastgate-workers2", "fastgate"),
@@ -280,7 +280,7 @@ def goals(figures: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         other = pr.get(g.base, []) if g.kind != "abs" else []
         if g.kind in ("ratio", "ratio_min", "report"):
             per = [_ratio(a, b) for a, b in zip(mine, other, strict=False)]
-        elif g.kind == "plus":
+        elif g.kind in ("plus", "report_plus"):
             per = [a - b for a, b in zip(mine, other, strict=False)]
         else:
             per = list(mine)
@@ -303,7 +303,7 @@ def goals(figures: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
 def _goal_value(g: dict[str, Any], v: float) -> str:
     if _isnan(v):
         return "n/a"
-    if g["kind"] == "plus":
+    if g["kind"] in ("plus", "report_plus"):
         return f"{v:+,.0f} us"
     if g["kind"] == "abs":
         return _fmt(v, FIG[g["figure"]].unit)
@@ -390,6 +390,7 @@ def harness_cost(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, An
                                  ("full_speed", "upstream_cpu_per_token_us"),
                                  ("small", "client_cpu_per_request_us"), ("small", "client_cpu_util"),
                                  ("small", "aux_cpu_per_request_us"), ("paced", "aux_cpu_per_token_us"),
+                                 ("ttfb", "aux_cpu_per_request_us"), ("ttfb", "cpu_per_request_us"),
                                  ("small", "upstream_cpu_per_request_us"),
                                  ("full_speed", "proxy_cpu_util"), ("small", "proxy_cpu_util")):
                 v = (res.get(phase) or {}).get(field)
@@ -602,12 +603,18 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt(h.get('small.upstream_cpu_per_request_us', math.nan), 'us')} | "
                      f"{_pct(h.get('full_speed.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} | "
                      f"{_pct(h.get('small.proxy_cpu_util', math.nan)) if n != 'direct' else 'n/a'} |")
-    aux = [n for n in names if not _isnan(hc.get(n, {}).get("small.aux_cpu_per_request_us", math.nan))
-           and hc[n]["small.aux_cpu_per_request_us"] > 0]
+    aux = [n for n in names if any(hc.get(n, {}).get(k, 0.0) > 0 for k in (
+        "small.aux_cpu_per_request_us", "ttfb.aux_cpu_per_request_us", "paced.aux_cpu_per_token_us"))]
     if aux:
         lines += ["", "Targets with [state]: the run's redis-server's CPU (not counted in the proxy's): " + "; ".join(
-            f"{n} {_fmt(hc[n]['small.aux_cpu_per_request_us'], 'us')} per small request, "
-            f"{_fmt(hc[n].get('paced.aux_cpu_per_token_us', math.nan), 'us')} per paced token" for n in aux) + "."]
+            f"{n} {_fmt(hc[n].get('small.aux_cpu_per_request_us', math.nan), 'us')} per small request, "
+            f"{_fmt(hc[n].get('ttfb.aux_cpu_per_request_us', math.nan), 'us')} per one-token stream (TTFB "
+            f"phase), {_fmt(hc[n].get('paced.aux_cpu_per_token_us', math.nan), 'us')} per paced token"
+            for n in aux) + "."]
+    tc = {n: hc.get(n, {}).get("ttfb.cpu_per_request_us", math.nan) for n in names if n != "direct"}
+    if any(not _isnan(v) for v in tc.values()):
+        lines += ["", "Proxy CPU per one-token stream in the TTFB phase (requests in sequence): " + ", ".join(
+            f"{n} {_fmt(v, 'us')}" for n, v in tc.items() if not _isnan(v)) + "."]
     cu = {n: hc.get(n, {}).get("small.client_cpu_util", math.nan) for n in names}
     if any(not _isnan(v) for v in cu.values()):
         lines += ["", "Load generator's CPU use during the small-request window (CPUs): " + ", ".join(
