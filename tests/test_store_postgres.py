@@ -38,6 +38,7 @@ from tests.rawhttp import Client, RawResponse
 pytestmark = pytest.mark.timeout(180)
 
 NOW = 1_800_000_000.0
+KILL_AFTER_S = 3.3  # when the SIGKILL test kills (its phase against the 1 s write rounds decides the loss)
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +479,7 @@ async def test_sigkill_loses_at_most_the_last_second(fleet: Fleet, tmp_path: Pat
         await eventually_async(lambda: status_on(proc.port, secret), 200)
         traffic = Traffic(secret)
         runner = asyncio.get_running_loop().create_task(traffic.run([proc.port], 100_000, workers=4))
-        await asyncio.sleep(3.3)  # steady traffic for a few write rounds, then the kill lands mid-round
+        await asyncio.sleep(KILL_AFTER_S)  # steady traffic for a few write rounds, then the kill mid-round
         proc.signal(signal.SIGKILL)
         killed_at = time.monotonic()
         await proc.wait()
@@ -492,7 +493,7 @@ async def test_sigkill_loses_at_most_the_last_second(fleet: Fleet, tmp_path: Pat
         missing = len(answered) - stored
         newest_lost = sorted(answered)[-missing:] if missing > 0 else []
         span = killed_at - newest_lost[0] if newest_lost else 0.0
-        rate = len(answered) / 3.3
+        rate = len(answered) / KILL_AFTER_S
         print(f"SIGKILL: {len(answered)} answered, {stored} stored, {missing} missing "
               f"(the last {span:.2f} s of answers, at ~{rate:.0f} requests/s)")
         assert 0 <= missing  # never more rows than answers
