@@ -339,9 +339,11 @@ class Phases:
             c.start_loop(req)
         await asyncio.sleep(p.small_warmup_s)
         marks0 = [len(c.latencies_ns) for c in conns]
+        split0 = _per_process_ns(target)
         a = meter.snap()
         await asyncio.sleep(p.small_window_s)
         b = meter.snap()
+        split1 = _per_process_ns(target)
         marks1 = [len(c.latencies_ns) for c in conns]
         for c in conns:
             c.running = False
@@ -368,6 +370,8 @@ class Phases:
             "requests": n,
             "non_200": bad,
             "reconnects": sum(c.reconnects for c in conns),
+            # several processes (workers): each one's share of the target's CPU, the supervisor first
+            "process_cpu_shares": _shares(split0, split1),
             "bodies_checked": len(sampled),
             "bodies_bad": body_bad,
         }
@@ -454,6 +458,19 @@ class Phases:
             "streams_flowing": flowing,
             "per_active_stream_kib": (after - base) / max(flowing, 1),
         }
+
+
+def _per_process_ns(target: Target) -> dict[int, int]:
+    if not target.multi_process or target.process is None:
+        return {}
+    return {pid: cpu_ns([pid]) for pid in target.process.refresh()}
+
+
+def _shares(before: dict[int, int], after: dict[int, int]) -> list[float]:
+    """Each process's share of the CPU used between two per-process readings (in process-tree order)."""
+    used = [after[pid] - before.get(pid, 0) for pid in after]
+    total = sum(used)
+    return [u / total for u in used] if total > 0 else []
 
 
 def _status(response: bytes) -> int:

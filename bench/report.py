@@ -437,8 +437,10 @@ def one_line(phase: str, r: dict[str, Any]) -> str:
         return (f"{_fmt(r['tokens_per_s'])} tok/s, cpu/token {_fmt(r['cpu_per_token_us'])} us, "
                 f"ok {r['streams_ok']}/{r['streams']}, reframed {r['reframed_chunks']}/{r['chunks']}")
     if phase == "small":
+        split = r.get("process_cpu_shares") or []
         return (f"{_fmt(r['requests_per_s'])} req/s, p99 {_fmt(r['p99_us'])} us, "
-                f"cpu/req {_fmt(r['cpu_per_request_us'])} us, non-200 {r['non_200']}")
+                f"cpu/req {_fmt(r['cpu_per_request_us'])} us, non-200 {r['non_200']}"
+                + (f", CPU split over processes {' / '.join(_pct(x) for x in split)}" if split else ""))
     if phase == "ttfb":
         return f"p50 {_fmt(r['p50_us'])} us p99 {_fmt(r['p99_us'])} us, ok {r['streams_ok']}/{r['streams']}"
     if phase.startswith("live"):
@@ -615,6 +617,12 @@ def markdown(data: dict[str, Any]) -> str:
     if any(not _isnan(v) for v in tc.values()):
         lines += ["", "Proxy CPU per one-token stream in the TTFB phase (requests in sequence): " + ", ".join(
             f"{n} {_fmt(v, 'us')}" for n, v in tc.items() if not _isnan(v)) + "."]
+    for n in names:
+        splits = [(r["results"].get(n) or {}).get("small", {}).get("process_cpu_shares") for r in data["rounds"]]
+        splits = [sp for sp in splits if sp]
+        if splits:
+            lines += ["", f"{n}: share of its CPU per process in the small-request window, supervisor first, "
+                          "per round: " + "; ".join(" / ".join(_pct(x) for x in sp) for sp in splits) + "."]
     cu = {n: hc.get(n, {}).get("small.client_cpu_util", math.nan) for n in names}
     if any(not _isnan(v) for v in cu.values()):
         lines += ["", "Load generator's CPU use during the small-request window (CPUs): " + ", ".join(
