@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-lean", action="store_true",
                     help="use the fake Ollama's ordinary (slow) stream path")
     ap.add_argument("--latest", action=argparse.BooleanOptionalAction, default=None,
-                    help="also copy report.md and chart.png to bench/latest/ (default: yes, except --quick)")
+                    help="also copy report.md, chart.png and report.json to bench/latest/ (default: yes, except --quick)")
     return ap.parse_args(argv)
 
 
@@ -255,6 +255,10 @@ async def run(args: argparse.Namespace) -> str:
         dest = os.path.join(BENCH_DIR, "latest")
         os.makedirs(dest, exist_ok=True)
         shutil.copy(os.path.join(run_dir, "report.md"), os.path.join(dest, "report.md"))
+        # The figures, goals (every round's comparison), noise and correctness, without each round's raw
+        # phase results (those stay in the run directory).
+        with open(os.path.join(dest, "report.json"), "w") as f:
+            json.dump({k: v for k, v in data.items() if k != "rounds"}, f, indent=1, default=_json_default)
         if chart_ok:
             shutil.copy(os.path.join(run_dir, "chart.png"), os.path.join(dest, "chart.png"))
     print()
