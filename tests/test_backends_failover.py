@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 import time
@@ -322,8 +323,10 @@ async def test_a_pooled_connection_the_backend_closed_is_never_written_to(fakes:
     pool.release(conn)
     assert pool.idle_count >= 1
     for fake_conn in list(a._conns):
-        # Ollama closes them all (its FIN now, not at the fake's next loop turn); fastgate has not looked since
-        fake_conn.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        # Ollama closes them all (its FIN now, not at the fake's next loop turn); fastgate has not looked since.
+        # Through a duplicate of the descriptor: uvloop's transport sockets have no shutdown().
+        with socket.socket(fileno=os.dup(fake_conn.transport.get_extra_info("socket").fileno())) as sock:
+            sock.shutdown(socket.SHUT_WR)
     fresh, reused = await pool.acquire()
     assert not reused and fresh is not conn  # a new connection, to the listener that is still there
     fresh.abort()
