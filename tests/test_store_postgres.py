@@ -26,7 +26,7 @@ import fastgate.managed
 from fastgate.config import build_config
 from fastgate.errors import ConfigError
 from fastgate.state.postgres_store import SCHEMA_VERSION, PostgresStore, redacted_url
-from fastgate.state.stores import PG_SPILL_FILE, open_store, open_store_at
+from fastgate.state.stores import PG_SPILL_FILE, open_store, open_store_at, pg_spill_file
 from fastgate.store import StoreError
 from fastgate.usage import UsageRecord
 from tests.conftest import KEY1, KEYS, MakeGateway
@@ -83,6 +83,12 @@ def test_bad_urls_name_the_key_and_never_the_password(url: object) -> None:
     with pytest.raises(ConfigError, match=r"^store\.url: ") as info:
         build_config({"store": {"url": url}})
     assert "pw" not in str(info.value)
+
+
+def test_spill_file_goes_to_the_state_directory_under_systemd(tmp_path: Path) -> None:
+    config = str(tmp_path / "etc" / "fastgate.toml")
+    assert pg_spill_file(config, {}) == str(tmp_path / "etc" / PG_SPILL_FILE)
+    assert pg_spill_file(config, {"STATE_DIRECTORY": "/var/lib/fastgate:/x"}) == "/var/lib/fastgate/" + PG_SPILL_FILE
 
 
 def test_url_alone_is_accepted_and_redacted_for_messages() -> None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..config import Config, StoreConfig
 
 # The file a PostgreSQL-backed instance saves usage rows to when the database cannot take them at shutdown
-# (or while the in-memory buffer is full), next to its config file; the next start imports it.
+# (or while the in-memory buffer is full); the next start imports it. See pg_spill_file for where.
 PG_SPILL_FILE = "fastgate-usage.spill.jsonl"
 
 
@@ -72,10 +72,15 @@ class Store(Protocol):
     def tokens_used_since(self, key_id: str, since: float) -> int: ...
 
 
-def pg_spill_file(config_source: str) -> str:
-    """Where a PostgreSQL-backed instance spills usage: next to its config file (the working directory when
-    it runs on defaults)."""
-    base = os.path.dirname(os.path.abspath(config_source)) if config_source else os.getcwd()
+def pg_spill_file(config_source: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Where a PostgreSQL-backed instance spills usage: in systemd's StateDirectory= when it runs as a unit
+    ($STATE_DIRECTORY: the config's directory is read-only to the service there), else next to its config file
+    (the working directory when it runs on defaults)."""
+    state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir:
+        base = state_dir
+    else:
+        base = os.path.dirname(os.path.abspath(config_source)) if config_source else os.getcwd()
     return os.path.join(base, PG_SPILL_FILE)
 
 
