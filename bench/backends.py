@@ -428,8 +428,12 @@ def markdown(data: dict[str, Any]) -> str:
         for v in f:
             ej = "never" if v["ejected_after_s"] is None else f"{v['ejected_after_s'] * 1000:,.0f} ms"
             before = " / ".join(str(x) for x in v["requests_before_fault"].values())
-            lines.append(f"| {v['fault']} | {before} | {ej} | {v['victim_new_requests_after_fault']} "
-                         f"({v['victim_last_new_request_after_s'] * 1000:,.0f} ms) | "
+            if v["fault"] == "killed":
+                new = "- (nothing can reach it)"
+            else:
+                new = (f"{v['victim_new_requests_after_fault']} "
+                       f"({v['victim_last_new_request_after_s'] * 1000:,.0f} ms)")
+            lines.append(f"| {v['fault']} | {before} | {ej} | {new} | "
                          f"{_outcomes(v['in_flight_at_fault'])} | {_outcomes(v['started_after_fault'])} |")
         lines.append("")
     return "\n".join(lines)
@@ -471,9 +475,13 @@ async def main_async(args: argparse.Namespace) -> str:
     md = markdown(data)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)
+    latest = args.latest if args.latest is not None else not args.quick
+    if latest:
+        with open(os.path.join(BENCH_DIR, "latest", "backends.md"), "w") as f:
+            f.write(md)
     print()
     print(md)
-    print(f"report: {run_dir}/report.md")
+    print(f"report: {run_dir}/report.md" + (" (also bench/latest/backends.md)" if latest else ""))
     return run_dir
 
 
@@ -482,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests and shorter failover windows")
     ap.add_argument("--parts", default="routing,warm,failover", help="subset of routing,warm,failover")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"), help="directory for results/")
+    ap.add_argument("--latest", action=argparse.BooleanOptionalAction, default=None,
+                    help="also write bench/latest/backends.md (default: yes, except --quick)")
     args = ap.parse_args(argv)
     try:
         import uvloop

@@ -646,7 +646,9 @@ def goals_markdown(data: dict[str, Any]) -> list[str]:
              "| goal | issue | medians (target vs base) | median of per-round | range (min - max) | rounds "
              "| verdict |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [_goal_line(g) for g in data["goals"] if g["n"]]  # goals whose phases ran
+    ran = data["environment"].get("phases")
+    # goals whose phase ran (all, for a report.json written before the phases were recorded)
+    lines += [_goal_line(g) for g in data["goals"] if (g["n"] if ran is None else FIG[g["figure"]].phase in ran)]
     corr = data["correctness"].get("fastgate", {})
     if corr:
         lines.append(f"| framing: every upstream chunk arrives as the same chunk | 2 | "

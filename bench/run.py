@@ -87,13 +87,6 @@ def environment(args: argparse.Namespace, params: Params) -> dict[str, Any]:
             versions[mod] = getattr(m, "__version__", "?")
         except ImportError:
             versions[mod] = "not installed"
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "fastgate"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "n/a", False
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
@@ -103,7 +96,7 @@ def environment(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         "python": platform.python_version(),
         "nginx": version(["nginx", "-v"]),
         "versions": versions,
-        "fastgate_commit": commit + (" (fastgate/ modified)" if dirty else ""),
+        "fastgate_commit": environment_commit(),
         "quick": args.quick,
         "pin": args.pin,
         "spinners": not args.no_spin,
@@ -163,6 +156,7 @@ async def run(args: argparse.Namespace) -> str:
     run_dir = os.path.join(os.path.abspath(args.out), stamp)
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     env = environment(args, params)
+    env["phases"] = phases
     print(f"bench: {', '.join(names)}; {params.rounds} rounds; results in {run_dir}", flush=True)
 
     upstream, upstream_port = start_upstream(run_dir, other_cpus, params.lean)
