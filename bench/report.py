@@ -582,8 +582,11 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", "## Noise: (max - min) / median across rounds",
               "", "(For latency figures, of the measured value before direct's is subtracted.)", "",
               "| figure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for key in NOISE_FIGURES + ("latency_p99", "requests_per_s", "tokens_per_s", "mem_idle", "mem_active"):
+    for key in NOISE_FIGURES + ("latency_p99", "requests_per_s", "tokens_per_s", "mem_idle", "mem_active",
+                                "live200_p50", "live200_p99", "live200_cpu"):
         sp = figs[key]["spread"]
+        if not sp or all(_isnan(v) for v in sp.values()):
+            continue  # a phase that did not run
         lines.append(f"| {FIG[key].label} | " + " | ".join(_pct(sp.get(n, math.nan)) for n in names) + " |")
     rs = noise["fastgate_over_nginx_ratio_spread"]
     if rs:
