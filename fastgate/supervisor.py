@@ -269,12 +269,14 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would write the parent's buffered output a second time
+        # Blocked across the fork: the child must not run the supervisor's handlers before it has its own.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 os.close(read_fd)
-                code = self._worker(slot.index, worker_id, write_fd)
+                code = self._worker(slot.index, worker_id, write_fd, mask)
             except BaseException:  # never return into the supervisor's code in the child
                 log.exception("Worker %d failed", slot.index)
             finally:
@@ -284,6 +286,7 @@ class Supervisor:
                     except Exception:
                         pass
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         assert self.selector is not None
@@ -293,7 +296,7 @@ class Supervisor:
         slot.report, slot.error, slot.error_kind, slot.stop_sent = bytearray(), "", "", False
         slot.reload_pending = self.reloaded
 
-    def _worker(self, index: int, worker_id: str, report_fd: int) -> int:
+    def _worker(self, index: int, worker_id: str, report_fd: int, mask: set[signal.Signals]) -> int:
         """In the forked child: let go of the supervisor's descriptors and signals, then serve."""
         signal.set_wakeup_fd(-1)
         # Until the worker's loop handles them: stopping before serving needs no drain, and a reload before
@@ -302,6 +305,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for other in self.slots:
             if other.report_fd >= 0:
                 os.close(other.report_fd)

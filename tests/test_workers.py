@@ -565,3 +565,42 @@ async def test_the_tls_listener_is_shared_by_the_workers(tmp_path: Path, ollama:
         assert set(workers.served_by()) == set(workers.pids)
     finally:
         assert await proc.stop() == 0
+
+
+async def test_a_worker_that_keeps_dying_is_replaced_ever_later(tmp_path: Path, ollama: FakeOllama,
+                                                                redis: RedisServer) -> None:
+    config = workers_config(tmp_path, ollama, redis)
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    try:
+        workers = Workers(proc)
+        pid, survivor = workers.pids  # in slot order: worker 1, worker 2
+        waits = []
+        for round_ in range(1, 4):
+            os.kill(pid, signal.SIGKILL)
+            died = re.compile(rb"Worker 1 \(pid %d\) was killed by SIGKILL after serving [0-9.]+ s; a new one "
+                              rb"starts (now|in [0-9.]+ s)" % pid)
+            await wait_for(lambda: died.search(bytes(proc.log)), f"death {round_}")
+            waits.append(died.search(bytes(proc.log)).group(1).decode())  # type: ignore[union-attr]
+            started = re.compile(rb"Worker 1 started \(pid (\d+)\)")
+            await wait_for(lambda: len(started.findall(bytes(proc.log))) == round_, f"replacement {round_}")
+            pid = int(started.findall(bytes(proc.log))[-1])
+            await wait_for(lambda: b"[pid %d] Worker 1 of 2 serving" % pid in bytes(proc.log), "it to serve")
+            assert (await get(proc.port, "/api/tags"))[0] == 200
+        # Replaced at once the first time; dying again within 30 s of starting doubles the wait each time.
+        assert waits == ["now", "in 0.25 s", "in 0.5 s"]
+        assert children_of(proc.pid) == {survivor, pid}
+    finally:
+        assert await proc.stop() == 0
+
+
+async def test_workers_drain_and_end_when_the_supervisor_is_killed(tmp_path: Path, ollama: FakeOllama,
+                                                                   redis: RedisServer) -> None:
+    config = workers_config(tmp_path, ollama, redis)
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    workers = Workers(proc)
+    proc.signal(signal.SIGKILL)
+    await wait_for(lambda: not any(alive(pid) for pid in workers.pids), "the orphaned workers to end")
+    assert await proc.wait() == -signal.SIGKILL
+    text = bytes(proc.log)
+    for pid in workers.pids:  # the parent-death signal is SIGTERM: each drained and stopped, none serves on
+        assert b"[pid %d] Shutting down" % pid in text and b"[pid %d] Stopped" % pid in text
