@@ -44,7 +44,15 @@ from .errors import ConfigError
 from .logs import log, set_format, set_level
 from .server import run, warn_if_example_keys, warn_if_keys_exposed
 from .worker import (
-    RETIRED_FILE, WorkerRole, after_fork, read_json, read_retired, snapshot_path, socket_path, tag_log_lines, untag_log_lines,
+    RETIRED_FILE,
+    WorkerRole,
+    after_fork,
+    read_json,
+    read_retired,
+    snapshot_path,
+    socket_path,
+    tag_log_lines,
+    untag_log_lines,
     write_json,
 )
 
@@ -296,7 +304,7 @@ class Supervisor:
         slot.report, slot.error, slot.error_kind, slot.stop_sent = bytearray(), "", "", False
         slot.reload_pending = self.reloaded
 
-    def _worker(self, index: int, worker_id: str, report_fd: int, mask: set[signal.Signals]) -> int:
+    def _worker(self, index: int, worker_id: str, report_fd: int, mask: set[int | signal.Signals]) -> int:
         """In the forked child: let go of the supervisor's descriptors and signals, then serve."""
         signal.set_wakeup_fd(-1)
         # Until the worker's loop handles them: stopping before serving needs no drain, and a reload before

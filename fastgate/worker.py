@@ -250,13 +250,13 @@ class MetricsPeers:
         live_counted = 1 + sum(1 for worker_id, _ in usable if worker_id in live)
         body = metrics.render(**gauges.render_args()).decode()
         lines = [
-            "# HELP fastgate_workers Workers whose numbers this answer sums: answered now, or from the file "
-            "each writes every second (too busy to answer in time, or just ended).",
+            ("# HELP fastgate_workers Workers whose numbers this answer sums: answered now, or from the file "
+             "each writes every second (too busy to answer in time, or just ended)."),
             "# TYPE fastgate_workers gauge",
             f'fastgate_workers{{source="live"}} {live_counted}',
             f'fastgate_workers{{source="file"}} {counted - live_counted}',
-            "# HELP fastgate_worker_exits_total Workers that ended while fastgate ran (each one replaced); their "
-            "counts stay in the totals.",
+            ("# HELP fastgate_worker_exits_total Workers that ended while fastgate ran (each one replaced); "
+             "their counts stay in the totals."),
             "# TYPE fastgate_worker_exits_total counter",
             f"fastgate_worker_exits_total {retired.exits}",
         ]

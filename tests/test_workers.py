@@ -43,6 +43,7 @@ NEW_KEY = "api-workers-new-key-77"
 SERVED = re.compile(rb"\[pid (\d+)\] \[([0-9a-f]{8})\] Processing request: (\S+) (\S+)")
 START = re.compile(rb"; pid (\d+);.*; (\d+) workers \(pids ([0-9, ]+)\)")
 RUN_DIR = re.compile(rb"Workers share their metrics through (\S+)")
+STARTED_1 = re.compile(rb"Worker 1 started \(pid (\d+)\)")
 TAGS_200 = 'fastgate_requests_total{user="user1",path="/api/tags",status="200"}'
 DEADLINE_S = 15.0
 
@@ -373,7 +374,7 @@ async def test_both_workers_serve_and_metrics_totals_match_the_requests(
             assert metric(body, 'fastgate_tokens_total{user="user1",model="llama3.2:latest",kind="completion"}') \
                 == tokens
             assert metric(body, 'fastgate_workers{source="live"}') == 2
-            await wait_for(lambda: len(SERVED.findall(bytes(proc.log))) > lines_before, "the scrape's line")
+            await wait_for(lambda n=lines_before: len(SERVED.findall(bytes(proc.log))) > n, "the scrape's line")
             answered_by.add(int(SERVED.findall(bytes(proc.log))[-1][0]))
         for _ in range(4):  # the [metrics] listener is shared too, and needs no key
             status, body = await get(metrics_port, "/metrics", key="")
@@ -385,7 +386,8 @@ async def test_both_workers_serve_and_metrics_totals_match_the_requests(
     assert not (tmp_path / "fastgate.pid").exists()
 
 
-async def test_sighup_reaches_every_worker(tmp_path: Path, ollama: FakeOllama, redis: RedisServer) -> None:
+async def test_sighup_reaches_every_worker(tmp_path: Path, ollama: FakeOllama, redis: RedisServer,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     config = workers_config(tmp_path, ollama, redis, keys={KEY1: "user1"})
     proc = await FastgateProcess.start("serve", "--config", str(config))
     try:
@@ -395,7 +397,7 @@ async def test_sighup_reaches_every_worker(tmp_path: Path, ollama: FakeOllama, r
         # A new key, and JSON logs: each worker's "Reloaded" line is then JSON with its pid.
         config.write_text(config.read_text().replace("[keys]\n", '[log]\nformat = "json"\n\n[keys]\n') +
                           f'"{NEW_KEY}" = "carol"\n')
-        proc.signal(signal.SIGHUP)
+        assert main(["reload", "--config", str(config)]) == 0  # SIGHUP to the pid file's pid: the supervisor's
 
         def reloaded() -> set[int]:
             pids = set()
@@ -412,6 +414,7 @@ async def test_sighup_reaches_every_worker(tmp_path: Path, ollama: FakeOllama, r
         carol = {record["pid"] for record in lines if record.get("user") == "carol"}
         assert carol == set(workers.pids)
         assert proc.proc.returncode is None and children_of(proc.pid) == set(workers.pids)  # nobody restarted
+        assert f"Sent SIGHUP to fastgate (pid {proc.pid})" in capsys.readouterr().out
     finally:
         assert await proc.stop() == 0
 
@@ -434,7 +437,7 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, ollama: FakeOllama, r
             heads.append(await c.response_head())
             assert heads[-1].status == 200
             started = len(clients)
-            await wait_for(lambda: sum(workers.served_by(b"POST", b"api/generate").values()) == started,
+            await wait_for(lambda n=started: sum(workers.served_by(b"POST", b"api/generate").values()) == n,
                            "the stream's request line")
         proc.signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
@@ -517,7 +520,7 @@ async def test_a_killed_worker_is_replaced_and_its_counts_stay(tmp_path: Path, o
 
 def run_serve(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastgate", "serve", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_workers_that_cannot_start_make_the_supervisor_exit_non_zero(tmp_path: Path, redis: RedisServer) -> None:
@@ -579,12 +582,11 @@ async def test_a_worker_that_keeps_dying_is_replaced_ever_later(tmp_path: Path, 
             os.kill(pid, signal.SIGKILL)
             died = re.compile(rb"Worker 1 \(pid %d\) was killed by SIGKILL after serving [0-9.]+ s; a new one "
                               rb"starts (now|in [0-9.]+ s)" % pid)
-            await wait_for(lambda: died.search(bytes(proc.log)), f"death {round_}")
+            await wait_for(lambda d=died: d.search(bytes(proc.log)), f"death {round_}")
             waits.append(died.search(bytes(proc.log)).group(1).decode())  # type: ignore[union-attr]
-            started = re.compile(rb"Worker 1 started \(pid (\d+)\)")
-            await wait_for(lambda: len(started.findall(bytes(proc.log))) == round_, f"replacement {round_}")
-            pid = int(started.findall(bytes(proc.log))[-1])
-            await wait_for(lambda: b"[pid %d] Worker 1 of 2 serving" % pid in bytes(proc.log), "it to serve")
+            await wait_for(lambda n=round_: len(STARTED_1.findall(bytes(proc.log))) == n, f"replacement {round_}")
+            pid = int(STARTED_1.findall(bytes(proc.log))[-1])
+            await wait_for(lambda p=pid: b"[pid %d] Worker 1 of 2 serving" % p in bytes(proc.log), "it to serve")
             assert (await get(proc.port, "/api/tags"))[0] == 200
         # Replaced at once the first time; dying again within 30 s of starting doubles the wait each time.
         assert waits == ["now", "in 0.25 s", "in 0.5 s"]
