@@ -595,4 +595,7 @@ def supervise(config: Config, reread: Callable[[], Config]) -> None:
     """`fastgate serve` with server.workers > 1. Returns after a clean stop; raises WorkersFailed (or the
     ConfigError, PidFileError or OSError a single fastgate would) when the workers cannot start or did not
     end cleanly."""
+    if not hasattr(os, "fork") or not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - Windows
+        raise WorkersFailed("server.workers: more than 1 needs fork() and SO_REUSEPORT (Linux; other systems "
+                            "do not spread connections over the workers): set workers = 1")
     Supervisor(config, reread).run()

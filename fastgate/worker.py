@@ -142,6 +142,7 @@ class MetricsPeers:
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.Task[None] | None = None
         self._last_written = b""
+        self._write_failed = False  # said once until a write works again (it is tried every second)
 
     def snapshot(self) -> dict[str, Any]:
         return metrics_sum.snapshot(self.metrics, metrics_sum.Gauges(**self.gauges()))
@@ -175,8 +176,12 @@ class MetricsPeers:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("Cannot write the metrics snapshot %s: %s", path, exc)
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("Cannot write the metrics snapshot %s (the other workers' /metrics totals miss this "
+                            "worker's numbers when it is too busy to answer them, or after it dies): %s", path, exc)
             return
+        self._write_failed = False
         self._last_written = data
 
     async def _write_periodically(self) -> None:
