@@ -445,7 +445,7 @@ def _outcomes(c: dict[str, int]) -> str:
 
 async def main_async(args: argparse.Namespace) -> str:
     from .procs import busy_ns
-    from .run import environment_commit
+    from .run import environment_commit, strict_json
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-backends" + ("-quick" if args.quick else "")
@@ -471,7 +471,7 @@ async def main_async(args: argparse.Namespace) -> str:
     wall = data["duration_s"] * 1e9
     data["busy_cpus"] = max(0.0, (busy_ns() - busy0 - (time.process_time_ns() - me0)) / wall) if wall else 0.0
     with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(data, f, indent=1, default=str)
+        json.dump(strict_json(data), f, indent=1, default=str)
     md = markdown(data)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)

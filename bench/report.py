@@ -478,7 +478,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Run: {nrounds} rounds, targets interleaved (A B C D, D C B A, ...), medians over rounds; "
         f"{'quick; ' if env['quick'] else ''}"
         f"{'proxy pinned to one CPU; ' if env['pin'] else 'no CPU pinning; '}"
-        f"{'SCHED_IDLE spinners during the latency phases (paced, TTFB); ' if env['spinners'] else ''}"
+        f"{'SCHED_IDLE spinners during the latency phases (paced, TTFB, live); ' if env['spinners'] else ''}"
         f"took {env.get('duration_s', '?')} s.",
         "",
         f"**Noise:** figures moved by a median of {_pct(noise['median_spread'])} between rounds "

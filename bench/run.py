@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -235,7 +236,7 @@ async def run(args: argparse.Namespace) -> str:
     env["system"] = SystemTimes.now().since(sys_start)
     data = report.build(env, names, rounds)
     with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
+        json.dump(strict_json(data), f, indent=1, default=_json_default)
     md = report.markdown(data)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)
@@ -252,7 +253,8 @@ async def run(args: argparse.Namespace) -> str:
         # The figures, goals (every round's comparison), noise and correctness, without each round's raw
         # phase results (those stay in the run directory).
         with open(os.path.join(dest, "report.json"), "w") as f:
-            json.dump({k: v for k, v in data.items() if k != "rounds"}, f, indent=1, default=_json_default)
+            json.dump(strict_json({k: v for k, v in data.items() if k != "rounds"}), f, indent=1,
+                      default=_json_default)
         if chart_ok:
             shutil.copy(os.path.join(run_dir, "chart.png"), os.path.join(dest, "chart.png"))
     print()
@@ -278,6 +280,18 @@ class _Null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def strict_json(o: Any) -> Any:
+    """`o` with NaN and infinities (figures not measured) as null: report.json stays valid JSON for any
+    reader, not only Python's."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
+    return o
 
 
 def _json_default(o: object) -> object:
