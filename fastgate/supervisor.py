@@ -163,7 +163,7 @@ def _ignore_signal(signum: int, frame: object) -> None:
 
 class Supervisor:
     def __init__(self, config: Config, reread: Callable[[], Config]) -> None:
-        self.config = config  # what each worker starts with (replacements too; see _on_ready for reloads)
+        self.config = config  # what each worker starts with (replacements too: SIGHUP once they serve)
         self.reread = reread
         self.latest = config  # the last config the supervisor itself read (log level, shutdown grace)
         self.count = config.server.workers
