@@ -227,6 +227,7 @@ class Phases:
         failures: list[str] = []
         crc = 0
         durations: list[float] = []
+        first_token: list[float] = []
         for ex in exchanges:
             parsed = analysis.parse_exchange(ex)
             check = analysis.check_stream(parsed, p.live_tokens)
@@ -237,6 +238,10 @@ class Phases:
             tokens += min(len(parsed.line_arrival_ns), p.live_tokens)
             if ex.reads:
                 durations.append((ex.reads[-1][0] - ex.sent_ns) / 1e9)
+            if parsed.line_arrival_ns:
+                # Includes any wait before the request reached Ollama (which per-token latency, measured
+                # from the fake's send time, cannot see): a proxy that queues requests shows it here.
+                first_token.append((parsed.line_arrival_ns[0] - ex.sent_ns) / 1e6)
         wall, cpu, up, me = Meter.diff(a, b)
         expected_s = p.live_tokens * gap_s
         return {
@@ -254,6 +259,8 @@ class Phases:
             "proxy_cpu_util": cpu / wall,
             "client_cpu_util": me / wall,
             "upstream_cpu_util": up / wall,
+            "first_token_ms_p50": analysis.percentile(first_token, 50),
+            "first_token_ms_p99": analysis.percentile(first_token, 99),
             "stream_s_p50": analysis.percentile(durations, 50),
             "stream_s_max": max(durations) if durations else float("nan"),
             "stream_s_expected": expected_s,

@@ -681,9 +681,9 @@ def live_markdown(data: dict[str, Any]) -> list[str]:
               f"CPU per token of the proxy over the whole exchange (requests included). Medians over "
               f"{rounds_run} rounds. Client CPU: CPUs' worth the load client used during the phase (1.0 would "
               f"mean it was the bottleneck)."), "",
-             "| live streams | target | added p50 | added p99 | added p99.9 | CPU/token | stream time p50 "
-             "(expected) | client CPU | streams intact |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| live streams | target | added p50 | added p99 | added p99.9 | CPU/token | first token p50 / p99 "
+             "| stream time p50 / max (expected) | client CPU | streams intact |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     worst_client = 0.0
     for n in levels:
         for t in names:
@@ -697,6 +697,9 @@ def live_markdown(data: dict[str, Any]) -> list[str]:
             ok = sum(r["streams_ok"] for r in rs)
             total = sum(r["streams"] for r in rs)
             dur = median([r.get("stream_s_p50", math.nan) for r in rs])
+            dur_max = median([r.get("stream_s_max", math.nan) for r in rs])
+            ft50 = median([r.get("first_token_ms_p50", math.nan) for r in rs])
+            ft99 = median([r.get("first_token_ms_p99", math.nan) for r in rs])
             exp = rs[0].get("stream_s_expected", math.nan)
             worst_client = max([worst_client] + [r.get("client_cpu_util", 0.0) for r in rs])
             floor = t == "direct"
@@ -704,9 +707,14 @@ def live_markdown(data: dict[str, Any]) -> list[str]:
                 f"| {n} | {t} | {'(floor) ' + _fmt(med['p50']) if floor else _fmt(med['p50'], 'us')} | "
                 f"{'(floor) ' + _fmt(med['p99']) if floor else _fmt(med['p99'], 'us')} | "
                 f"{'(floor) ' + _fmt(med['p999']) if floor else _fmt(med['p999'], 'us')} | "
-                f"{'-' if floor else _fmt(med['cpu'], 'us')} | {_fmt(dur)} s ({_fmt(exp)} s) | "
+                f"{'-' if floor else _fmt(med['cpu'], 'us')} | {_fmt(ft50)} / {_fmt(ft99)} ms | "
+                f"{_fmt(dur)} / {_fmt(dur_max)} s ({_fmt(exp)} s) | "
                 f"{_fmt(med['client'])} | {ok}/{total} |")
-    lines += ["", (f"Direct's rows are absolute latencies (the floor). Highest client CPU use in any live window: "
+    lines += ["", ("First token: from writing the request to the first token item, which includes any wait "
+                   "before the request reached Ollama; per-token latency (from the fake's send time) cannot see "
+                   "such a wait, so a proxy that queues requests (the seed's httpx pool holds 100 connections by "
+                   "default) shows it here and in the stream time, not in the added latency."),
+              "", (f"Direct's rows are absolute latencies (the floor). Highest client CPU use in any live window: "
                    f"{_fmt(worst_client)} CPUs"
                    + (" -- the client was near saturation: latencies at this level include its own queueing."
                       if worst_client > 0.8 else " (not saturated).")), ""]
