@@ -419,7 +419,9 @@ async def test_sighup_reaches_every_worker(tmp_path: Path, ollama: FakeOllama, r
         assert await proc.stop() == 0
 
 
-async def test_sigterm_drains_every_worker(tmp_path: Path, ollama: FakeOllama, redis: RedisServer) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_sigterm_drains_every_worker(tmp_path: Path, ollama: FakeOllama, redis: RedisServer,
+                                           sig: signal.Signals) -> None:
     config = workers_config(tmp_path, ollama, redis)
     proc = await FastgateProcess.start("serve", "--config", str(config))
     clients: list[Client] = []
@@ -439,7 +441,7 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, ollama: FakeOllama, r
             started = len(clients)
             await wait_for(lambda n=started: sum(workers.served_by(b"POST", b"api/generate").values()) == n,
                            "the stream's request line")
-        proc.signal(signal.SIGTERM)
+        proc.signal(sig)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while True:  # new connections are refused once both workers closed their listeners
@@ -606,3 +608,41 @@ async def test_workers_drain_and_end_when_the_supervisor_is_killed(tmp_path: Pat
     text = bytes(proc.log)
     for pid in workers.pids:  # the parent-death signal is SIGTERM: each drained and stopped, none serves on
         assert b"[pid %d] Shutting down" % pid in text and b"[pid %d] Stopped" % pid in text
+
+
+async def test_a_worker_too_busy_to_answer_is_counted_from_its_file(tmp_path: Path, ollama: FakeOllama,
+                                                                   redis: RedisServer) -> None:
+    config = workers_config(tmp_path, ollama, redis)
+    proc = await FastgateProcess.start("serve", "--config", str(config))
+    frozen = 0
+    try:
+        workers = Workers(proc)
+        run_dir = await workers.run_dir()
+        sent = 20
+        for _ in range(sent):
+            assert (await get(proc.port, "/api/tags"))[0] == 200
+        await wait_for(lambda: sum(workers.served_by().values()) == sent, "the request lines")
+        frozen = workers.pids[0]  # worker 1, whose id in the run directory is 1.1 (slot 1, first start)
+        # Its snapshot file is current once it holds what the log says this worker served.
+        count = workers.served_by()[frozen]
+        await wait_for(lambda: f'"user1","/api/tags","200",{count}]' in (run_dir / "w-1.1.json").read_text(),
+                       "the frozen worker's file")
+        os.kill(frozen, signal.SIGSTOP)  # alive, listening, answering nobody: the scrape must not wait on it
+        loop = asyncio.get_running_loop()
+        for _ in range(20):  # a connection the kernel hands the frozen worker hangs: try another
+            try:
+                started = loop.time()
+                status, body = await asyncio.wait_for(get(proc.port, "/metrics"), 3)
+                break
+            except asyncio.TimeoutError:
+                continue
+        else:
+            raise AssertionError("no scrape reached the running worker")
+        assert status == 200 and loop.time() - started < 2.5
+        assert metric(body, TAGS_200) == sent
+        assert metric(body, 'fastgate_workers{source="live"}') == 1
+        assert metric(body, 'fastgate_workers{source="file"}') == 1
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        assert await proc.stop() == 0
