@@ -126,7 +126,7 @@ class ManagedKeys:
         self._stopping.set()
         self._wake.set()
         if self._watcher is not None:
-            await asyncio.wait({self._watcher}, timeout=WATCH_WAIT_S + 1.0)
+            await asyncio.wait({self._watcher}, timeout=WATCH_WAIT_S + 1.5)  # see LISTEN_RETRY_S
         task = self._task
         if task is not None:
             # Let a round in progress finish rather than cancel it mid-write: a cancelled write leaves a batch

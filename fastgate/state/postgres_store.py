@@ -61,6 +61,7 @@ BUSY_TIMEOUT_S = 10.0  # lock waits when the caller gives no bound
 # A fixed advisory-lock number for the schema migration ("fastgate" in ASCII, as an integer).
 MIGRATION_LOCK = 0x66617374676174
 SPILL_CLAIM_MARK = ".importing-"
+LISTEN_RETRY_S = 1.0  # a LISTEN connection that cannot be made is tried again after this long
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -372,7 +373,8 @@ class PostgresStore:
     def wait_for_change(self, timeout_s: float) -> bool:
         """Block up to `timeout_s` for a key change anywhere (LISTEN). True when one was announced, or when
         the listening connection was (re)made, since changes in between went unheard; False on timeout or
-        while the server cannot be reached (then it waits out `timeout_s`, so a caller's loop never spins)."""
+        while the server cannot be reached (then it waits LISTEN_RETRY_S at least, so a caller's loop neither
+        spins nor knocks on a server that is down more than once a second)."""
         if self._closed.is_set():
             return False
         listen = self._listen
@@ -385,7 +387,7 @@ class PostgresStore:
                 listen.execute(f"LISTEN {CHANNEL}")
             except psycopg.Error:
                 self._listen = None
-                self._closed.wait(timeout_s)
+                self._closed.wait(max(timeout_s, LISTEN_RETRY_S))
                 return False
             self._listen = listen
             return True
