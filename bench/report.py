@@ -651,13 +651,18 @@ def goals_markdown(data: dict[str, Any]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     ran = data["environment"].get("phases")
     # goals whose phase ran (all, for a report.json written before the phases were recorded)
-    lines += [_goal_line(g) for g in data["goals"] if (g["n"] if ran is None else FIG[g["figure"]].phase in ran)]
+    shown = [g for g in data["goals"] if (g["n"] if ran is None else FIG[g["figure"]].phase in ran)]
+    lines += [_goal_line(g) for g in shown]
     corr = data["correctness"].get("fastgate", {})
     if corr:
         lines.append(f"| framing: every upstream chunk arrives as the same chunk | 2 | "
                      f"{corr.get('paced_reframed', 0) + corr.get('full_reframed', 0)} re-framed of "
                      f"{corr.get('paced_chunks', 0) + corr.get('full_chunks', 0)} | | | | "
                      f"{'**met**' if corr.get('framing_preserved') else '**missed**'} |")
+    counts = {v: sum(1 for g in shown if g["verdict"] == v) for v in ("met", "within noise", "missed")}
+    judged = all(g["judged"] for g in shown if g["verdict"] in counts)
+    lines += ["", ("In short: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+                   + ("." if judged else f" -- indicative only: {nrounds} rounds, not judged."))]
     lines.append("")
     return lines
 
