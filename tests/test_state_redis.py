@@ -394,6 +394,7 @@ async def test_a_running_stream_keeps_its_lease_and_a_dead_one_loses_it(redis: R
         # An instance that stops renewing (its process died): its lease lapses after the TTL, not before.
         assert a._runner is not None
         a._runner.cancel()
+        await asyncio.wait_for(asyncio.gather(a._runner, return_exceptions=True), 2)  # no more renewals
         await a.admit(key)  # b's lease was released by _admits
         took = await eventually(lambda: _admits(b, key), timeout=3, interval=0.05)
         assert 0.2 < took < 1.5, took

@@ -53,6 +53,7 @@ INSTANCE_TTL_S = 3.0  # an instance missing this many seconds of heartbeats no l
 RECONNECT_S = 1.0  # Redis back: shared again within this plus one probe (well under 5 s)
 PROBE_TIMEOUT_S = 1.0  # background calls (heartbeat, reconnect probe, trust reload) are off the request path
 TOKENS_KEY_TTL_S = 2 * DAY_S
+WARM_CONNECTIONS = 4  # opened at connect: requests admitted at once each need one
 
 T = TypeVar("T")
 
@@ -515,6 +516,7 @@ class RedisState:
         await _bounded(self._pubsub.subscribe(EVENTS_CHANNEL), PROBE_TIMEOUT_S)
         await _bounded(self._load_grants(), 5 * PROBE_TIMEOUT_S)
         await _bounded(self._load_locks(), 5 * PROBE_TIMEOUT_S)
+        await _bounded(self._warm_up(), PROBE_TIMEOUT_S)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
         was = self.mode
         self.mode = SHARED
@@ -524,6 +526,13 @@ class RedisState:
         if was == DEGRADED and self.degraded_total:
             log.warning("Shared state %s answers again: limits, leases, IP trust and lockout are shared "
                         "(%d live instances)", self.settings.url.redacted, self.live_instances)
+
+    async def _warm_up(self) -> None:
+        """Scripts loaded and a few connections open before the first request: otherwise that request pays
+        for a connect and a NOSCRIPT round trip, which on a busy machine can pass state.timeout."""
+        for script in (self._admit, self._renew, self._failure, self._seed):
+            await self.redis.script_load(script.script)
+        await asyncio.gather(*(self.redis.ping() for _ in range(WARM_CONNECTIONS)))
 
     async def _load_locks(self) -> None:
         """Windows that reached the limit while this instance was away (started, or cut off from Redis)."""
@@ -613,9 +622,16 @@ class RedisState:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                if _cancelling():  # a cancel the client library turned into a connection error: still a cancel
+                    raise asyncio.CancelledError() from exc
                 self._degrade(exc)
             except Exception:  # noqa: BLE001 - the loop must outlive a bug, or the instance never reconnects
                 log.exception("Shared state: unexpected error in the heartbeat")
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and sys.version_info >= (3, 11) and task.cancelling() > 0
 
 
 class _nullcontext:  # pragma: no cover - 3.10 only
