@@ -258,15 +258,15 @@ async def warm_first(run_dir: str, requests: int) -> dict[str, Any]:
             outcomes: dict[str, int] = {}
             per_conn = requests // concurrency
 
-            async def loop() -> None:
+            async def loop(port: int, req: bytes, count: int, outcomes: dict[str, int]) -> None:
                 conn = None
-                for _ in range(per_conn):
-                    conn, outcome = await _stream_once(fg.port, req, conn)
+                for _ in range(count):
+                    conn, outcome = await _stream_once(port, req, conn)
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if conn is not None:
                     conn.close()
 
-            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            await asyncio.gather(*(loop(fg.port, req, per_conn, outcomes) for _ in range(concurrency)))
             landed = [len(model_requests(f, t0)) for f in fakes]
             total = sum(landed)
             out[label] = {"requests": per_conn * concurrency, "landed": dict(zip(("gpu1", "gpu2", "gpu3"), landed)),
@@ -380,17 +380,19 @@ async def failover(run_dir: str, kind: str, before_s: float, after_s: float) -> 
 
 # -- report ----------------------------------------------------------------------------------------------------
 
-def markdown(data: dict[str, Any]) -> str:
-    lines = [f"# fastgate several-backends benchmark: {data['date']}", "",
-             f"fastgate at {data['commit']}; {'quick; ' if data['quick'] else ''}took {data['duration_s']} s. "
-             f"The machine was busy {data['busy_cpus']:.2f} CPUs on average over the run (fastgate included, "
-             f"this process not).", ""]
+def markdown(data: dict[str, Any], *, level: int = 1) -> str:
+    """The report; `level` 2 when it is a section of the main report (its headings one level down)."""
+    h = "#" * level
+    lines = [f"{h} fastgate several-backends benchmark (bench.backends): {data['date']}", "",
+             (f"fastgate at {data['commit']}; {'quick; ' if data['quick'] else ''}took {data['duration_s']} s. "
+              f"The machine was busy {data['busy_cpus']:.2f} CPUs on average over the run (fastgate included, "
+              f"this process not)."), ""]
     r = data.get("routing")
     if r:
-        lines += ["## Routing decision (pure Router, in-process)", "",
-                  f"Per call, {next(iter(v for v in r.values() if isinstance(v, dict)))['iterations']:,} calls; "
-                  f"timer overhead p50 {r['timer_overhead_p50_us']:.2f} us (included). Goal: under "
-                  f"{ROUTING_GOAL_US:g} us.", "",
+        lines += [f"{h}# Routing decision (pure Router, in-process)", "",
+                  (f"Per call, {next(iter(v for v in r.values() if isinstance(v, dict)))['iterations']:,} "
+                   f"calls; timer overhead p50 {r['timer_overhead_p50_us']:.2f} us (included). Goal: under "
+                   f"{ROUTING_GOAL_US:g} us."), "",
                   "| setting | choose p50 | p99 | p99.9 | choose + release p50 | p99 | goal (p99 < 20 us) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for label, v in r.items():
@@ -402,9 +404,10 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     w = data.get("warm")
     if w:
-        lines += ["## Warm-first hit rate", "",
-                  "Three fake Ollamas with the model, loaded on gpu1 only, max_parallel 4 each; 5-token streams "
-                  "through fastgate. Hit rate: share of the streams that landed on gpu1 (counted by the fakes).", "",
+        lines += [f"{h}# Warm-first hit rate", "",
+                  ("Three fake Ollamas with the model, loaded on gpu1 only, max_parallel 4 each; 5-token "
+                   "streams through fastgate. Hit rate: share of the streams that landed on gpu1 (counted by the "
+                   "fakes)."), "",
                   "| traffic | requests | gpu1 / gpu2 / gpu3 | hit rate | client outcomes |",
                   "| --- | --- | --- | --- | --- |"]
         for label, v in w.items():
@@ -414,7 +417,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     f = data.get("failover")
     if f:
-        lines += ["## Failover", "",
+        lines += [f"{h}# Failover", "",
                   ("12 client loops of 20-token streams (5 ms apart) through a three-backend fastgate "
                    f"(max_parallel {FAILOVER_SLOTS} each, the model loaded on all three); gpu2 "
                    f"fails at t0. [upstream] read_timeout = {READ_TIMEOUT_S:g} s for these runs (a request "
@@ -422,8 +425,8 @@ def markdown(data: dict[str, Any]) -> str:
                    f"{HEALTH_POLL_S * 1000:.0f} ms) showing gpu2 not up. Outcomes: ok, an error status, "
                    "`visible` (the connection closed before the end, or an error item), `hung` (no answer "
                    f"within {CLIENT_TIMEOUT_S:g} s), `silent` (framed as complete but cut: must be 0)."), "",
-                  "| fault | requests before t0 (gpu1 / gpu2 / gpu3) | gpu2 ejected after "
-                  "| gpu2 new model requests after t0 (last at) | in flight at t0 | started after t0 |",
+                  ("| fault | requests before t0 (gpu1 / gpu2 / gpu3) | gpu2 ejected after "
+                   "| gpu2 new model requests after t0 (last at) | in flight at t0 | started after t0 |"),
                   "| --- | --- | --- | --- | --- | --- |"]
         for v in f:
             ej = "never" if v["ejected_after_s"] is None else f"{v['ejected_after_s'] * 1000:,.0f} ms"
@@ -443,33 +446,40 @@ def _outcomes(c: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (kv[0] != "ok", kv[0]))) or "-"
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def collect(run_dir: str, parts: list[str], quick: bool) -> dict[str, Any]:
+    """Run the named parts; their figures (what report.json holds). Logs and configs go to run_dir."""
     from .procs import busy_ns
-    from .run import environment_commit, strict_json
+    from .run import environment_commit
 
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-backends" + ("-quick" if args.quick else "")
-    run_dir = os.path.join(os.path.abspath(args.out), stamp)
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     t_start = time.monotonic()
     busy0, me0 = busy_ns(), time.process_time_ns()
     data: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                            "commit": environment_commit(), "quick": args.quick}
+                            "commit": environment_commit(), "quick": quick}
     if "routing" in parts:
-        print("routing: microbenchmark", flush=True)
-        data["routing"] = routing_microbench(20_000 if args.quick else 200_000)
+        print("backends: routing microbenchmark", flush=True)
+        data["routing"] = routing_microbench(20_000 if quick else 200_000)
     if "warm" in parts:
-        print("warm: warm-first hit rate", flush=True)
-        data["warm"] = await warm_first(run_dir, 100 if args.quick else 200)
+        print("backends: warm-first hit rate", flush=True)
+        data["warm"] = await warm_first(run_dir, 100 if quick else 200)
     if "failover" in parts:
         data["failover"] = []
         for kind in ("killed", "refusing", "hanging"):
-            print(f"failover: {kind}", flush=True)
-            data["failover"].append(await failover(run_dir, kind, 1.0 if args.quick else 2.0,
-                                                   5.0 if args.quick else 8.0))
+            print(f"backends: failover, {kind}", flush=True)
+            data["failover"].append(await failover(run_dir, kind, 1.0 if quick else 2.0, 5.0 if quick else 8.0))
     data["duration_s"] = round(time.monotonic() - t_start, 1)
     wall = data["duration_s"] * 1e9
     data["busy_cpus"] = max(0.0, (busy_ns() - busy0 - (time.process_time_ns() - me0)) / wall) if wall else 0.0
+    return data
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    from .run import strict_json
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-backends" + ("-quick" if args.quick else "")
+    run_dir = os.path.join(os.path.abspath(args.out), stamp)
+    data = await collect(run_dir, parts, args.quick)
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(strict_json(data), f, indent=1, default=str)
     md = markdown(data)

@@ -630,6 +630,12 @@ def markdown(data: dict[str, Any]) -> str:
     if any(not _isnan(v) for v in cu.values()):
         lines += ["", "Load generator's CPU use during the small-request window (CPUs): " + ", ".join(
             f"{n} {_fmt(v)}" for n, v in cu.items() if not _isnan(v)) + "."]
+    b = data.get("backends")
+    if b:
+        from .backends import markdown as backends_markdown
+
+        lines += ["", backends_markdown(b, level=2) if "error" not in b else
+                  f"## Several backends (bench.backends)\n\nERROR: {b['error']}"]
     lines.append("")
     return "\n".join(lines)
 
@@ -646,8 +652,8 @@ def goals_markdown(data: dict[str, Any]) -> list[str]:
               f"side of the line, **missed** when every round is beyond it, **within noise** when the range "
               f"crosses it. Goals are judged only over {MIN_JUDGED_ROUNDS} or more rounds "
               f"(this run: {nrounds})."), "",
-             "| goal | issue | medians (target vs base) | median of per-round | range (min - max) | rounds "
-             "| verdict |",
+             ("| goal | issue | medians (target vs base) | median of per-round | range (min - max) | rounds "
+              "| verdict |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     ran = data["environment"].get("phases")
     # goals whose phase ran (all, for a report.json written before the phases were recorded)
@@ -686,8 +692,8 @@ def live_markdown(data: dict[str, Any]) -> list[str]:
               f"CPU per token of the proxy over the whole exchange (requests included). Medians over "
               f"{rounds_run} rounds. Client CPU: CPUs' worth the load client used during the phase (1.0 would "
               f"mean it was the bottleneck)."), "",
-             "| live streams | target | added p50 | added p99 | added p99.9 | CPU/token | first token p50 / p99 "
-             "| stream time p50 / max (expected) | client CPU | streams intact |",
+             ("| live streams | target | added p50 | added p99 | added p99.9 | CPU/token | first token p50 / p99 "
+              "| stream time p50 / max (expected) | client CPU | streams intact |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     worst_client = 0.0
     for n in levels:

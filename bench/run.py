@@ -24,8 +24,16 @@ from typing import Any
 from . import report
 from .phases import Params, Phases
 from .procs import Spinners, SystemTimes, calibrate_ms, set_affinity
-from .targets import (ALL_TARGETS, KNOWN_TARGETS, ROOT, TARGET_ORDER, RunResources, Target, start_target,
-                      start_upstream)
+from .targets import (
+    ALL_TARGETS,
+    KNOWN_TARGETS,
+    ROOT,
+    TARGET_ORDER,
+    RunResources,
+    Target,
+    start_target,
+    start_upstream,
+)
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 LIVE_LEVELS = (100, 200, 400)  # concurrent paced streams in the live phases (live100, live200, live400)
@@ -44,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pin", action="store_true",
                     help="pin each proxy to the last CPU and the client + fake Ollama to the others")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma-separated subset of {','.join(KNOWN_TARGETS)} (default {','.join(ALL_TARGETS)}; "
+                    help=f"comma-separated subset of {','.join(KNOWN_TARGETS)}, or all "
+                         f"(default {','.join(ALL_TARGETS)}; "
                          "direct is always added); fastgate:VARIANT[+VARIANT] adds fastgate patched by "
                          "bench/variants.py; fastgate-limited serves a managed key with limits and usage "
                          "accounting from a key store")
@@ -55,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="directory for results/<timestamp>/ (default bench/results)")
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)} (live: all three live phases)")
+    ap.add_argument("--with-backends", action="store_true",
+                    help="after the rounds, also run bench.backends (routing, warm-first, failover) and add its "
+                         "figures to the report")
     ap.add_argument("--no-spin", action="store_true", help="no SCHED_IDLE spinners during the latency phases (paced, ttfb)")
     ap.add_argument("--log-level", default="INFO", help="fastgate's [log] level (default INFO, its default)")
     ap.add_argument("--no-lean", action="store_true",
@@ -110,9 +122,9 @@ def environment_commit() -> str:
     """fastgate's commit, marked when fastgate/ has changes not committed."""
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+                                text=True, timeout=10, check=False).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "fastgate"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+                                    capture_output=True, text=True, timeout=10, check=False).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return "n/a"
     return commit + (" (fastgate/ modified)" if dirty else "")
@@ -133,6 +145,8 @@ async def run(args: argparse.Namespace) -> str:
     if args.no_lean:
         params.lean = False
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if "all" in names:  # every target, the extra ones included
+        names = [n for n in names if n != "all"] + [n for n in KNOWN_TARGETS if n not in names]
     if args.live_rounds is not None:
         params.live_rounds = args.live_rounds
     for n in names:
@@ -208,7 +222,7 @@ async def run(args: argparse.Namespace) -> str:
                                     results[n][phase] = await runner.live(targets[n], int(phase[4:]))
                                 else:
                                     results[n][phase] = await getattr(runner, phase)(targets[n])
-                            except Exception as exc:  # one broken target must not lose the run
+                            except Exception as exc:  # noqa: BLE001 - one broken target must not lose the run
                                 traceback.print_exc()
                                 results[n][phase] = {"error": f"{type(exc).__name__}: {exc}"}
                             line = report.one_line(phase, results[n][phase])
@@ -235,6 +249,16 @@ async def run(args: argparse.Namespace) -> str:
     env["duration_s"] = round(time.monotonic() - t_start, 1)
     env["system"] = SystemTimes.now().since(sys_start)
     data = report.build(env, names, rounds)
+    if args.with_backends:
+        from . import backends
+
+        gc.enable()
+        try:
+            data["backends"] = await backends.collect(os.path.join(run_dir, "backends"),
+                                                      ["routing", "warm", "failover"], args.quick)
+        except Exception as exc:  # noqa: BLE001 - the rounds' figures must still be written
+            traceback.print_exc()
+            data["backends"] = {"error": f"{type(exc).__name__}: {exc}"}
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(strict_json(data), f, indent=1, default=_json_default)
     md = report.markdown(data)
