@@ -2,7 +2,7 @@
 and on request `fastgate-limited` (fastgate serving a managed key from its SQLite key store, with limits,
 a model allow-list and usage accounting on), `fastgate-redis` (the same with [state] in a redis-server of
 the run's own), `fastgate-3backends` (three [[backends]], each its own fake Ollama with the model) and
-`fastgate-workers2` ([server] workers = 2 with [state]).
+`fastgate-workers2` ([server] workers = 2 with [state]; `fastgate-workers1` is the same with workers = 1).
 
 Each proxy is started by the harness as its own process on loopback, with a config generated here,
 and stopped by PID. All of them log one line (fastgate: three) per request to a file in the run
@@ -29,16 +29,13 @@ BAD_KEY = "bench-key-wrong"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_TARGETS = ("direct", "fastgate", "nginx", "seed")  # the default set
 # Targets measured only when named in --targets.
-EXTRA_TARGETS = ("fastgate-limited", "fastgate-redis", "fastgate-3backends", "fastgate-workers2")
+EXTRA_TARGETS = ("fastgate-limited", "fastgate-redis", "fastgate-3backends", "fastgate-workers1", "fastgate-workers2")
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 # Interleaving order: each variant of fastgate right after what it is compared with, so that the two are
 # measured seconds apart.
-TARGET_ORDER = ("direct", "fastgate", "fastgate-3backends", "fastgate-workers2", "fastgate-limited",
-                "fastgate-redis", "nginx", "seed")
+TARGET_ORDER = ("direct", "fastgate", "fastgate-3backends", "fastgate-workers1", "fastgate-workers2",
+                "fastgate-limited", "fastgate-redis", "nginx", "seed")
 PROXIES = TARGET_ORDER[1:]
-# What each extra target is compared with, round by round (report.PAIRED_FIGURES).
-PAIRED_BASE = {"fastgate-limited": "fastgate", "fastgate-3backends": "fastgate", "fastgate-workers2": "fastgate",
-               "fastgate-redis": "fastgate-limited"}
 BACKENDS = 3  # fastgate-3backends: fake Ollamas, each with the model, each its own process
 WORKERS = 2  # fastgate-workers2: [server] workers
 REDIS_STARTUP_S = 10.0
@@ -159,7 +156,8 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
                    resources: RunResources | None = None) -> Target:
     """fastgate as users run it; with `variants`, through bench.variants (patched at startup); `managed`:
     serving a managed key from a key store (fastgate-limited); `kind`: "3backends", "redis" (managed, with
-    [state] in the run's redis-server) or "workers2" ([server] workers = 2, with [state])."""
+    [state] in the run's redis-server), "workers2" ([server] workers = 2, with [state]) or "workers1" (the
+    same with workers = 1)."""
     port = free_port()
     name = f"fastgate:{variants}" if variants else "fastgate"
     if managed:
@@ -173,7 +171,7 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
     upstreams: tuple[Managed, ...] = ()
     aux: tuple[Managed, ...] = ()
     state_url = ""
-    if kind in ("redis", "workers2"):
+    if kind in ("redis", "workers1", "workers2"):
         assert resources is not None
         redis = resources.redis()
         aux = (redis.process,)
@@ -184,7 +182,8 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
     with open(path, "w") as f:
         f.write(fastgate_config(port, upstream_port, log_level, store_path,
                                 backend_ports=tuple(resources.fake_ports) if upstreams and resources else (),
-                                state_url=state_url, workers=WORKERS if kind == "workers2" else 0))
+                                state_url=state_url,
+                                workers={"workers1": 1, "workers2": WORKERS}.get(kind, 0)))
     argv = [sys.executable, "-m", "fastgate", "serve", "--config", path]
     if variants:
         argv = [sys.executable, "-m", "bench.variants", variants, "serve", "--config", path]
@@ -199,7 +198,7 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
         proc.stop()
         raise
     proc.refresh()
-    target = Target(name, port, proc, upstreams=upstreams, aux=aux, multi_process=kind == "workers2")
+    target = Target(name, port, proc, upstreams=upstreams, aux=aux, multi_process=kind.startswith("workers"))
     if managed:
         target.key = key
         target.store_path = store_path
@@ -398,7 +397,7 @@ def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | N
     if base == "fastgate-redis":
         return start_fastgate(run_dir, upstream_port, cpus, log_level, variants, managed=True, kind="redis",
                               resources=resources)
-    if base in ("fastgate-3backends", "fastgate-workers2"):
+    if base in ("fastgate-3backends", "fastgate-workers1", "fastgate-workers2"):
         return start_fastgate(run_dir, upstream_port, cpus, log_level, variants, kind=base[len("fastgate-"):],
                               resources=resources)
     if name == "nginx":
