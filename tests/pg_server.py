@@ -12,6 +12,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -113,6 +114,28 @@ class PgServer:
     def stop(self) -> None:
         """Stop it as an operator (or a crash-restarting supervisor) would: every connection is cut."""
         self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def _processes(self) -> list[int]:
+        postmaster = int(Path(self.datadir, "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True,
+                                  check=False).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the server and its backends: connections stay open and the kernel still acknowledges
+        bytes, but nothing answers (a hung server, the case no TCP timeout catches). Returns what to thaw."""
+        frozen = self._processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        return frozen
+
+    @staticmethod
+    def thaw(frozen: list[int]) -> None:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def destroy(self) -> None:
         try:

@@ -553,3 +553,40 @@ async def test_usage_is_exact_after_postgres_is_stopped_for_20_seconds(ollama: F
     finally:
         await fleet.stop()
         server.destroy()
+
+
+async def test_a_frozen_server_never_holds_up_requests_or_shutdown(ollama: FakeOllama, tmp_path: Path) -> None:
+    """A server that accepts bytes but answers nothing: requests are served from the keys in memory, SIGTERM
+    still ends the process (its stuck call is cut), the rows go to the spill file and, once the server is back,
+    the restarted instance imports them: exact totals."""
+    server = private_cluster()
+    fleet = Fleet(ollama, "", tmp_path)
+    frozen: list[int] = []
+    try:
+        fleet.db_url = server.create_database()
+        await fleet.start(1)
+        config = fleet.configs[0]
+        config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_grace = 2\n", 1))
+        await fleet.procs[0].stop()  # type: ignore[union-attr]
+        await fleet.restart(0)
+        proc = fleet.procs[0]
+        assert proc is not None
+        with PostgresStore(fleet.db_url, spill_file=str(tmp_path / "reader-spill")) as store:
+            _, secret = store.add("kim", now=time.time())
+        await eventually_async(lambda: status_on(proc.port, secret), 200)
+        frozen = await asyncio.to_thread(server.freeze)
+        traffic = Traffic(secret)
+        await traffic.run([proc.port], 300, workers=3, pace_s=0.01)  # a few write rounds get stuck meanwhile
+        assert traffic.answered == 300
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(30) == 0
+        assert b"saved them to" in proc.log, bytes(proc.log).decode()[-2000:]
+        server.thaw(frozen)
+        frozen = []
+        await fleet.restart(0)
+        with PostgresStore(fleet.db_url, spill_file=str(tmp_path / "reader-spill")) as store:
+            await settle_exact(store, traffic.answered + 1, traffic.tokens, timeout_s=30)
+    finally:
+        server.thaw(frozen)
+        await fleet.stop()
+        server.destroy()

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -61,6 +62,7 @@ BUSY_TIMEOUT_S = 10.0  # lock waits when the caller gives no bound
 # A fixed advisory-lock number for the schema migration ("fastgate" in ASCII, as an integer).
 MIGRATION_LOCK = 0x66617374676174
 SPILL_CLAIM_MARK = ".importing-"
+CLOSE_WAIT_S = 2.0  # close() waits this long for a call in progress
 LISTEN_RETRY_S = 1.0  # a LISTEN connection that cannot be made is tried again after this long
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -121,6 +123,15 @@ def redacted_url(url: str) -> str:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.partition(':')[0]}@{host}"
     return parts._replace(netloc=netloc, query="", fragment="").geturl()
+
+
+def _shut_down_socket(conn: psycopg.Connection[Any]) -> None:
+    """End the connection's TCP session under a call blocked on it (from another thread)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass  # already gone
 
 
 def _first_line(exc: BaseException) -> str:
@@ -259,10 +270,21 @@ class PostgresStore:
 
     def close(self) -> None:
         self._closed.set()
-        with self._lock:
+        if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+            # A call is stuck on a server that accepts bytes but does not answer (frozen, or its disk hung):
+            # the kernel acknowledges everything, so no TCP timeout ends it, and the worker thread it blocks
+            # would keep the process from exiting. Shutting the socket down wakes that call with an error.
+            db = self._db
+            if db is not None:
+                _shut_down_socket(db)
+            if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+                return  # leave it: the process is exiting and the server drops the session itself
+        try:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        finally:
+            self._lock.release()
         listen = self._listen
         if listen is not None:
             listen.close()
