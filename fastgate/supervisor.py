@@ -43,6 +43,7 @@ from .config import Config, HostPort
 from .errors import ConfigError
 from .logs import log, set_format, set_level
 from .server import run, warn_if_example_keys, warn_if_keys_exposed
+from .store import StoreError
 from .worker import (
     RETIRED_FILE,
     WorkerRole,
@@ -341,6 +342,9 @@ class Supervisor:
         except OSError as exc:
             role.report({"error": f"cannot listen on {self.config.server.listen}: {exc.strerror or exc}",
                          "kind": "listen"})
+            return 1
+        except StoreError as exc:  # the key store's database is down: worded for the operator already
+            role.report({"error": str(exc), "kind": "store"})
             return 1
         except Exception as exc:
             log.exception("Worker %d failed", index)
