@@ -89,8 +89,8 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> tuple[Metrics, Gauges]:
     backends: dict[str, list[int]] = {}  # name -> [up, in_flight, waiting, ejections], in first-seen order
     queue_depth: int | None = None
     for snap in snapshots:
-        if snap.get("v") != SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {snap.get('v')!r}")
+        if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION:
+            raise ValueError("not a snapshot of this version")
         for user, path, status, n in snap["requests"]:
             key = (str(user), str(path), str(status))
             total.requests[key] = total.requests.get(key, 0) + int(n)

@@ -187,8 +187,9 @@ def test_a_dead_workers_counts_stay_and_are_never_counted_twice() -> None:
 
 
 def test_bad_snapshots_are_refused() -> None:
-    with pytest.raises(ValueError):
-        metrics_sum.merge([{"v": 99}])
+    for bad in ({"v": 99}, [1, 2], "text", None):
+        with pytest.raises(ValueError):
+            metrics_sum.merge([bad])  # type: ignore[list-item]
     good = metrics_sum.empty_snapshot()
     good["request_duration"] = {"counts": [1], "total": 0.0, "count": 1}
     with pytest.raises(ValueError):
