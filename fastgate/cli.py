@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level)
     from .pidfile import PidFileError
     from .server import run
+    from .store import StoreError
     from .supervisor import WorkersFailed, supervise
     if config_path is None and config.source:
         config_path = config.source  # found ./fastgate.toml: a reload re-reads that same file
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found only once serving starts (the key store cannot be opened)
         print(f"fastgate: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StoreError as exc:  # the key store's database is down at start: later may work (not status 2)
+        print(f"fastgate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except PidFileError as exc:
         print(f"fastgate: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -28,7 +28,7 @@ from .messages import error_response
 from .metrics import Metrics
 from .startup import example_key_warnings, forwarding_to, in_effect, probe_backends, probe_warnings
 from .store import StoreError
-from .state.stores import open_store
+from .state.stores import StoreUnavailable, open_store
 from .proxy import FD_WARN_INTERVAL_S, Proxy
 from .state import LiveState
 from .tls import load_certificate, server_context
@@ -420,11 +420,17 @@ async def start(config: Config, *, reuse_port: bool = False) -> RunningServer:
     if config.store.path or config.store.url:
         try:
             store = await asyncio.to_thread(open_store, config)  # SQLite file or PostgreSQL database
+        except StoreUnavailable:
+            raise  # its server is down: not a config error (the CLI exits 1, so a supervisor tries again)
         except StoreError as exc:
             raise ConfigError(f"{'store.url' if config.store.url else 'store.path'}: {exc}") from None
         managed = ManagedKeys(store, proxy.gate, retention_days=config.store.usage_retention_days,
                               metrics=proxy.metrics)
-        await managed.start()
+        try:
+            await managed.start()
+        except StoreError:  # the database went away between opening and the first read
+            await asyncio.to_thread(store.close)
+            raise
         proxy.set_usage_sink(managed.record)
     accepted: weakref.WeakSet[ClientProtocol] = weakref.WeakSet()
 

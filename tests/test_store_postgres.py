@@ -239,6 +239,20 @@ def test_cli_with_the_server_down_fails_in_one_line(tmp_path: Path) -> None:
         assert "cannot connect" in lines[0] and "hunter2" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_with_the_database_down_exits_1_not_as_a_config_error(tmp_path: Path) -> None:
+    """Status 2 means "config error, do not restart" to the systemd unit: a database that is down at start is
+    worth retrying, so it is status 1 with one clear line."""
+    from tests.pg_server import free_port
+    config = write_config(tmp_path / "fastgate.toml", "http://127.0.0.1:9", keys=KEYS,
+                          extra=f'[store]\nurl = "postgresql://fastgate:hunter2@127.0.0.1:{free_port()}/fastgate"\n')
+    result = subprocess.run([sys.executable, "-m", "fastgate", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastgate: key store postgresql://fastgate@127.0.0.1:") and "cannot connect" in last
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------
 # In-process: the buffer's bound, with the database closed to connections
 

@@ -50,6 +50,7 @@ from ..store import (
     UsageSummary, _validate, new_secret, secret_digest,
 )
 from ..usage import UsageRecord
+from .stores import StoreUnavailable
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -190,7 +191,7 @@ class PostgresStore:
                 tcp_user_timeout=TCP_USER_TIMEOUT_MS,
                 options=f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}")
         except psycopg.Error as exc:
-            raise StoreError(f"key store {self.path}: cannot connect: {_first_line(exc)}") from None
+            raise StoreUnavailable(f"key store {self.path}: cannot connect: {_first_line(exc)}") from None
 
     def _conn(self) -> psycopg.Connection[Any]:
         """The main connection, made anew when the last one broke."""

@@ -72,6 +72,11 @@ class Store(Protocol):
     def tokens_used_since(self, key_id: str, since: float) -> int: ...
 
 
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached (down, unreachable, refusing this login): not a config error, and
+    trying again later may work."""
+
+
 def pg_spill_file(config_source: str, environ: Mapping[str, str] = os.environ) -> str:
     """Where a PostgreSQL-backed instance spills usage: in systemd's StateDirectory= when it runs as a unit
     ($STATE_DIRECTORY: the config's directory is read-only to the service there), else next to its config file
