@@ -117,9 +117,15 @@ class PgServer:
 
     def _processes(self) -> list[int]:
         postmaster = int(Path(self.datadir, "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True,
-                                  check=False).stdout.split()
-        return [postmaster, *map(int, children)]
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()  # after "(comm)": state, ppid, ...
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     def freeze(self) -> list[int]:
         """SIGSTOP the server and its backends: connections stay open and the kernel still acknowledges
