@@ -63,6 +63,7 @@ BUSY_TIMEOUT_S = 10.0  # lock waits when the caller gives no bound
 # A fixed advisory-lock number for the schema migration ("fastgate" in ASCII, as an integer).
 MIGRATION_LOCK = 0x66617374676174
 SPILL_CLAIM_MARK = ".importing-"
+INSERT_CHUNK_ROWS = 5000  # usage rows per INSERT statement
 CLOSE_WAIT_S = 2.0  # close() waits this long for a call in progress
 LISTEN_RETRY_S = 1.0  # a LISTEN connection that cannot be made is tried again after this long
 
@@ -452,8 +453,11 @@ class PostgresStore:
         if not rows and not stamp_ids:
             return
         with self._transaction(wait_s) as cur:
-            if rows:
-                cur.execute(_INSERT_USAGE, _usage_columns(ids, rows))
+            # The backlog of an outage can be 100,000 rows: in statements of bounded size, so that none runs
+            # into STATEMENT_TIMEOUT_S (which would fail the same batch again every round).
+            for start in range(0, len(rows), INSERT_CHUNK_ROWS):
+                cur.execute(_INSERT_USAGE, _usage_columns(ids[start:start + INSERT_CHUNK_ROWS],
+                                                          rows[start:start + INSERT_CHUNK_ROWS]))
             if stamp_ids:
                 cur.execute(_STAMP_LAST_USED, (stamp_ids, stamp_times))
 
