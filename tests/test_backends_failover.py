@@ -194,14 +194,22 @@ async def test_a_backend_that_stops_answering_probes_is_ejected_then_restored(fa
     await asyncio.sleep(0.5)
     placed_on_a = len(prompts(a))
     a.hang_paths.clear()  # answers again: back after its hold (2 s) and two good probes
-    await until(lambda: view(gw, "a").state == "up", timeout=6.0)
-    restored_at = time.monotonic()
+    last_seen_out = time.monotonic()  # it was restored after the last look that still saw it out
+
+    def back() -> bool:
+        nonlocal last_seen_out
+        if view(gw, "a").state == "up":
+            return True
+        last_seen_out = time.monotonic()
+        return False
+
+    await until(back, timeout=6.0)
     await until(lambda: len(prompts(a)) > placed_on_a, timeout=3.0)  # warm again: it takes traffic again
     stop.set()
     answers = [await task for _, task in await flow]
 
     assert ejected_at - silent_at <= HANG_EJECTED_WITHIN_S + TIMER_SLACK_S
-    between = [at for at in prompts(a).values() if ejected_at + TIMER_SLACK_S < at < restored_at]
+    between = [at for at in prompts(a).values() if ejected_at + TIMER_SLACK_S < at < last_seen_out]
     assert between == []  # nothing new while it was out
     assert all(ok(resp) for resp in answers), [resp.status for resp in answers if not ok(resp)]
     assert view(gw, "a").ejections == 1
