@@ -25,8 +25,8 @@ import pytest
 import fastgate.managed
 from fastgate.config import build_config
 from fastgate.errors import ConfigError
-from fastgate.state.postgres_store import SCHEMA_VERSION, PostgresStore, redacted_url
-from fastgate.state.stores import PG_SPILL_FILE, open_store, open_store_at, pg_spill_file
+from fastgate.state.postgres_store import SCHEMA_VERSION, PostgresStore
+from fastgate.state.stores import PG_SPILL_FILE, open_store, open_store_at, pg_spill_file, redacted_url
 from fastgate.store import StoreError
 from fastgate.usage import UsageRecord
 from tests.conftest import KEY1, KEYS, MakeGateway

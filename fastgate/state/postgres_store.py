@@ -40,7 +40,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -50,7 +49,7 @@ from ..store import (
     UsageSummary, _validate, new_secret, secret_digest,
 )
 from ..usage import UsageRecord
-from .stores import StoreUnavailable
+from .stores import StoreUnavailable, redacted_url
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -115,16 +114,6 @@ _INSERT_USAGE = (
 _STAMP_LAST_USED = (
     "UPDATE fastgate_keys AS k SET last_used_at = greatest(coalesce(k.last_used_at, s.at), s.at) "
     "FROM unnest(%s::text[], %s::float8[]) AS s(id, at) WHERE k.id = s.id")
-
-
-def redacted_url(url: str) -> str:
-    """The URL without user password or query (which may also hold one): safe for logs and messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}@{host}"
-    return parts._replace(netloc=netloc, query="", fragment="").geturl()
 
 
 def _shut_down_socket(conn: psycopg.Connection[Any]) -> None:

@@ -14,6 +14,7 @@ import builtins
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from ..store import KeyRecord, KeyStore, StoreError, UsageSummary
 from ..usage import UsageRecord
@@ -70,6 +71,17 @@ class Store(Protocol):
     def prune_usage(self, before: float, limit: int = ..., wait_s: float | None = None) -> int: ...
 
     def tokens_used_since(self, key_id: str, since: float) -> int: ...
+
+
+def redacted_url(url: str) -> str:
+    """A store URL without its password or query (which may also hold one): safe for logs, messages and the
+    start line."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}@{host}"
+    return parts._replace(netloc=netloc, query="", fragment="").geturl()
 
 
 class StoreUnavailable(StoreError):
