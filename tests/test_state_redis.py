@@ -501,3 +501,31 @@ async def test_a_late_instance_learns_the_trust_and_locks_already_there(redis: R
     finally:
         for state in (a, b, *late):
             await state.stop()
+
+
+async def test_many_admissions_at_once_share_one_connection_and_keep_their_replies(redis: RedisServer) -> None:
+    (_, a), (_, b) = await two_states(redis.url)
+    try:
+        keys = [Principal("ann", f"k_many_{i}", rpm=7, max_concurrent=100) for i in range(5)]
+
+        async def try_admit(state: RedisState, key: Principal) -> str:
+            try:
+                lease = await state.admit(key)
+            except TooManyRequests as err:
+                return f"{key.key_id}: {err.message}"
+            state.release(lease)
+            return f"{key.key_id}: admitted"
+
+        # 300 admissions of five keys issued in one go from two instances: each key gets exactly its 7.
+        results = await asyncio.gather(*(try_admit(a if i % 2 else b, keys[i % 5]) for i in range(300)))
+        for key in keys:
+            mine = [r for r in results if r.startswith(f"{key.key_id}: ")]
+            assert len(mine) == 60 and mine.count(f"{key.key_id}: admitted") == 7
+            assert all(r.endswith(("admitted", "rate limit of 7 requests per minute reached for this key"))
+                       for r in mine)
+        clients = int(redis.command("INFO", "clients").split(b"connected_clients:")[1].split(b"\r\n")[0])
+        assert clients <= 2 * 5  # per instance: the pipeline, pub/sub and a few pooled for the heartbeat
+        assert a.mode == b.mode == "shared"
+    finally:
+        await a.stop()
+        await b.stop()

@@ -21,6 +21,7 @@ trust grants, resubscribes and goes back to SHARED.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..access import Principal
 from ..config import StateConfig
@@ -53,7 +54,8 @@ INSTANCE_TTL_S = 3.0  # an instance missing this many seconds of heartbeats no l
 RECONNECT_S = 1.0  # Redis back: shared again within this plus one probe (well under 5 s)
 PROBE_TIMEOUT_S = 1.0  # background calls (heartbeat, reconnect probe, trust reload) are off the request path
 TOKENS_KEY_TTL_S = 2 * DAY_S
-WARM_CONNECTIONS = 4  # opened at connect: requests admitted at once each need one
+SEND_DELAY_S = 0.005  # how long a lease release or token count may wait to share the next admission's write
+WARM_CONNECTIONS = 2  # pooled connections opened at connect, for the background calls
 
 T = TypeVar("T")
 
@@ -172,6 +174,126 @@ else:  # pragma: no cover - 3.10
         return asyncio.wait_for(coro, timeout_s)
 
 
+class AutoPipeline:
+    """The request path's commands, pipelined on one connection of their own.
+
+    redis-py's client takes a pooled connection per command and holds it until the reply (64 requests admitted
+    at once took 64 connections, and past the pool's bound failed), and its per-command machinery costs tens
+    of microseconds. Here the commands issued in one turn of the event loop go out in one write, and one
+    reader takes the replies in order (Redis answers a connection's commands in the order sent), so several
+    batches may be in flight at once. `call` returns a future of the reply; `send` wants none (lease releases,
+    token counts) and waits up to SEND_DELAY_S to travel with the next call. A broken connection fails what
+    waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
+    """
+
+    __slots__ = ("on_error", "_conn", "_batch", "_waiting", "_reader", "_writes", "_flush_soon", "_flush_later",
+                 "_broken")
+
+    def __init__(self, conn: Any, on_error: Callable[[BaseException], None]) -> None:
+        self.on_error = on_error
+        self._conn = conn  # a redis.asyncio Connection, connected
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] = []
+        self._waiting: collections.deque[asyncio.Future[Any] | None] = collections.deque()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._flush_soon: asyncio.Handle | None = None
+        self._flush_later: asyncio.TimerHandle | None = None
+        self._broken = False
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def open(cls, redis: aioredis.Redis, on_error: Callable[[BaseException], None]) -> AutoPipeline:
+        conn = redis.connection_pool.make_connection()
+        await conn.connect()
+        return cls(conn, on_error)
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((args, future))
+        if self._flush_soon is None:
+            self._flush_soon = loop.call_soon(self._flush)
+        return future
+
+    def send(self, *args: Any) -> None:
+        self._batch.append((args, None))
+        if self._flush_soon is None and self._flush_later is None:
+            self._flush_later = asyncio.get_running_loop().call_later(SEND_DELAY_S, self._flush)
+
+    def _flush(self) -> None:
+        for handle in (self._flush_soon, self._flush_later):
+            if handle is not None:
+                handle.cancel()
+        self._flush_soon = self._flush_later = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self._broken:
+            self._fail([future for _, future in batch], ConnectionError("shared state connection closed"))
+            return
+        self._waiting.extend(future for _, future in batch)
+        packed = self._conn.pack_commands([args for args, _ in batch])
+        # The write happens when this task first runs, before it awaits anything: tasks start in the order they
+        # were made, so the writes keep the order of _waiting.
+        task = asyncio.get_running_loop().create_task(self._write(packed))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, packed: list[bytes]) -> None:
+        try:
+            await self._conn.send_packed_command(packed, check_health=False)
+        except (RedisError, OSError) as exc:
+            self._break(exc)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                reply: Any = await self._conn.read_response()
+            except ResponseError as exc:  # that command's own error; the connection is fine
+                reply = exc
+            except (RedisError, OSError, EOFError) as exc:
+                self._break(exc)
+                return
+            if not self._waiting:
+                self._break(ConnectionError("shared state: a reply nobody asked for"))
+                return
+            future = self._waiting.popleft()
+            if future is not None and not future.done():  # done: its request stopped waiting (state.timeout)
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def _break(self, exc: BaseException) -> None:
+        if self._broken:
+            return
+        self._broken = True
+        self._fail(list(self._waiting), exc)
+        self._waiting.clear()
+        self.on_error(exc)
+
+    @staticmethod
+    def _fail(futures: list[asyncio.Future[Any] | None], exc: BaseException) -> None:
+        for future in futures:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    async def close(self, timeout_s: float) -> None:
+        """Send what is queued, wait (at most `timeout_s`) for the replies, close the connection."""
+        if (self._batch or self._waiting) and not self._broken:
+            try:  # answered after everything sent before it
+                await _bounded(self.call("PING"), timeout_s)
+            except (asyncio.TimeoutError, RedisError, OSError):
+                pass
+        self._broken = True
+        self._reader.cancel()
+        for task in self._writes:
+            task.cancel()
+        try:
+            await self._conn.disconnect()
+        except (RedisError, OSError):
+            pass
+
+
 @dataclass(slots=True)
 class SharedLease:
     """A lease in Redis (`member` of `key`); `local` holds the scaled principal of a lease taken while
@@ -254,9 +376,12 @@ class RedisState:
         self.live_instances = 1
         self.degraded_total = 0  # times this instance fell back to local tables
         self.redis = aioredis.Redis.from_url(
-            settings.url.text, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S,
+            # No socket_timeout: every call is bounded by _bounded already, and redis-py would wrap each read
+            # and write in a wait_for of its own (a task per call: tens of us on each request).
+            settings.url.text, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=None,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._admit = self.redis.register_script(ADMIT_LUA)
+        self._pipeline: AutoPipeline | None = None  # opened by _connect
         self._renew = self.redis.register_script(RENEW_LUA)
         self._heartbeat = self.redis.register_script(HEARTBEAT_LUA)
         self._failure = self.redis.register_script(FAILURE_LUA)
@@ -310,6 +435,8 @@ class RedisState:
         for task in (self._runner, self._listener):
             if task is not None:
                 task.cancel()
+        if self._pipeline is not None:
+            await self._pipeline.close(PROBE_TIMEOUT_S)  # releases and token counts still queued go out first
         if self.mode == SHARED:
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT_S) if sys.version_info >= (3, 11) else _nullcontext():
@@ -332,17 +459,18 @@ class RedisState:
 
     async def admit(self, principal: Principal) -> SharedLease:
         wall = self.wall_clock()
-        if self.mode == SHARED:
+        if self.mode == SHARED and self._pipeline is not None:
             self._lease_seq += 1
             member = f"{self.instance}:{self._lease_seq}" if principal.max_concurrent is not None else ""
             key = lease_key(principal.key_id)
             try:
-                code, value = await _bounded(self._admit(
-                    keys=(rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall)),
-                    args=(principal.rpm or 0, principal.max_concurrent or 0,
-                          -1 if principal.tokens_per_day is None else principal.tokens_per_day,
-                          member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)),
-                    self.timeout_s)
+                # EVALSHA only: _warm_up loaded the script, and a Redis that lost it (restarted, SCRIPT FLUSH)
+                # answers NOSCRIPT, which degrades until the reconnect loop loads it again.
+                code, value = await _bounded(self._pipeline.call(
+                    "EVALSHA", self._admit.sha, 3, rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall),
+                    principal.rpm or 0, principal.max_concurrent or 0,
+                    -1 if principal.tokens_per_day is None else principal.tokens_per_day,
+                    member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1), self.timeout_s)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self._degrade(exc)
             else:
@@ -395,15 +523,9 @@ class RedisState:
             self.local.release(lease.local)
         elif lease.member:
             self._leases.pop(lease.member, None)
-            if self.mode == SHARED:
-                self._spawn(self._release(lease))
+            if self.mode == SHARED and self._pipeline is not None:
+                self._pipeline.send("ZREM", lease.key, lease.member)
             # Degraded: the lease runs out by itself within the lease TTL.
-
-    async def _release(self, lease: SharedLease) -> None:
-        try:
-            await _bounded(self.redis.zrem(lease.key, lease.member), PROBE_TIMEOUT_S)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._degrade(exc)
 
     async def failed_guess(self, ip: str, error: GateError) -> GateError:
         failures = self.failures
@@ -448,21 +570,13 @@ class RedisState:
             self._degrade(exc)
 
     def send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
-        if self.mode == SHARED and tokens:
-            self._spawn(self._send_tokens(key_id, tokens, wall))
+        if self.mode == SHARED and tokens and self._pipeline is not None:
+            key = tokens_key(key_id, wall)
+            self._pipeline.send("INCRBY", key, tokens)
+            self._pipeline.send("EXPIRE", key, TOKENS_KEY_TTL_S)
         elif tokens:
             day = (key_id, wall - wall % DAY_S)
             self._unsent_tokens[day] = self._unsent_tokens.get(day, 0) + tokens
-
-    async def _send_tokens(self, key_id: str, tokens: int, wall: float) -> None:
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            key = tokens_key(key_id, wall)
-            pipe.incrby(key, tokens)
-            pipe.expire(key, TOKENS_KEY_TTL_S)
-            await _bounded(pipe.execute(), PROBE_TIMEOUT_S)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._degrade(exc)
 
     def seed_tokens(self, key_id: str, tokens: int, wall: float) -> None:
         if self.mode == SHARED:
@@ -478,7 +592,7 @@ class RedisState:
     def _send_unsent(self) -> None:
         tokens, self._unsent_tokens = self._unsent_tokens, {}
         for (key_id, day_start), count in tokens.items():
-            self._spawn(self._send_tokens(key_id, count, day_start))
+            self.send_tokens(key_id, count, day_start)
         grants, self._unsent_grants = self._unsent_grants, {}
         now = self.clock()
         for ip, grant in grants.items():
@@ -517,6 +631,10 @@ class RedisState:
         await _bounded(self._load_grants(), 5 * PROBE_TIMEOUT_S)
         await _bounded(self._load_locks(), 5 * PROBE_TIMEOUT_S)
         await _bounded(self._warm_up(), PROBE_TIMEOUT_S)
+        old, self._pipeline = self._pipeline, None
+        if old is not None:
+            await old.close(0)
+        self._pipeline = await _bounded(AutoPipeline.open(self.redis, self._degrade), PROBE_TIMEOUT_S)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
         was = self.mode
         self.mode = SHARED
@@ -532,7 +650,7 @@ class RedisState:
         for a connect and a NOSCRIPT round trip, which on a busy machine can pass state.timeout."""
         for script in (self._admit, self._renew, self._failure, self._seed):
             await self.redis.script_load(script.script)
-        await asyncio.gather(*(self.redis.ping() for _ in range(WARM_CONNECTIONS)))
+        await asyncio.gather(*(self.redis.ping() for _ in range(WARM_CONNECTIONS)))  # background calls
 
     async def _load_locks(self) -> None:
         """Windows that reached the limit while this instance was away (started, or cut off from Redis)."""
