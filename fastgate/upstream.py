@@ -374,6 +374,11 @@ class UpstreamConnection(asyncio.Protocol):
         if done is not None and not done.done():
             done.set_result(outcome)
 
+    def _protocol_error(self, exc: GateError) -> None:
+        """What Ollama sent is no response head fastgate can relay: the exchange fails with `exc` (its 502)
+        and the connection, whose framing is lost, is closed."""
+        self._terminate(exc, RelayOutcome.FRAMING_ERROR)
+
     def _fail_head(self, exc: BaseException) -> None:
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
