@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -163,7 +164,18 @@ class MetricsPeers:
             os.remove(socket_path(self.role.run_dir, self.role.worker_id))
         except OSError:
             pass
-        self.write_snapshot()
+        if os.getppid() == self.role.parent_pid:
+            self.write_snapshot()
+            return
+        # The supervisor died (this worker is stopping on its parent-death signal): nobody will fold or read
+        # these files, and nobody else removes the directory. The last orphan out removes it.
+        run_dir = self.role.run_dir
+        try:
+            os.remove(snapshot_path(run_dir, self.role.worker_id))
+            if not any(name.startswith(WORKER_PREFIX) for name in os.listdir(run_dir)):
+                shutil.rmtree(run_dir, ignore_errors=True)
+        except OSError:
+            pass
 
     def write_snapshot(self) -> None:
         data = json.dumps(self.snapshot(), separators=(",", ":")).encode()

@@ -603,8 +603,10 @@ async def test_workers_drain_and_end_when_the_supervisor_is_killed(tmp_path: Pat
     config = workers_config(tmp_path, ollama, redis)
     proc = await FastgateProcess.start("serve", "--config", str(config))
     workers = Workers(proc)
+    run_dir = await workers.run_dir()
     proc.signal(signal.SIGKILL)
     await wait_for(lambda: not any(alive(pid) for pid in workers.pids), "the orphaned workers to end")
+    assert not run_dir.exists()  # the last of them removed what the supervisor could not
     assert await proc.wait() == -signal.SIGKILL
     text = bytes(proc.log)
     for pid in workers.pids:  # the parent-death signal is SIGTERM: each drained and stopped, none serves on
