@@ -8,6 +8,15 @@ The proxy is pinned to the last CPU and the client and fake Ollama to the others
 samples (taken without stopping the process) are rarely of a thread that is merely waiting for its CPU.
 Writes py-spy's raw stacks, an SVG flame graph and a text summary (self and inclusive time per function,
 and per line for the top functions) into --out, and prints the summary.
+
+    python -m bench.profile --count small --connections 1
+    python -m bench.profile --count paced --streams 8
+
+counts instead: fastgate runs under `valgrind --tool=callgrind` twice, once for a short and once for a long
+fixed workload (the same warm-up before both), and the difference in instructions executed, divided by the
+difference in requests (or tokens), is what one more request (or token) costs. Instruction counts do not
+depend on what else the machine is doing, so two commits (or variants) can be compared on a busy machine;
+they leave out the kernel (syscalls, wake-ups), which the timed harness measures.
 """
 
 from __future__ import annotations
@@ -111,6 +120,140 @@ async def run(args: argparse.Namespace) -> None:
         upstream.stop()
 
 
+# -- instruction counts (callgrind) -------------------------------------------------------------------------
+
+COUNT_WORKLOADS = ("small", "ttfb", "paced", "refused")
+COUNT_WARMUP = 20  # requests before every measured workload, so lazily built things cost both runs alike
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """One request and its whole response; the status."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        await reader.readuntil(b"\r\n0\r\n\r\n")
+    else:
+        match = re.search(rb"content-length: *([0-9]+)", lower)
+        if match and int(match.group(1)):
+            await reader.readexactly(int(match.group(1)))
+    return int(head[9:12])
+
+
+async def _count_client(port: int, workload: str, n: int, connections: int, gap_ms: float) -> None:
+    """The fixed workload, from this process (not counted): warm-up, then `n` requests (or `n` tokens per
+    stream). Raises if any answer is not the expected one."""
+    from .client import get_request, stream_request
+    from .targets import API_KEY, HOST
+
+    async def conn() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(HOST, port, limit=64 * 1024 * 1024)
+
+    small = get_request(f"{HOST}:{port}", API_KEY)
+    refused = get_request(f"{HOST}:{port}", "wrong-key")
+    one_token = stream_request(f"{HOST}:{port}", API_KEY, 1, 0, lean=True)
+    reader, writer = await conn()
+    for _ in range(COUNT_WARMUP):
+        assert await _exchange(reader, writer, small) == 200
+        assert await _exchange(reader, writer, one_token) == 200
+    writer.close()
+
+    async def loop(request: bytes, count: int, status: int) -> None:
+        reader, writer = await conn()
+        for _ in range(count):
+            got = await _exchange(reader, writer, request)
+            if got != status:
+                raise RuntimeError(f"status {got}, expected {status}")
+        writer.close()
+
+    if workload == "small":
+        await asyncio.gather(*(loop(small, n // connections, 200) for _ in range(connections)))
+    elif workload == "refused":
+        # A wrong key costs a failure record per address; the limiter's 429s begin at auth.max_failures.
+        await asyncio.gather(*(loop(refused, n // connections, 401) for _ in range(connections)))
+    elif workload == "ttfb":
+        await asyncio.gather(*(loop(one_token, n // connections, 200) for _ in range(connections)))
+    else:  # paced: `connections` streams of n tokens each, `gap_ms` apart
+        stream = stream_request(f"{HOST}:{port}", API_KEY, n, gap_ms, lean=True)
+        await asyncio.gather(*(loop(stream, 1, 200) for _ in range(connections)))
+
+
+def _callgrind_total(path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
+    """Instructions fastgate executed for start-up, warm-up, `n` units of the workload and shutdown."""
+    from .procs import free_port, spawn, wait_port
+    from .targets import HOST, ROOT, fastgate_config
+
+    port = free_port()
+    stem = f"{args.count}-{args.variant or 'fastgate'}-{n}".replace("+", "-")
+    config = os.path.join(args.out, f"{stem}.toml")
+    with open(config, "w") as f:
+        f.write(fastgate_config(port, upstream_port, args.log_level))
+    fastgate = ["-m", "fastgate", "serve", "--config", config]
+    if args.variant:
+        fastgate = ["-m", "bench.variants", args.variant, "serve", "--config", config]
+    out = os.path.join(args.out, f"{stem}.callgrind")
+    tool = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    if args.cprofile:
+        tool, out = [], os.path.join(args.out, f"{stem}.pstats")
+        fastgate = ["-m", "cProfile", "-o", out] + fastgate
+    proc = spawn(stem, tool + [sys.executable] + fastgate, log_path=os.path.join(args.out, "logs", f"{stem}.log"),
+                 cwd=ROOT)
+    try:
+        wait_port(HOST, port, 300, proc.proc)
+        run_loop(_count_client(port, args.count, n, args.connections, args.gap_ms))
+    finally:
+        code = proc.stop(timeout=300)
+    if code != 0:
+        raise RuntimeError(f"fastgate exited with {code}; see {args.out}/logs/{stem}.log")
+    if args.cprofile:
+        import pstats
+        stats = pstats.Stats(out)
+        stats.sort_stats("tottime").print_stats(40)
+        return 0
+    return _callgrind_total(out)
+
+
+def count(args: argparse.Namespace) -> None:
+    from .targets import start_upstream
+
+    if not args.cprofile and not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    lo, hi = (int(x) for x in args.n.split(","))
+    upstream, port = start_upstream(args.out, None, True)
+    try:
+        if args.cprofile:
+            count_run(args, port, hi)
+            return
+        totals = {n: count_run(args, port, n) for n in (lo, hi)}
+    finally:
+        upstream.stop()
+    units = (hi - lo) * (args.connections if args.count == "paced" else 1)
+    unit = "token" if args.count == "paced" else "request"
+    per = (totals[hi] - totals[lo]) / units
+    line = (f"{args.count} {args.variant or 'fastgate'} connections={args.connections} log={args.log_level}: "
+            f"{per:,.0f} instructions per {unit} (runs of {lo} and {hi}: {totals[lo]:,} and {totals[hi]:,})")
+    print(line)
+    with open(os.path.join(args.out, "counts.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def run_loop(coro: object) -> None:
+    try:
+        import uvloop
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="fastgate", choices=("fastgate", "fastgate-limited", "seed"),
@@ -119,14 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--count", choices=COUNT_WORKLOADS,
+                    help="instead of py-spy: callgrind instruction counts per request (or per token) of a workload")
+    ap.add_argument("--n", default="",
+                    help="--count: the two workload sizes, requests (per token: tokens per stream) (default "
+                         "300,1300; paced 100,600)")
+    ap.add_argument("--connections", type=int, default=1, help="--count: client connections (paced: streams)")
+    ap.add_argument("--gap-ms", type=float, default=20.0, help="--count paced: time between tokens")
+    ap.add_argument("--variant", default="", help="--count: a bench.variants variant of fastgate")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="--count: run the longer workload under cProfile instead and print its profile")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "profile-" + time.strftime("%Y%m%d-%H%M%S")))
     args = ap.parse_args(argv)
-    try:
-        import uvloop
-        uvloop.run(run(args))
-    except ImportError:
-        asyncio.run(run(args))
+    if args.count:
+        args.n = args.n or ("100,600" if args.count == "paced" else "300,1300")
+        count(args)
+        return 0
+    run_loop(run(args))
     return 0
 
 

@@ -33,8 +33,8 @@ def quiet() -> None:
 
     original = cli.setup_logging
 
-    def setup(level: str, stream: object = None) -> None:
-        original("WARNING", stream)
+    def setup(level: str, stream: object = None, fmt: str = "text") -> None:
+        original("WARNING", stream, fmt)
 
     cli.setup_logging = setup  # type: ignore[assignment]
 
@@ -90,7 +90,38 @@ def c_framing() -> None:
     upstream.framing_for = framing_for  # imported by name there
 
 
+def gc_stats() -> None:
+    """Measures rather than changes: every garbage collection's generation and pause, summed up on stderr
+    at exit (count, total and longest pause per generation, and the objects each generation held)."""
+    import atexit
+    import gc
+    import time
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+    def report() -> None:
+        for generation, values in pauses.items():
+            if values:
+                values.sort()
+                sys.stderr.write(
+                    f"gc-stats: generation {generation}: {len(values)} collections, total "
+                    f"{sum(values) * 1000:.1f} ms, p50 {values[len(values) // 2] * 1e6:.0f} us, max "
+                    f"{values[-1] * 1e6:.0f} us\n")
+        sys.stderr.write(f"gc-stats: objects tracked {len(gc.get_objects())}, frozen {gc.get_freeze_count()}\n")
+
+    gc.callbacks.append(callback)
+    atexit.register(report)
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
+    "gc-stats": gc_stats,
     "lean-logging": lean_logging,
     "quiet": quiet,
     "c-framing": c_framing,
