@@ -20,6 +20,7 @@ from . import __version__
 from .config import Config, HostPort, UpstreamURL
 from .errors import ConfigError
 from .keys import mask
+from .state.stores import redacted_url
 from .store import new_secret, secret_digest
 
 # The keys of config.toml.example's [keys] table. They are published with fastgate, so they open any gateway
@@ -28,7 +29,6 @@ from .store import new_secret, secret_digest
 EXAMPLE_KEYS: tuple[str, ...] = ("api-20250312000101", "api-20250312000202")
 EXAMPLE_CONFIG = "config.toml.example"
 ALLOW_EXAMPLE_KEYS_FLAG = "--allow-example-keys"
-WORKERS = 1  # one process, one event loop (there is no multi-worker mode yet)
 # The probe of Ollama at startup and in check-config: long enough for a local Ollama on a busy box, short
 # enough that an unreachable one never holds up startup noticeably. The listener is already up meanwhile.
 OLLAMA_PROBE_TIMEOUT_S = 1.0
@@ -221,11 +221,12 @@ def in_effect(config: Config, *, ollama: OllamaStatus | BackendsStatus, store_ke
     parts = [f"config {os.path.abspath(config.source) if config.source else 'none (defaults)'}"]
     if pid is not None:
         parts.append(f"pid {pid}")
-    parts.append(f"workers {WORKERS}")
+    parts.append(f"workers {config.server.workers}")
     keys = f"keys: {len(config.keys)} from the file"
-    if config.store.path:
+    if config.store.path or config.store.url:
         count = store_keys if isinstance(store_keys, str) else f"{store_keys or 0}"
-        keys += f", {count} from the store {config.store.path}"
+        where = config.store.path or redacted_url(config.store.url)
+        keys += f", {count} from the store {where}"
     else:
         keys += ", no store"
     parts.append(keys)

@@ -508,3 +508,14 @@ def test_readme_names_every_setting_that_needs_a_restart() -> None:
     flat = " ".join(paragraph.split())
     for name in [*fixed, "server.pid_file"]:  # the pid file stays where it was written too (server.py)
         assert in_readme.get(name, f"`{name}`") in flat, (name, flat)
+
+
+def test_start_line_names_the_workers_and_a_database_store_without_its_password() -> None:
+    from fastgate.startup import OllamaStatus, in_effect
+    config = build_config({"server": {"workers": 2},
+                           "state": {"url": "redis://127.0.0.1:6379/0"},
+                           "store": {"url": "postgresql://fastgate:s3cret@db.internal:5432/fastgate?sslmode=require"}})
+    line = in_effect(config, ollama=OllamaStatus(True, "version 0.6.2"), store_keys=3)
+    assert "workers 2" in line
+    assert "3 from the store postgresql://fastgate@db.internal:5432/fastgate" in line
+    assert "s3cret" not in line and "no store" not in line
