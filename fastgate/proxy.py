@@ -189,6 +189,7 @@ class Proxy:
             ("upstream.url", self.config.upstream.url, config.upstream.url),
             ("backends", self.config.backend_tables, config.backend_tables),
             ("store.path", self.config.store.path, config.store.path),
+            ("store.url", self.config.store.url, config.store.url),
             ("metrics.listen", self.config.metrics.listen, config.metrics.listen),
             ("state", self.config.state, config.state)) if old != new]
         if fixed:
