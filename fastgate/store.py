@@ -22,6 +22,8 @@ A `KeyStore` may be shared between threads; its calls are serialised by a lock.
 from __future__ import annotations
 
 import builtins
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -32,8 +34,8 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
-from urllib.parse import quote
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; only the type checker needs it
     from typing_extensions import Self
@@ -45,6 +47,7 @@ SECRET_BYTES = 32  # 256 bits of entropy from `secrets`
 DISPLAY_PREFIX_CHARS = len(SECRET_PREFIX) + 4  # "fg_ab12": enough to tell keys apart, too little to guess
 BUSY_TIMEOUT_S = 10.0
 SPILL_SUFFIX = ".usage-spill.jsonl"  # next to the store: usage rows waiting to be imported
+SPILL_CLAIM_MARK = ".importing-"  # a spill file an import has claimed: `<spill>.importing-<random>`
 _USAGE_COLUMNS = ("at", "user", "key_id", "model", "path", "status", "prompt_tokens", "completion_tokens",
                   "duration_ms", "backend")
 PRUNE_BATCH_ROWS = 10_000  # usage rows deleted per transaction (see prune_usage)
@@ -132,17 +135,81 @@ def spill_usage(store_path: str, rows: Sequence[UsageRecord], last_used: Mapping
     lines = [json.dumps({"batch": batch, **asdict(row)}, separators=(",", ":")) for row in rows]
     if last_used:
         lines.append(json.dumps({"batch": batch, "last_used": dict(last_used)}, separators=(",", ":")))
-    data = ("\n".join(lines) + "\n").encode()
-    # Private to its owner, like the store: usage rows say who ran what.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    append_spill(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def append_spill(path: str, data: bytes) -> None:
+    """Append `data` to the spill file at `path`, flushed to disk, under an exclusive lock. Several processes
+    (workers, instances on one machine) append to one spill file while another imports it: the importer
+    renames the file before reading (`claim_spills`), so a writer that opened the old name re-opens the new
+    one rather than writing into a file that has already been read."""
+    while True:
+        # Private to its owner, like the store: usage rows say who ran what.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            mine = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                continue  # claimed by an import after we opened it
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            return
+        finally:
+            os.close(fd)
+
+
+def claim_spills(path: str) -> builtins.list[str]:
+    """Rename the spill file at `path` to a name of this import's own, and return every claimed spill file
+    (this one and any an earlier import claimed but did not finish), oldest claim first."""
+    claimed = f"{path}{SPILL_CLAIM_MARK}{secrets.token_hex(8)}"
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"usage spill {path}: cannot claim it: {exc.strerror}") from None
+    found = glob.glob(glob.escape(path) + SPILL_CLAIM_MARK + "*")
+    return sorted(found, key=lambda name: (_mtime(name), name))
+
+
+def read_claimed_spill(path: str) -> builtins.list[str] | None:
+    """The lines of a claimed spill file, None when another import took it meanwhile. Waits for a writer that
+    opened it before it was claimed to finish (the lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"usage spill {path}: cannot read: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
     finally:
         os.close(fd)
-    return path
+
+
+def remove_claimed_spill(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"usage spill {path}: imported, but cannot remove it: {exc.strerror}") from None
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def count_active_keys(path: str, now: float) -> int | None:
@@ -514,14 +581,18 @@ class KeyStore:
         """Bring in the usage rows a proxy spilled next to this file (see `spill_usage`), then remove the spill
         file. Returns (rows imported, unreadable lines skipped). A batch already imported (the file outlived
         an earlier import) is skipped: its id went into `meta` with its rows."""
-        path = spill_path(self.path)
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return 0, 0
-        except OSError as exc:
-            raise StoreError(f"usage spill {path}: cannot read: {exc.strerror}") from None
+        imported = unreadable = 0
+        for claimed in claim_spills(spill_path(self.path)):
+            lines = read_claimed_spill(claimed)
+            if lines is None:
+                continue  # another process imported it meanwhile
+            done, bad = self._import_spill_lines(lines, wait_s)
+            remove_claimed_spill(claimed)
+            imported += done
+            unreadable += bad
+        return imported, unreadable
+
+    def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
         batches: dict[str, tuple[builtins.list[tuple[Any, ...]], builtins.list[tuple[float, str]]]] = {}
         unreadable = 0
         for line in lines:
@@ -547,12 +618,6 @@ class KeyStore:
                     self._stamp_last_used(db, stamps)
                 db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (marker, len(rows)))
                 imported += len(rows)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"usage spill {path}: imported, but cannot remove it: {exc.strerror}") from None
         return imported, unreadable
 
     def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:

@@ -333,3 +333,37 @@ def test_tokens_used_since(store: KeyStore) -> None:
     assert store.tokens_used_since("k_aaaaaaaa", NOW - 3 * DAY_S) == 330
     assert store.tokens_used_since("k_aaaaaaaa", NOW - 10) == 220  # `since` is inclusive
     assert store.tokens_used_since("k_aaaaaaab", NOW - DAY_S) == 5
+
+
+def test_spill_rows_appended_while_an_import_runs_are_never_lost(tmp_path: Path) -> None:
+    # Workers (or instances on one machine) append to one spill file while another process imports it; the
+    # import used to read the file and then delete it, losing whatever was appended in between.
+    import multiprocessing
+    from fastgate.store import spill_path
+
+    db = str(tmp_path / "keys.db")
+    KeyStore(db).close()
+    batches, rows_per_batch = 150, 4
+
+    proc = multiprocessing.get_context("fork").Process(target=_spill_many, args=(db, batches, rows_per_batch))
+    proc.start()
+    imported = 0
+    with KeyStore(db) as store:
+        while proc.is_alive():
+            imported += store.import_spill()[0]
+        proc.join()
+        assert proc.exitcode == 0
+        imported += store.import_spill()[0]
+        assert imported == batches * rows_per_batch
+        assert sum(s.requests for s in store.usage()) == batches * rows_per_batch
+    assert not os.path.exists(spill_path(db))
+    assert not list(tmp_path.glob("*.importing-*"))
+
+
+def _spill_many(db: str, batches: int, rows_per_batch: int) -> None:
+    from fastgate.store import spill_usage
+    from fastgate.usage import UsageRecord
+    row = UsageRecord(at=time.time(), user="ann", key_id="k1", model="llama3", path="/api/generate", status=200,
+                      prompt_tokens=1, completion_tokens=2, duration_ms=1.0)
+    for batch in range(batches):
+        spill_usage(db, [row] * rows_per_batch, {}, f"b{batch}")

@@ -27,8 +27,6 @@ connection of its own and is meant for one watcher thread at a time.
 from __future__ import annotations
 
 import builtins
-import fcntl
-import glob
 import json
 import os
 import re
@@ -45,8 +43,21 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ..store import (
-    DISPLAY_PREFIX_CHARS, ERROR_STATUS_MIN, PRUNE_BATCH_ROWS, USAGE_GROUPS, KeyRecord, StoreBusy, StoreError,
-    UsageSummary, _validate, new_secret, secret_digest,
+    DISPLAY_PREFIX_CHARS,
+    ERROR_STATUS_MIN,
+    PRUNE_BATCH_ROWS,
+    USAGE_GROUPS,
+    KeyRecord,
+    StoreBusy,
+    StoreError,
+    UsageSummary,
+    _validate,
+    append_spill,
+    claim_spills,
+    new_secret,
+    read_claimed_spill,
+    remove_claimed_spill,
+    secret_digest,
 )
 from ..usage import UsageRecord
 from .stores import StoreUnavailable, redacted_url
@@ -61,7 +72,6 @@ TCP_USER_TIMEOUT_MS = 5000  # unacknowledged data on a dead link: give up after 
 BUSY_TIMEOUT_S = 10.0  # lock waits when the caller gives no bound
 # A fixed advisory-lock number for the schema migration ("fastgate" in ASCII, as an integer).
 MIGRATION_LOCK = 0x66617374676174
-SPILL_CLAIM_MARK = ".importing-"
 INSERT_CHUNK_ROWS = 5000  # usage rows per INSERT statement
 CLOSE_WAIT_S = 2.0  # close() waits this long for a call in progress
 LISTEN_RETRY_S = 1.0  # a LISTEN connection that cannot be made is tried again after this long
@@ -480,57 +490,24 @@ class PostgresStore:
         lines = [json.dumps({"id": row_id, **asdict(row)}, separators=(",", ":")) for row_id, row in zip(ids, rows)]
         if last_used:
             lines.append(json.dumps({"last_used": dict(last_used)}, separators=(",", ":")))
-        data = ("\n".join(lines) + "\n").encode()
-        while True:
-            # Private to its owner: usage rows say who ran what.
-            fd = os.open(self.spill_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    current = os.stat(self.spill_file)
-                except FileNotFoundError:
-                    current = None
-                mine = os.fstat(fd)
-                if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
-                    continue  # an import claimed (renamed) this file after we opened it: open the new one
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-                return self.spill_file
-            finally:
-                os.close(fd)
+        append_spill(self.spill_file, ("\n".join(lines) + "\n").encode())
+        return self.spill_file
 
     def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
         """Import the spill file (and any an earlier import claimed but did not finish), then remove it.
         Returns (rows newly stored, unreadable lines skipped). Rows already stored are skipped by id."""
-        claimed = f"{self.spill_file}{SPILL_CLAIM_MARK}{uuid.uuid4().hex}"
-        try:
-            os.rename(self.spill_file, claimed)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"usage spill {self.spill_file}: cannot claim it: {exc.strerror}") from None
         imported = unreadable = 0
-        for path in sorted(glob.glob(glob.escape(self.spill_file) + SPILL_CLAIM_MARK + "*")):
-            done, bad = self._import_claimed(path, wait_s)
+        for claimed in claim_spills(self.spill_file):
+            lines = read_claimed_spill(claimed)
+            if lines is None:
+                continue  # another instance imported it meanwhile
+            done, bad = self._import_spill_lines(lines, wait_s)
+            remove_claimed_spill(claimed)
             imported += done
             unreadable += bad
         return imported, unreadable
 
-    def _import_claimed(self, path: str, wait_s: float | None) -> tuple[int, int]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return 0, 0  # another instance imported it meanwhile
-        except OSError as exc:
-            raise StoreError(f"usage spill {path}: cannot read: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a writer that had it open before the rename finishes first
-            with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
-        finally:
-            os.close(fd)
+    def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
         by_id: dict[str, UsageRecord] = {}  # a row spilled twice (by a stop that was retried) counts once
         stamps: dict[str, float] = {}
         unreadable = 0
@@ -548,12 +525,6 @@ class PostgresStore:
         ids, rows = list(by_id), list(by_id.values())
         before = self._count_ids(ids)
         self.write_usage(rows, stamps, wait_s=wait_s, ids=ids)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"usage spill {path}: imported, but cannot remove it: {exc.strerror}") from None
         return len(rows) - before, unreadable
 
     def _count_ids(self, ids: Sequence[str]) -> int:
