@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from fastgate.access import Principal
 from fastgate.config import build_config
-from fastgate.errors import ConfigError
-from fastgate.state.redis_state import local_share
+from fastgate.errors import ConfigError, TooManyRequests, Unauthorized
+from fastgate.gate import Gate
+from fastgate.state.redis_state import RedisState, local_share, open_state
 from tests.conftest import KEYS
 from tests.fake_ollama import FakeOllama
 from tests.proc import FastgateProcess, write_config
@@ -119,7 +121,7 @@ def own_redis(redis_binary: str) -> Iterator[RedisServer]:
 
 def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastgate", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 @dataclass
@@ -364,10 +366,6 @@ async def _health_state(c: Cluster, i: int, state: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Two RedisStates in this process (two instances' worth), for what needs a short lease or a unix socket
 
-from fastgate.access import Principal  # noqa: E402
-from fastgate.errors import TooManyRequests, Unauthorized  # noqa: E402
-from fastgate.gate import Gate  # noqa: E402
-from fastgate.state.redis_state import RedisState, open_state  # noqa: E402
 
 
 async def two_states(url: str, *, lease_ttl_s: float = 15.0, timeout_s: float = SHARED_TIMEOUT_S,
@@ -423,8 +421,9 @@ async def _refused(state: RedisState, key: Principal, message: str) -> bool:
 
 async def test_unix_socket_url(redis_binary: str, tmp_path: Path) -> None:
     sock = tmp_path / "redis.sock"
-    proc = subprocess.Popen([redis_binary, "--port", "0", "--unixsocket", str(sock), "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(redis_binary, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                                                "--appendonly", "no", "--dir", str(tmp_path),
+                                                stdout=subprocess.DEVNULL)
     try:
         await eventually(sock.exists, timeout=10)
         (_, a), (_, b) = await two_states(f"unix://{sock}?db=3")
@@ -440,7 +439,7 @@ async def test_unix_socket_url(redis_binary: str, tmp_path: Path) -> None:
             await b.stop()
     finally:
         proc.terminate()
-        proc.wait(10)
+        await asyncio.wait_for(proc.wait(), 10)
 
 
 async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisServer) -> None:

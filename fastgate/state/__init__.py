@@ -6,7 +6,7 @@ without [state] none of this is imported at all (the gate's synchronous, in-proc
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..access import Principal
 from ..errors import GateError
@@ -15,8 +15,8 @@ SHARED = "shared"  # every limit, lease, trust grant and lockout is read and wri
 DEGRADED = "degraded"  # the shared store is unreachable or slow: local tables, limits divided by live instances
 
 
-class Lease(Protocol):
-    """What `LiveState.admit` hands out for one admitted request; given back with `release`."""
+# What `LiveState.admit` hands out for one admitted request and `release` takes back: the engine's own type.
+Lease = Any
 
 
 class LiveState(Protocol):

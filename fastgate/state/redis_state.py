@@ -26,7 +26,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -164,14 +164,12 @@ def local_share(limit: int | None, live: int) -> int | None:
 
 
 if sys.version_info >= (3, 11):
-    def _bounded(coro: Coroutine[Any, Any, T], timeout_s: float) -> Coroutine[Any, Any, T]:
-        async def run() -> T:
-            async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
-                return await coro
-        return run()
+    async def _bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
+        async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
+            return await awaitable
 else:  # pragma: no cover - 3.10
-    def _bounded(coro: Coroutine[Any, Any, T], timeout_s: float) -> Coroutine[Any, Any, T]:
-        return asyncio.wait_for(coro, timeout_s)
+    async def _bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
+        return await asyncio.wait_for(awaitable, timeout_s)
 
 
 class AutoPipeline:
@@ -186,8 +184,8 @@ class AutoPipeline:
     waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
     """
 
-    __slots__ = ("on_error", "_conn", "_batch", "_waiting", "_reader", "_writes", "_flush_soon", "_flush_later",
-                 "_broken")
+    __slots__ = ("_batch", "_broken", "_conn", "_flush_later", "_flush_soon", "_reader", "_waiting", "_writes",
+                 "on_error")
 
     def __init__(self, conn: Any, on_error: Callable[[BaseException], None]) -> None:
         self.on_error = on_error
@@ -495,10 +493,10 @@ class RedisState:
 
     def _admit_locally(self, principal: Principal, wall: float) -> SharedLease:
         """Degraded: the daily count from the mirror, rpm and concurrency from this instance's share."""
-        if principal.tokens_per_day is not None and self.limits is not None:
-            if self.limits.tokens_today(principal.key_id, wall) >= principal.tokens_per_day:
-                raise too_many(f"daily token limit of {principal.tokens_per_day} reached for this key",
-                               DAY_S - wall % DAY_S)
+        if (principal.tokens_per_day is not None and self.limits is not None
+                and self.limits.tokens_today(principal.key_id, wall) >= principal.tokens_per_day):
+            raise too_many(f"daily token limit of {principal.tokens_per_day} reached for this key",
+                           DAY_S - wall % DAY_S)
         if principal.rpm is None and principal.max_concurrent is None:
             return NO_LEASE
         live = self.live_instances
@@ -518,7 +516,7 @@ class RedisState:
             raise TooManyRequests(message, headers=err.extra_headers) from None
         return SharedLease(local=scaled) if scaled.max_concurrent is not None else NO_LEASE
 
-    def release(self, lease: SharedLease) -> None:  # type: ignore[override]
+    def release(self, lease: SharedLease) -> None:
         if lease.local is not None:
             self.local.release(lease.local)
         elif lease.member:
