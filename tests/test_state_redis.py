@@ -528,3 +528,30 @@ async def test_many_admissions_at_once_share_one_connection_and_keep_their_repli
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_redis_down_at_start_serves_locally_then_shares(redis_binary: str) -> None:
+    server = RedisServer(redis_binary)  # its port is free: nothing listens there yet
+    try:
+        (_, a), (_, b) = await two_states(server.url)
+        try:
+            assert a.mode == b.mode == "degraded"
+            key = Principal("ann", "k_late_redis", rpm=4)
+            for _ in range(4):  # live instances unknown (1): the whole limit, locally
+                a.release(await a.admit(key))
+            server.start()
+            await eventually(lambda: a.mode == b.mode == "shared", timeout=5)
+            await eventually(lambda: a.live_instances == b.live_instances == 2, timeout=3)
+            admitted = 0
+            for i in range(10):
+                try:
+                    (a if i % 2 else b).release(await (a if i % 2 else b).admit(key))
+                    admitted += 1
+                except TooManyRequests:
+                    pass
+            assert admitted == 4  # one bucket for both again, full (Redis had none)
+        finally:
+            await a.stop()
+            await b.stop()
+    finally:
+        server.close()
