@@ -195,7 +195,10 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
     stem = f"{args.count}-{args.variant or 'fastgate'}-{n}".replace("+", "-")
     config = os.path.join(args.out, f"{stem}.toml")
     with open(config, "w") as f:
-        f.write(fastgate_config(port, upstream_port, args.log_level))
+        text = fastgate_config(port, upstream_port, args.log_level)
+        if args.no_request_start:
+            text = text.replace("[log]\n", "[log]\nrequest_start = false\n", 1)
+        f.write(text)
     fastgate = ["-m", "fastgate", "serve", "--config", config]
     if args.variant:
         fastgate = ["-m", "bench.variants", args.variant, "serve", "--config", config]
@@ -239,7 +242,8 @@ def count(args: argparse.Namespace) -> None:
     units = (hi - lo) * (args.connections if args.count == "paced" else 1)
     unit = "token" if args.count == "paced" else "request"
     per = (totals[hi] - totals[lo]) / units
-    line = (f"{args.count} {args.variant or 'fastgate'} connections={args.connections} log={args.log_level}: "
+    line = (f"{args.count} {args.variant or 'fastgate'} connections={args.connections} log={args.log_level}"
+            f"{' request_start=false' if args.no_request_start else ''}: "
             f"{per:,.0f} instructions per {unit} (runs of {lo} and {hi}: {totals[lo]:,} and {totals[hi]:,})")
     print(line)
     with open(os.path.join(args.out, "counts.txt"), "a") as f:
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=1, help="--count: client connections (paced: streams)")
     ap.add_argument("--gap-ms", type=float, default=20.0, help="--count paced: time between tokens")
     ap.add_argument("--variant", default="", help="--count: a bench.variants variant of fastgate")
+    ap.add_argument("--no-request-start", action="store_true",
+                    help="--count: [log] request_start = false (no \"Processing request\" line)")
     ap.add_argument("--cprofile", action="store_true",
                     help="--count: run the longer workload under cProfile instead and print its profile")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

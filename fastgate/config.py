@@ -102,6 +102,7 @@ class AuthConfig:
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # "text" (the seed's lines) or "json" (one object per line)
+    request_start: bool = True  # the "Processing request" line as a request arrives (the seed's), before its outcome
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "log": (LogConfig, {
         "level": _log_level,
         "format": lambda key, value: _choice(key, value, ("text", "json")),
+        "request_start": _bool,
     }),
     "store": (StoreConfig, {
         "path": _str,

@@ -202,6 +202,7 @@ class ClientConnection:
         self.peer_ip: str = _plain_ip(peer[0]) if peer else "unknown"
         self.tls = self.transport.get_extra_info("sslcontext") is not None
         self.requests = 0
+        self.has_body = False  # the current request has a body (Content-Length > 0, or chunked)
         self.linger = False  # close with linger_close(): an error answer may race the client's bytes
         self.metrics_only = False  # a connection to the separate metrics listener
         sock = self.transport.get_extra_info("socket")
@@ -258,10 +259,11 @@ class ClientConnection:
                 # Until it is identified (key found, in the head or its body), the whole request must arrive
                 # within the header timeout of its first byte: a slow body is a slowloris too.
                 self.identify_deadline = deadline if deadline is not None else self.loop.time() + self.header_timeout
-                _check_head(event, self.max_header_bytes)
-                if not _has_body(event):
-                    # h11 still holds the (empty) end of this message; take it so the cycle is complete.
-                    conn.next_event()
+                self.has_body = _check_head(event, self.max_header_bytes)
+                # A request without a body is complete with its head: h11 still holds the (empty) end of the
+                # message, which is not asked for (a next_event is a sixth of the cost of parsing the head);
+                # body_complete says so instead, and the next cycle's fresh parser starts from the same
+                # leftover bytes either way.
                 return event
             if event is h11.NEED_DATA:
                 if deadline is None and conn.trailing_data[0]:
@@ -366,11 +368,11 @@ class ClientConnection:
 
     @property
     def body_complete(self) -> bool:
-        return self.h11.their_state is h11.DONE
+        return not self.has_body or self.h11.their_state is h11.DONE
 
     @property
     def waiting_for_100_continue(self) -> bool:
-        return self.h11.they_are_waiting_for_100_continue
+        return self.has_body and self.h11.they_are_waiting_for_100_continue
 
     async def drain_small_body(self, content_length: int | None) -> bool:
         """Read and discard a small unread body so the connection can be kept. False: close instead."""
@@ -499,25 +501,46 @@ class ClientConnection:
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _check_head(request: h11.Request, max_header_bytes: int) -> None:
-    """What h11 lets through but fastgate must not pass on."""
-    values = [v for _, v in request.headers]
+def header_fields(request: h11.Request) -> list[tuple[bytes, bytes, bytes]]:
+    """The request's header fields as (name as sent, lowercase name, value), in order.
+
+    h11 keeps them in this form; its public views (iterating `headers`, `raw_items()`) rebuild a tuple per
+    field through Python-level indexing on every pass, which fastgate's request path made five of.
+    """
+    fields = getattr(request.headers, "_full_items", None)
+    if fields is None:  # pragma: no cover - an h11 that stores them otherwise: the same from its public API
+        fields = [(raw, name, value) for (raw, value), (name, _) in zip(request.headers.raw_items(), request.headers)]
+    return fields  # type: ignore[no-any-return]
+
+
+def header_lists(request: h11.Request) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """(lowercase name, value) and (name as sent, value) pairs of the request's header fields."""
+    fields = header_fields(request)
+    return [(name, value) for _, name, value in fields], [(raw, value) for raw, _, value in fields]
+
+
+def _check_head(request: h11.Request, max_header_bytes: int) -> bool:
+    """What h11 lets through but fastgate must not pass on. Returns whether the request has a body."""
+    size = len(request.target)
+    has_body = transfer_encoding = False
+    values = []
+    for _, name, value in header_fields(request):
+        size += len(name) + len(value) + 4
+        values.append(value)
+        if name == b"transfer-encoding":
+            has_body = transfer_encoding = True
+        elif name == b"content-length" and int(value) != 0:  # h11 checked it is digits
+            has_body = True
     # h11 bounds only heads that arrive in pieces; one that came whole in a single read is measured here.
-    if len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) > max_header_bytes:
+    if size > max_header_bytes:
         raise HeadersTooLarge()
     # RFC 9110 section 5.5: control characters are not allowed in field values (h11 accepts them).
     if _CONTROL_BYTES.search(b" ".join(values)):
         raise BadRequest("control character in a header field")
     # RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
-    if request.http_version == b"1.0" and any(n == b"transfer-encoding" for n, _ in request.headers):
+    if transfer_encoding and request.http_version == b"1.0":
         raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-
-
-def _has_body(request: h11.Request) -> bool:
-    for name, value in request.headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and int(value) != 0):
-            return True
-    return False
+    return has_body
 
 
 def _plain_ip(ip: str) -> str:

@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Mapping
 
 LOGGER_NAME = "fastgate"
 FORMATS = ("text", "json")  # the values of `[log] format`
@@ -66,11 +67,24 @@ class LineFormatter(logging.Formatter):
             self._stamp = time.strftime(DATE_FORMAT, self.converter(record.created))
         return self._stamp
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
-        # `record.message` is set by format() just before; escaping here leaves the record itself untouched
-        # for other handlers, and a traceback appended after it keeps its own lines.
-        record.message = escape_controls(record.message)
-        return super().formatMessage(record)
+    def format(self, record: logging.LogRecord) -> str:
+        # LINE_FORMAT written out: logging.Formatter.format's generic %-style pass over the record's whole
+        # __dict__ cost as much as the rest of a request line (the line is the same, see test_logs_json).
+        # Control characters are escaped in the line only, so a traceback appended after it keeps its lines.
+        message = record.getMessage()
+        if _UNSAFE.search(message):
+            message = _UNSAFE.sub(_escape_char, message)
+        record.message = message
+        record.asctime = stamp = self.formatTime(record)
+        line = f"{stamp} - {record.levelname} - {message}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}" if line[-1:] != "\n" else line + record.exc_text
+        if record.stack_info:
+            stack = self.formatStack(record.stack_info)
+            line = f"{line}\n{stack}" if line[-1:] != "\n" else line + stack
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -168,8 +182,82 @@ def _no_caller(*args: object, **kwargs: object) -> tuple[str, int, str, None]:
     return "(unknown file)", 0, "(unknown function)", None
 
 
+# What LogRecord.__init__ sets that is the same for every fastgate record once the caller, thread and process
+# are not looked up (setup_logging): copied from one real record, so the set of attributes is the running
+# Python's own.
+_PER_RECORD = frozenset({"name", "msg", "args", "levelname", "levelno", "created", "msecs", "relativeCreated"})
+_record_template: dict[str, object] = {}
+_new_record = logging.LogRecord.__new__
+
+
+def _make_record(name: str, level: int, fn: str, lno: int, msg: object, args: object, exc_info: object,
+                 func: str | None = None, extra: dict[str, object] | None = None, sinfo: str | None = None,
+                 ) -> logging.LogRecord:
+    """Logger.makeRecord for fastgate's logger: the same record, made by copying the constant attributes
+    instead of recomputing them (file name and module of "(unknown file)", thread and process placeholders),
+    which was a third of the cost of a request line."""
+    if (exc_info or sinfo or fn != "(unknown file)" or not _record_template
+            or logging.getLogRecordFactory() is not logging.LogRecord):
+        return logging.Logger.makeRecord(log, name, level, fn, lno, msg, args, exc_info,  # type: ignore[arg-type]
+                                         func, extra, sinfo)
+    record = _new_record(logging.LogRecord)
+    values = record.__dict__
+    values.update(_record_template)
+    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:  # type: ignore[arg-type]
+        args = args[0]  # type: ignore[index]  # as LogRecord.__init__ does: logging.info("%(a)s", {"a": 1})
+    created = time.time()
+    values["name"] = name
+    values["msg"] = msg
+    values["args"] = args
+    values["levelname"] = logging.getLevelName(level)
+    values["levelno"] = level
+    values["created"] = created
+    values["msecs"] = int((created - int(created)) * 1000) + 0.0
+    values["relativeCreated"] = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+    if extra is not None:
+        for key in extra:
+            if key in ("message", "asctime") or key in values:
+                raise KeyError(f"Attempt to overwrite {key!r} in LogRecord")
+            values[key] = extra[key]
+    return record
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that flushes once per event loop iteration instead of once per line.
+
+    Every line is written into the stream's buffer at once; on the event loop's thread the flush (a write
+    system call) is left to a callback that runs right after the current batch of ready events, so a loop
+    iteration that answers many requests writes their lines in one call. Elsewhere (start-up, other threads,
+    no loop running) each line is flushed as it is written. `logging.shutdown` at exit flushes what is left.
+    """
+
+    def __init__(self, stream: object = None) -> None:
+        super().__init__(stream)  # type: ignore[arg-type]
+        self._flush_on: object = None  # the loop a flush is scheduled on (a forked worker has another one)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            # Looked up, not imported: this module stays free of asyncio (tests/test_layering.py).
+            asyncio = sys.modules.get("asyncio")
+            loop = asyncio._get_running_loop() if asyncio is not None else None
+            if loop is None:
+                self.flush()
+            elif self._flush_on is not loop:
+                self._flush_on = loop
+                loop.call_soon(self.flush)
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging.Handler's own policy: report, never raise
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self._flush_on = None
+        super().flush()
+
+
 def setup_logging(level: str, stream: object = None, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(make_formatter(fmt))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -180,6 +268,11 @@ def setup_logging(level: str, stream: object = None, fmt: str = "text") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    prototype = logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "", (), None,
+                                  "(unknown function)")
+    _record_template.clear()
+    _record_template.update((k, v) for k, v in prototype.__dict__.items() if k not in _PER_RECORD)
+    log.makeRecord = _make_record  # type: ignore[method-assign]
 
 
 def set_level(level: str) -> None:

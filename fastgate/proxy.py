@@ -24,7 +24,7 @@ from .budget import BodyBudget
 from .config import Config
 from .connection import (
     CONTINUE_100, PIECES_PER_YIELD, PIPELINE_CHECK_EVERY, ClientClosed, ClientConnection, ClientProtocol,
-    ClientState,
+    ClientState, header_lists,
 )
 from .access import filter_model_list, model_refusal
 from .cors import render as render_headers, without_cors_fields
@@ -354,10 +354,11 @@ class Proxy:
         """Answer one request. Returns whether the connection may carry another."""
         rid = new_request_id()
         self.requests_total += 1
-        rid_text, method = rid.decode(), request.method.decode("latin-1")
-        log.info("[%s] Processing request: %s %s", rid_text, method, log_path(request.target),
-                 extra=request_fields(rid_text, method, request.target.partition(b"?")[0].decode("latin-1")))
-        headers = list(request.headers)
+        if self.config.log.request_start:
+            rid_text, method = rid.decode(), request.method.decode("latin-1")
+            log.info("[%s] Processing request: %s %s", rid_text, method, log_path(request.target),
+                     extra=request_fields(rid_text, method, request.target.partition(b"?")[0].decode("latin-1")))
+        headers, raw_headers = header_lists(request)
         content_length: int | None = None
         chunked = False
         close_after = request.http_version != b"1.1"
@@ -368,8 +369,8 @@ class Proxy:
                 chunked = True
             elif name == b"connection" and b"close" in value.lower():
                 close_after = True
-        req = IncomingRequest(request.method, request.target, headers, list(request.headers.raw_items()),
-                              request.http_version, conn.peer_ip, conn.tls, content_length, chunked)
+        req = IncomingRequest(request.method, request.target, headers, raw_headers, request.http_version,
+                              conn.peer_ip, conn.tls, content_length, chunked)
         ctx = RequestContext(conn, req, rid, close_after, self.gate.cors_headers(req))
         if conn.metrics_only:
             return await self._metrics_listener(ctx)

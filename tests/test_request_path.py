@@ -1,0 +1,163 @@
+"""The small-request path kept cheap without changing what it does (issue 11): the `Processing request` line
+as a setting, log lines flushed once per loop iteration, records made from a template, bodyless requests
+complete with their head, and the response heads fastgate copies rather than rebuilds."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import pytest
+
+from fastgate import logs
+from fastgate.logs import LOGGER_NAME, LineHandler, log
+from tests.conftest import KEY1, MakeGateway
+from tests.rawhttp import Client
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_request_start_line_is_on_by_default(make_gateway: MakeGateway,
+                                                   gate_logs: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway()
+    async with await Client.connect(gw.port) as c:
+        resp = await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})
+    assert resp.status == 200
+    rid = resp.header("X-Request-Id")
+    lines = [r.getMessage() for r in gate_logs.records if r.getMessage().startswith(f"[{rid}]")]
+    assert lines[0] == f"[{rid}] Processing request: GET api/version"
+    assert "user1 (x-api-key:" in lines[1] and ": 200 in " in lines[1]
+    assert len(lines) == 2
+
+
+async def test_request_start_false_leaves_out_only_that_line(make_gateway: MakeGateway,
+                                                             gate_logs: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway(log={"request_start": False})
+    async with await Client.connect(gw.port) as c:
+        ok = await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})
+        refused = await c.request("GET", "/api/version", headers={"X-API-Key": "wrong-key-000000"})
+    assert (ok.status, refused.status) == (200, 401)
+    messages = [r.getMessage() for r in gate_logs.records]
+    assert not [m for m in messages if "Processing request" in m]
+    ok_lines = [m for m in messages if m.startswith(f"[{ok.header('X-Request-Id')}]")]
+    refused_lines = [m for m in messages if m.startswith(f"[{refused.header('X-Request-Id')}]")]
+    assert len(ok_lines) == 1 and "user1 (x-api-key:" in ok_lines[0] and ": 200 in " in ok_lines[0]
+    assert len(refused_lines) == 1 and "Refused 401: invalid API key" in refused_lines[0]
+
+
+async def test_bodyless_requests_pipelined_with_one_with_a_body(make_gateway: MakeGateway) -> None:
+    # A request without a body is complete with its head (its empty end is never taken from h11): the next
+    # request, already in the same read, is parsed from the bytes after it, whether it has a body or not.
+    gw = await make_gateway()
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+    head = f"Host: gateway.example.com\r\nX-API-Key: {KEY1}\r\n"
+    async with await Client.connect(gw.port) as c:
+        c.send((f"GET /api/version HTTP/1.1\r\n{head}\r\n"
+                f"POST /api/generate HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n").encode() + body
+               + f"GET /api/tags HTTP/1.1\r\n{head}Expect: 100-continue\r\n\r\n".encode()
+               + f"GET /api/version HTTP/1.1\r\n{head}\r\n".encode())
+        answers = [await c.response() for _ in range(4)]
+        assert [a.status for a in answers] == [200, 200, 200, 200]
+        assert b'"version"' in answers[0].body and b'"done":true' in answers[1].body
+        assert b'"models"' in answers[2].body and b'"version"' in answers[3].body
+        # A bodyless request that asks for 100 Continue gets none: there is nothing to send after the head.
+        assert not any(a.raw.startswith(b"HTTP/1.1 100") for a in answers)
+
+
+async def test_bodyless_expect_100_on_auth_is_answered_without_continue(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    async with await Client.connect(gw.port) as c:
+        c.send(b"POST /auth HTTP/1.1\r\nHost: gateway.example.com\r\nExpect: 100-continue\r\n"
+               b"Content-Length: 0\r\n\r\n")
+        resp = await c.response()
+        assert resp.status == 401
+        assert not resp.raw.startswith(b"HTTP/1.1 100")
+        again = await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})  # still usable
+        assert again.status == 200
+
+
+def test_line_handler_flushes_at_once_without_a_loop() -> None:
+    stream = _CountingStream()
+    handler = LineHandler(stream)
+    handler.setFormatter(logs.LineFormatter())
+    handler.handle(_record("one"))
+    assert stream.flushed.endswith(" - INFO - one\n") and stream.flushes == 1
+
+
+async def test_line_handler_flushes_once_per_loop_iteration() -> None:
+    stream = _CountingStream()
+    handler = LineHandler(stream)
+    handler.setFormatter(logs.LineFormatter())
+    for i in range(5):
+        handler.handle(_record(f"line {i}"))
+    assert stream.flushes == 0 and stream.flushed == ""  # written into the buffer, not yet out
+    await asyncio.sleep(0)  # the next iteration runs the flush scheduled by the first line
+    assert stream.flushes == 1
+    assert [line.rpartition(" - ")[2] for line in stream.flushed.splitlines()] == [f"line {i}" for i in range(5)]
+    handler.handle(_record("later"))
+    await asyncio.sleep(0)
+    assert stream.flushes == 2 and stream.flushed.endswith("later\n")
+
+
+async def test_line_handler_flushes_from_other_threads_at_once() -> None:
+    stream = _CountingStream()
+    handler = LineHandler(stream)
+    handler.setFormatter(logs.LineFormatter())
+    await asyncio.get_running_loop().run_in_executor(None, handler.handle, _record("from a thread"))
+    assert stream.flushes == 1 and stream.flushed.endswith("from a thread\n")
+
+
+def test_records_from_the_template_match_logging_s_own() -> None:
+    stream = io.StringIO()
+    saved = (log.handlers[:], log.level, log.propagate, log.__dict__.get("makeRecord"),
+             log.__dict__.get("findCaller"))
+    try:
+        logs.setup_logging("INFO", stream)
+        made = log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
+                              "(unknown function)", {logs.FIELDS: {"request_id": "a1"}})
+        plain = logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
+                                  "(unknown function)")
+        made_attrs, plain_attrs = dict(made.__dict__), dict(plain.__dict__)
+        for varying in ("created", "msecs", "relativeCreated"):
+            assert abs(made_attrs.pop(varying) - plain_attrs.pop(varying)) < 1000
+        assert made_attrs.pop(logs.FIELDS) == {"request_id": "a1"}
+        assert made_attrs == plain_attrs
+        assert made.getMessage() == "[a1] x"
+        with pytest.raises(KeyError):  # as logging refuses it
+            log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "m", (), None, None, {"msg": "forged"})
+        log.info("[%s] Processing request: %s %s", "a1", "GET", "api/tags\nforged")
+        assert stream.getvalue().endswith(" - INFO - [a1] Processing request: GET api/tags\\x0aforged\n")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")  # an exception record takes logging's own path
+        text = stream.getvalue()
+        assert " - ERROR - failed\nTraceback (most recent call last):\n" in text and "ValueError: boom" in text
+    finally:
+        handlers, level, propagate, make_record, find_caller = saved
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+        for name, value in (("makeRecord", make_record), ("findCaller", find_caller)):
+            if value is None:
+                log.__dict__.pop(name, None)
+            else:
+                setattr(log, name, value)
+
+
+class _CountingStream(io.StringIO):
+    """Keeps what was flushed apart from what was only written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, message, (), None)
