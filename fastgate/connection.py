@@ -54,6 +54,9 @@ PIPELINE_POLL_S = 0.05
 # send_timeout), then it is reset: close() alone would wait forever on a client that stopped reading.
 # Progress is any byte the client takes, counted in fastgate's buffer and in the kernel's send queue.
 SEND_TIMEOUT_S = 60.0
+# uvloop's clock and timers count whole milliseconds: a timer may fire up to this much before its deadline
+# reads as passed.
+TIMER_SLACK_S = 0.002
 
 
 class ClientState(enum.Enum):
@@ -194,6 +197,9 @@ class ClientConnection:
         self.body_timeout = body_timeout
         self.send_timeout = SEND_TIMEOUT_S
         self.identify_deadline: float | None = None
+        self._read_deadline: float | None = None  # loop time by which the read waiting now must get data
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_timer_at = 0.0
         self.budget_held = 0
         self._budget: BodyBudget | None = None
         self.state = ClientState.IDLE
@@ -218,19 +224,47 @@ class ClientConnection:
     # -- reading -------------------------------------------------------------------------------------------
 
     async def _read(self, timeout: float) -> bytes:
-        """One read with a deadline. The timer poisons the reader instead of wrapping the read in a task."""
+        """One read with a deadline. The timer poisons the reader instead of wrapping the read in a task.
+
+        One timer serves every read of the connection: a read sets its deadline, and the timer, when it
+        fires, either times out the read waiting past its deadline or moves itself to the later deadline of
+        the read waiting now. A keep-alive connection so arms about one timer per keep-alive period instead
+        of arming and cancelling one per read (per request)."""
         reader = self.reader
-        handle = self.loop.call_later(timeout, reader.set_exception, ReadTimeout())
+        loop = self.loop
+        deadline = loop.time() + timeout
+        self._read_deadline = deadline
+        if self._read_timer is None or self._read_timer_at > deadline:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer_at = deadline
+            self._read_timer = loop.call_at(deadline, self._read_timer_fired)
         try:
             data = await reader.read(READ_SIZE)
         except (ConnectionError, OSError) as exc:
             raise ClientClosed() from exc
         finally:
-            handle.cancel()
+            self._read_deadline = None
         if isinstance(reader.exception(), ReadTimeout):
             # The timer fired after the data had arrived but before this task resumed: not a timeout.
             reader._exception = None  # noqa: SLF001 - StreamReader has no public way to clear it
         return data
+
+    def _read_timer_fired(self) -> None:
+        self._read_timer = None
+        deadline = self._read_deadline
+        if deadline is None:
+            return  # no read waits now; the next one arms the timer again
+        if self.loop.time() >= deadline - TIMER_SLACK_S:
+            self.reader.set_exception(ReadTimeout())
+        else:
+            self._read_timer_at = deadline
+            self._read_timer = self.loop.call_at(deadline, self._read_timer_fired)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
     async def next_request(self) -> h11.Request | None:
         """The next request head, or None when the client closed cleanly between requests."""
@@ -463,6 +497,7 @@ class ClientConnection:
 
     def close(self) -> None:
         self.state = ClientState.CLOSED
+        self._stop_read_timer()
         transport = self.transport
         if not transport.is_closing():
             transport.close()
@@ -495,6 +530,7 @@ class ClientConnection:
 
     def abort(self) -> None:
         self.state = ClientState.CLOSED
+        self._stop_read_timer()
         self.transport.abort()
 
 

@@ -109,7 +109,7 @@ class BodyKind(enum.Enum):
     UNTIL_CLOSE = "until-close"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs four times as much, once per response
 class ResponseHead:
     status: int
     body_kind: BodyKind
@@ -131,18 +131,73 @@ _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _RESPONSE_DROP = HOP_BY_HOP - {b"transfer-encoding"}
 
 
-def find_head_end(buf: bytes | bytearray) -> int:
-    """Index just past the blank line that ends a head, or -1 if it has not arrived yet."""
-    end = buf.find(b"\r\n\r\n")
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Index just past the blank line that ends a head beginning at `start`, or -1 if it has not arrived yet."""
+    end = buf.find(b"\r\n\r\n", start)
     if end >= 0:
         return end + 4
     # Tolerate bare-LF heads from odd servers (RFC 9112 section 2.2 allows recipients to).
-    end = buf.find(b"\n\n")
+    end = buf.find(b"\n\n", start)
     return end + 2 if end >= 0 else -1
+
+
+# A header block (after the status line, before the blank line) of well-formed CRLF-ended fields.
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# The fields a response head is more than copied for: framing, and what is dropped before relaying.
+_SPECIAL_FIELD = re.compile(rb"^(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|trailer|"
+                            rb"upgrade|proxy-authorization|proxy-authenticate):([^\r]*)", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Parse a complete response head (through its blank line). Raises BadGateway if malformed."""
+    # What Ollama sends (CRLF lines, Content-Length or chunked, nothing hop-by-hop) is checked in two regex
+    # passes and its header block relayed as it came, not taken apart and joined again line by line; anything
+    # else, including everything malformed, is judged by the general parser below with the same result.
+    line_end = head.find(b"\r\n")
+    if line_end > 0 and head.endswith(b"\r\n\r\n"):
+        block = head[line_end + 2:-2]
+        match = _STATUS_LINE.fullmatch(head, 0, line_end)
+        if match is not None and _FIELD_LINES.fullmatch(block):
+            fast = _plain_head(match, block, request_method)
+            if fast is not None:
+                return fast
+    return _parse_response_head(head, request_method)
+
+
+def _plain_head(status_line: re.Match[bytes], block: bytes, request_method: bytes) -> ResponseHead | None:
+    """The ResponseHead of a well-formed head whose only special fields are one Content-Length or one
+    `Transfer-Encoding: chunked` (HTTP/1.1); None for anything else (the general parser decides)."""
+    http11 = status_line.group(1) == b"1"
+    status = int(status_line.group(2))
+    length: bytes | None = None
+    chunked = False
+    for name, value in _SPECIAL_FIELD.findall(block):
+        name = name.lower()
+        if name == b"content-length" and length is None and not chunked:
+            length = value.strip(b" \t")
+            if not length.isdigit() or len(length) > 18:
+                return None
+        elif name == b"transfer-encoding" and length is None and not chunked and http11:
+            if value.strip(b" \t").lower() != b"chunked":
+                return None
+            chunked = True
+        else:
+            return None
+    reason = (status_line.group(3) or b"").strip()
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        if chunked:
+            return None  # its Transfer-Encoding is dropped
+        return ResponseHead(status, BodyKind.NONE, 0, http11, block, reason)
+    if chunked:
+        return ResponseHead(status, BodyKind.CHUNKED, 0, True, block, reason)
+    if length is None:
+        return ResponseHead(status, BodyKind.UNTIL_CLOSE, 0, False, block, reason)
+    content_length = int(length)
+    return ResponseHead(status, BodyKind.LENGTH if content_length else BodyKind.NONE, content_length, http11,
+                        block, reason)
+
+
+def _parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     lines = head.split(b"\n")
     match = _STATUS_LINE.fullmatch(lines[0])
     if match is None:

@@ -278,29 +278,36 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
             self.transport.abort()  # type: ignore[union-attr]
             return
+        # A head usually arrives whole in one read (with the start of its body): it is parsed from that read
+        # as it is; only one that came in pieces is gathered in _head_buf first.
         buf = self._head_buf
-        buf += data
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        start = 0
         while True:
-            end = find_head_end(buf)
+            end = find_head_end(data, start)
             if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+                if len(data) - start > MAX_RESPONSE_HEAD_BYTES:
                     self._protocol_error(BadGateway("upstream response head too large"))
+                    return
+                buf += data[start:] if start else data
                 return
             try:
-                head = parse_response_head(bytes(buf[:end]), self._method)
+                head = parse_response_head(data[start:end], self._method)
             except GateError as exc:
                 self._protocol_error(exc)
                 return
-            del buf[:end]
+            start = end
             if head.informational:
                 if head.status == 101:
                     self._protocol_error(BadGateway("upstream switched protocols"))
                     return
                 continue  # 100 Continue and friends: not for the client, it got ours
             break
-        if buf:
-            self._early.append(bytes(buf))
-            buf.clear()
+        if start < len(data):
+            self._early.append(data[start:])
         if not head.keep_alive:
             self.reusable = False
         self.state = ConnState.HEAD_READY

@@ -161,3 +161,46 @@ class _CountingStream(io.StringIO):
 
 def _record(message: str) -> logging.LogRecord:
     return logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, message, (), None)
+
+
+# -- response heads: the copy path agrees with the general parser --------------------------------------------
+
+_STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 200", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
+                 b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 100 Continue", b"HTTP/1.1 101 Switching",
+                 b"HTTP/1.1 404 Not Found", b"HTTP/1.1 503 Service Unavailable", b"HTTP/1.1 200 \xe9t\xe9",
+                 b"HTTP/1.2 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 O\x01K"]
+_FIELDS = [b"Content-Type: application/json; charset=utf-8", b"Date: Tue, 01 Dec 2026 01:58:20 GMT",
+           b"Content-Length: 20", b"content-length: 0", b"Content-Length:  7 ", b"Content-Length: 5, 5",
+           b"Content-Length: -1", b"Content-Length: 1234567890123456789", b"Content-Length: x",
+           b"Transfer-Encoding: chunked", b"transfer-encoding: Chunked", b"Transfer-Encoding: gzip, chunked",
+           b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked, gzip", b"Connection: close",
+           b"Connection: keep-alive", b"Connection: X-Trace", b"X-Trace: 1", b"Keep-Alive: timeout=5",
+           b"TE: trailers", b"Trailer: X", b"Upgrade: h2c", b"Proxy-Authenticate: Basic", b"Te-X: y",
+           b"X-Content-Length: 9", b"X-Empty:", b"X-Tab: a\tb", b"X-Ctl: a\x01b", b"X-Del: \x7f",
+           b"Bad Name: x", b"NoColon", b"X-Obs: \xff\xfe", b" Leading: space", b"X-CR: a\rb"]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST"])
+def test_plain_heads_parse_as_the_general_parser_does(method: bytes) -> None:
+    from hypothesis import given, settings, strategies as st
+
+    from fastgate.errors import GateError
+    from fastgate.messages import _parse_response_head, parse_response_head
+
+    def outcome(parse, head: bytes):  # type: ignore[no-untyped-def]
+        try:
+            return parse(head, method)
+        except GateError as exc:
+            return ("error", exc.status, exc.message)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.sampled_from(_STATUS_LINES), st.lists(st.sampled_from(_FIELDS), max_size=6),
+           st.sampled_from([b"\r\n", b"\n"]))
+    def check(status_line: bytes, fields: list[bytes], eol: bytes) -> None:
+        head = eol.join([status_line, *fields]) + eol + eol
+        assert outcome(parse_response_head, head) == outcome(_parse_response_head, head)
+
+    check()
+    # The usual answers take the copy path and relay their header block exactly as it came.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+    assert parse_response_head(head, method).header_block == head[17:-2]
