@@ -133,6 +133,9 @@ def normalize_path(path: bytes) -> bytes:
 
     Only used for policy checks, so `/api/%6de` or `/api//me/` cannot slip past a block.
     """
+    if (path[:1] == b"/" and b"%" not in path and b"/." not in path and b"//" not in path
+            and (path[-1:] != b"/" or path == b"/")):
+        return path  # nothing to decode or resolve (nearly every request): what the general way returns too
     decoded = unquote_to_bytes(path)
     if not decoded.startswith(b"/"):
         decoded = b"/" + decoded
@@ -517,5 +520,8 @@ def _manages_models(normal: bytes) -> bool:
 
 
 def _is_account_path(normal: bytes) -> bool:
-    return normal in ACCOUNT_PATHS or any(normal == p or normal.startswith(p + b"/") for p in ACCOUNT_PREFIXES)
+    return normal in ACCOUNT_PATHS or normal in ACCOUNT_PREFIXES or normal.startswith(_ACCOUNT_SUBPATHS)
+
+
+_ACCOUNT_SUBPATHS = tuple(p + b"/" for p in ACCOUNT_PREFIXES)
 

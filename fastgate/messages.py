@@ -55,14 +55,26 @@ def origin_form(target: bytes) -> bytes:
 
 def forwardable_headers(raw_headers: list[tuple[bytes, bytes]], *, forward_origin: bool) -> list[tuple[bytes, bytes]]:
     """The client's headers that may travel on to Ollama, original case and order kept."""
-    dropped = set(HOP_BY_HOP) | REPLACED_UPSTREAM
-    if not forward_origin:
-        # Ollama answers 403 to any Origin it does not list (wire doc section 2).
-        dropped.add(b"origin")
+    # Ollama answers 403 to any Origin it does not list (wire doc section 2).
+    dropped = _NOT_FORWARDED if forward_origin else _NOT_FORWARDED_NOR_ORIGIN
+    kept: list[tuple[bytes, bytes]] = []
+    kept_names: list[bytes] = []
+    named: set[bytes] = set()  # fields the client's Connection header names: for this hop only
     for name, value in raw_headers:
-        if name.lower() == b"connection":
-            dropped.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return [(n, v) for n, v in raw_headers if n.lower() not in dropped]
+        lname = name.lower()
+        if lname in dropped:
+            if lname == b"connection":
+                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            continue
+        kept.append((name, value))
+        kept_names.append(lname)
+    if named:
+        kept = [field for field, lname in zip(kept, kept_names) if lname not in named]
+    return kept
+
+
+_NOT_FORWARDED = HOP_BY_HOP | REPLACED_UPSTREAM
+_NOT_FORWARDED_NOR_ORIGIN = _NOT_FORWARDED | {b"origin"}
 
 
 def upstream_request_head(*, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],

@@ -123,6 +123,12 @@ class RequestContext:
                               key=fwd.key_label, url=fwd.url, backend=self.backend, **more)
 
 
+def _log_stream_start(ctx: RequestContext, fwd: Forward, status: int, upstream_ms: float) -> None:
+    """A stream may run for minutes: say now who it is for and when it began."""
+    log.info("[%s] %s (%s) -> %s: %d in %.1f ms", ctx.rid.decode(), fwd.user, fwd.key_label, fwd.url, status,
+             upstream_ms, extra=ctx.log_fields(fwd, status=status, upstream_ms=upstream_ms))
+
+
 class _QueueWait:
     """Stands in for the upstream exchange (ClientProtocol.exchange) while a request waits for a backend
     slot: a client that leaves takes its ticket out of the queue at once rather than at its deadline."""
@@ -722,20 +728,22 @@ class Proxy:
         # A body that ends with the connection must say so to the client too.
         close = ctx.close_after or early_answer or self.closing or head.body_kind is BodyKind.UNTIL_CLOSE
         streaming = head.body_kind is not BodyKind.LENGTH and head.body_kind is not BodyKind.NONE
-        if streaming:
-            # A stream may run for minutes: say now who it is for and when it began.
-            log.info("[%s] %s (%s) -> %s: %d in %.1f ms", rid.decode(), fwd.user, fwd.key_label, fwd.url,
-                     head.status, upstream_ms,
-                     extra=ctx.log_fields(fwd, status=head.status, upstream_ms=upstream_ms))
         if fwd.trim_listing and head.status == 200:
+            if streaming:
+                _log_stream_start(ctx, fwd, head.status, upstream_ms)
             outcome = await self._relay_filtered(ctx, fwd, upstream, head, close)
         else:
             if ctx.cors and self.config.upstream.forward_origin:
                 # Ollama saw the Origin and may have answered CORS itself: one set of these fields, ours.
                 head = replace(head, header_block=without_cors_fields(head.header_block))
             try:
-                outcome = await upstream.start_relay(head, conn.transport, client_response_head(
+                relay = upstream.start_relay(head, conn.transport, client_response_head(
                     head, request_id=rid, close=close, extra=render_headers(ctx.cors)))
+                if streaming:
+                    # Logged once the relay began, so that the line is not paid for on the way to the first
+                    # byte (start_relay wrote whatever came with Ollama's head already).
+                    _log_stream_start(ctx, fwd, head.status, upstream_ms)
+                outcome = await relay
             finally:
                 protocol.exchange = None
         elapsed = time.perf_counter() - started

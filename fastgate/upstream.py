@@ -111,6 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._fd = -1
+        self._poller: select.poll | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.state.value} requests={self.requests}>"
@@ -121,8 +122,10 @@ class UpstreamConnection(asyncio.Protocol):
         connection and, its bytes being out, may not move to another backend (issue 9 rule 4). One poll(2)."""
         if self._fd < 0:
             return False
-        poller = select.poll()
-        poller.register(self._fd, _POLL_READABLE)
+        poller = self._poller
+        if poller is None:  # made once per connection: it is asked before every reuse
+            poller = self._poller = select.poll()
+            poller.register(self._fd, _POLL_READABLE)
         return bool(poller.poll(0))
 
     @property

@@ -204,3 +204,29 @@ def test_plain_heads_parse_as_the_general_parser_does(method: bytes) -> None:
     # The usual answers take the copy path and relay their header block exactly as it came.
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
     assert parse_response_head(head, method).header_block == head[17:-2]
+
+
+def test_normal_paths_are_returned_as_they_are_and_others_resolved() -> None:
+    import posixpath
+    from urllib.parse import unquote_to_bytes
+
+    from hypothesis import given, settings, strategies as st
+
+    from fastgate.gate import normalize_path
+
+    def general(path: bytes) -> bytes:
+        decoded = unquote_to_bytes(path)
+        if not decoded.startswith(b"/"):
+            decoded = b"/" + decoded
+        return posixpath.normpath(decoded).replace(b"//", b"/")
+
+    pieces = st.sampled_from([b"/", b"api", b".", b"..", b"%2e", b"%2F", b"%", b"me", b"a.b", b"x/", b"\\", b"+"])
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(pieces, max_size=7).map(b"".join))
+    def check(path: bytes) -> None:
+        assert normalize_path(path) == general(path)
+
+    check()
+    assert normalize_path(b"/api/version") == b"/api/version"
+    assert normalize_path(b"/api//me/") == b"/api/me" and normalize_path(b"/api/%6de") == b"/api/me"
