@@ -32,9 +32,9 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from urllib.parse import quote
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; only the type checker needs it
@@ -54,6 +54,7 @@ PRUNE_BATCH_ROWS = 10_000  # usage rows deleted per transaction (see prune_usage
 ROLES = ("user", "admin")
 USAGE_GROUPS = {"user": "user", "model": "model", "key": "key_id", "backend": "backend"}  # --by value -> column
 ERROR_STATUS_MIN = 400
+ACTIVE_KEYS_WHERE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {p})"  # {p}: the placeholder
 
 # Schema migrations, applied in order; PRAGMA user_version records how many have run. Append, never edit.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -97,8 +98,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_KEY_COLUMNS = ("id, user, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at, "
-                "rpm, max_concurrent, tokens_per_day")
 _GLOB = re.compile(r"[^\s,]+")
 
 
@@ -220,8 +219,8 @@ def count_active_keys(path: str, now: float) -> int | None:
     try:
         with closing(sqlite3.connect(f"file://{quote(os.path.abspath(path))}?mode=ro", uri=True,
                                      timeout=BUSY_TIMEOUT_S)) as db:
-            return int(db.execute("SELECT count(*) FROM keys WHERE revoked_at IS NULL "
-                                  "AND (expires_at IS NULL OR expires_at > ?)", (now,)).fetchone()[0])
+            return int(db.execute(f"SELECT count(*) FROM keys WHERE {ACTIVE_KEYS_WHERE.format(p='?')}",
+                                  (now,)).fetchone()[0])
     except sqlite3.Error as exc:
         raise StoreError(f"key store {path}: cannot read: {exc}") from None
 
@@ -301,8 +300,280 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
                      last_used_at, revoked_at is not None, rpm, max_concurrent, tokens_per_day)
 
 
-class KeyStore:
+def _no_such_key(key_id: str) -> StoreError:
+    return StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySql:
+    """The statements both engines run on their keys and meta tables, in one engine's spelling (table and
+    column names, placeholder, row lock); `SqlStore` holds the logic around them. Keys are selected in
+    `_record`'s column order."""
+
+    list_all: str
+    list_unrevoked: str
+    get: str
+    active: str  # keys neither revoked nor expired at the time given
+    key_exists: str
+    revoked_at: str  # takes the row lock where the engine has one: a rotation reads the row, then writes it
+    id_by_digest: str
+    insert_key: str
+    insert_digest: str
+    revoke: str
+    rotate: str
+    bump_revision: str
+    since: str  # usage(): the rows at or after a time
+
+    @classmethod
+    def spelled(cls, *, keys: str, meta: str, user_column: str, p: str, row_lock: str = "") -> KeySql:
+        columns = (f"id, {user_column}, role, prefix, digest, models, created_at, expires_at, last_used_at, "
+                   "revoked_at, rpm, max_concurrent, tokens_per_day")
+        select = f"SELECT {columns} FROM {keys}"
+        return cls(
+            list_all=f"{select}  ORDER BY created_at, id",
+            list_unrevoked=f"{select} WHERE revoked_at IS NULL ORDER BY created_at, id",
+            get=f"{select} WHERE id = {p}",
+            active=f"{select} WHERE {ACTIVE_KEYS_WHERE.format(p=p)}",
+            key_exists=f"SELECT 1 FROM {keys} WHERE id = {p}",
+            revoked_at=f"SELECT revoked_at FROM {keys} WHERE id = {p}{row_lock}",
+            id_by_digest=f"SELECT id FROM {keys} WHERE digest = {p}",
+            insert_key=(f"INSERT INTO {keys} ({columns}) VALUES ({', '.join([p] * 8)}, NULL, NULL, "
+                        f"{', '.join([p] * 3)})"),
+            insert_digest=(f"INSERT INTO {keys} ({columns}) VALUES ({', '.join([p] * 5)}, '[]', {p}, "
+                           "NULL, NULL, NULL, NULL, NULL, NULL)"),
+            revoke=f"UPDATE {keys} SET revoked_at = {p} WHERE id = {p} AND revoked_at IS NULL",
+            rotate=f"UPDATE {keys} SET prefix = {p}, digest = {p} WHERE id = {p}",
+            bump_revision=f"UPDATE {meta} SET value = value + 1 WHERE name = 'revision'",
+            since=f"WHERE at >= {p}",
+        )
+
+
+class SqlResult(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class SqlCursor(Protocol):
+    """What a write transaction hands the shared code: a sqlite3.Connection or a psycopg cursor."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> SqlResult: ...
+
+
+class SqlStore:
+    """What the SQLite `KeyStore` and `fastgate.state.postgres_store.PostgresStore` do the same way: validation,
+    key ids and secrets, the key statements (`KeySql`), records, usage summaries, pruning, the spill file
+    import loop and every message. Each engine keeps what differs: connections, transactions and their lock
+    waits, migrations, the change token, how usage rows are written and how a spill file's lines are read."""
+
+    path: str  # for messages: the file, or the URL without its password
+    _lock: threading.Lock  # serialises this object's calls on its connection
+    _SQL: ClassVar[KeySql]
+    _USAGE_GROUP_COLUMNS: ClassVar[Mapping[str, str]]  # `by` (a USAGE_GROUPS key) -> the expression grouped by
+    # group, requests, prompt and completion tokens, duration, errors; formatted with {column} and {where}
+    _USAGE_SUMMARY: ClassVar[str]
+    _PRUNE_USAGE: ClassVar[str]  # params (before, limit)
+    _TOKENS_USED_SINCE: ClassVar[str]  # params (key_id, since)
+
+    # -- what each engine provides ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _transaction(self, wait_s: float | None = None) -> AbstractContextManager[SqlCursor]:
+        raise NotImplementedError
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def write_usage(self, rows: Iterable[UsageRow],
+                    last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
+                    wait_s: float | None = None, ids: Sequence[str] | None = None) -> None:
+        raise NotImplementedError
+
+    def _spill_file_path(self) -> str:
+        raise NotImplementedError
+
+    def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
+        raise NotImplementedError
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take_lock(self, wait_s: float | None) -> None:
+        """This object's lock, waiting at most `wait_s` (for ever when None); StoreBusy when that runs out."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            raise StoreBusy(f"key store {self.path}: busy (another call in this process is waiting for it)")
+
+    def _pending_migrations(self, version: int, migrations: Sequence[Sequence[str]]) -> builtins.list[str]:
+        """The statements that bring a schema at `version` up to date; StoreError when it is newer than this
+        fastgate knows."""
+        if version > len(migrations):
+            raise StoreError(f"key store {self.path}: schema version {version} is newer than this "
+                             f"fastgate understands ({len(migrations)}); upgrade fastgate")
+        return [statement for migration in migrations[version:] for statement in migration]
+
+    def _bump_revision(self, db: SqlCursor) -> None:
+        db.execute(self._SQL.bump_revision)
+
+    def _new_key_id(self, db: SqlCursor) -> str:
+        while True:
+            key_id = "k_" + secrets.token_hex(4)
+            if db.execute(self._SQL.key_exists, (key_id,)).fetchone() is None:
+                return key_id
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def add(self, user: str, *, role: str = "user", models: Iterable[str] = (), expires_at: float | None = None,
+            rpm: int | None = None, max_concurrent: int | None = None, tokens_per_day: int | None = None,
+            now: float) -> tuple[KeyRecord, str]:
+        """Create a key. Returns its record and the secret, which exists only in this return value."""
+        patterns = _validate(user, role, models,
+                             {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
+        secret = new_secret()
+        with self._transaction() as db:
+            key_id = self._new_key_id(db)
+            db.execute(self._SQL.insert_key,
+                       (key_id, user, role, secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret),
+                        json.dumps(patterns), now, expires_at, rpm, max_concurrent, tokens_per_day))
+            self._bump_revision(db)
+        return self.get(key_id), secret
+
+    def list(self, include_revoked: bool = False) -> builtins.list[KeyRecord]:
+        return [_record(row) for row in self._query(self._SQL.list_all if include_revoked
+                                                    else self._SQL.list_unrevoked)]
+
+    def get(self, key_id: str) -> KeyRecord:
+        rows = self._query(self._SQL.get, (key_id,))
+        if not rows:
+            raise _no_such_key(key_id)
+        return _record(rows[0])
+
+    def revoke(self, key_id: str, now: float) -> KeyRecord:
+        """Revoke a key for good. Revoking a revoked key changes nothing."""
+        with self._transaction() as db:
+            if db.execute(self._SQL.key_exists, (key_id,)).fetchone() is None:
+                raise _no_such_key(key_id)
+            if db.execute(self._SQL.revoke, (now, key_id)).rowcount:
+                self._bump_revision(db)
+        return self.get(key_id)
+
+    def rotate(self, key_id: str, now: float) -> tuple[KeyRecord, str]:
+        """Give a key a new secret; id, user, role, models, limits and expiry stay. The old secret stops working.
+
+        `now` is unused today but kept so every mutation has the same shape (and a rotation time can be stored
+        without changing callers).
+        """
+        secret = new_secret()
+        with self._transaction() as db:
+            row = db.execute(self._SQL.revoked_at, (key_id,)).fetchone()
+            if row is None:
+                raise _no_such_key(key_id)
+            if row[0] is not None:
+                raise StoreError(f"key {key_id} is revoked; add a new key instead")
+            db.execute(self._SQL.rotate, (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
+            self._bump_revision(db)
+        return self.get(key_id), secret
+
+    def import_digests(self, entries: Sequence[tuple[str, str, str]], *, role: str,
+                       now: float) -> builtins.list[tuple[KeyRecord, bool]]:
+        """Add keys known only by digest (the config file's [keys]), all in one transaction. `entries` are
+        (sha256 hex, display prefix, user). A digest the store already holds, revoked or not, is left as it is:
+        importing twice adds nothing, and a revoked key is never brought back. Returns, per entry, its record
+        and whether it was added now."""
+        checked = []
+        for digest, prefix, user in entries:
+            _validate(user, role, (), {})
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise StoreError(f"expected a sha256 hex digest, got {len(digest)} characters")
+            checked.append((digest, prefix, user))
+        added: builtins.list[tuple[str, bool]] = []
+        with self._transaction() as db:
+            for digest, prefix, user in checked:
+                row = db.execute(self._SQL.id_by_digest, (digest,)).fetchone()
+                if row is not None:
+                    added.append((row[0], False))
+                    continue
+                key_id = self._new_key_id(db)
+                db.execute(self._SQL.insert_digest, (key_id, user, role, prefix, digest, now))
+                added.append((key_id, True))
+            if any(new for _, new in added):
+                self._bump_revision(db)
+        return [(self.get(key_id), new) for key_id, new in added]
+
+    def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
+        """The keys a proxy should accept, by raw SHA-256 digest (what `keys.KeyRing` hashes a presented key to).
+
+        Keys expiring later are included: the caller checks `record.expired(now)` per request, since a key can
+        expire between two reloads without the store changing.
+        """
+        rows = self._query(self._SQL.active, (now,))
+        return {bytes.fromhex(record.digest): record for record in map(_record, rows)}
+
+    def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
+        """Stamp last use for many keys in one transaction. Times never move backwards; unknown ids are ignored
+        (a key may have been deleted since the proxy saw it). Does not move `change_token()`."""
+        self.write_usage((), ids_with_times)
+
+    # -- usage ------------------------------------------------------------------------------------------
+
+    def record_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Append a batch of usage rows in one transaction (one fsync for the batch, never one per request)."""
+        self.write_usage(rows, ())
+
+    def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
+        """Bring in the usage rows spilled next to the store (and any an earlier import claimed but did not
+        finish), then remove the spill file. Returns (rows imported, unreadable lines skipped); rows an earlier
+        import already brought in are skipped."""
+        imported = unreadable = 0
+        for claimed in claim_spills(self._spill_file_path()):
+            lines = read_claimed_spill(claimed)
+            if lines is None:
+                continue  # another process or instance imported it meanwhile
+            done, bad = self._import_spill_lines(lines, wait_s)
+            remove_claimed_spill(claimed)
+            imported += done
+            unreadable += bad
+        return imported, unreadable
+
+    def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
+        """Totals per user, model, key id or backend (`by`), for rows at or after `since`, ordered by group."""
+        column = self._USAGE_GROUP_COLUMNS.get(by)
+        if column is None:
+            raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
+        where, params = (self._SQL.since, (since,)) if since is not None else ("", ())
+        rows = self._query(self._USAGE_SUMMARY.format(column=column, where=where), params)
+        return [UsageSummary(group, int(n), int(p), int(c), float(d), int(e)) for group, n, p, c, d, e in rows]
+
+    def prune_usage(self, before: float, limit: int = PRUNE_BATCH_ROWS, wait_s: float | None = None) -> int:
+        """Delete up to `limit` usage rows recorded before `before` (epoch seconds) in one transaction; returns
+        how many went. Callers repeat while it returns `limit`: a bounded batch holds the write lock briefly,
+        so a proxy's usage writes and the CLI never wait behind one huge delete."""
+        with self._transaction(wait_s) as db:
+            return db.execute(self._PRUNE_USAGE, (before, limit)).rowcount
+
+    def tokens_used_since(self, key_id: str, since: float) -> int:
+        """Prompt plus completion tokens a key used at or after `since` (for a tokens-per-day limit)."""
+        return int(self._query(self._TOKENS_USED_SINCE, (key_id, since))[0][0])
+
+
+class KeyStore(SqlStore):
     """One SQLite file. Open it once per process and `close()` it; see the module docstring for the rules."""
+
+    _SQL = KeySql.spelled(keys="keys", meta="meta", user_column="user", p="?")
+    _USAGE_GROUP_COLUMNS = USAGE_GROUPS
+    _USAGE_SUMMARY = ("SELECT {column}, count(*), sum(prompt_tokens), sum(completion_tokens), sum(duration_ms), "
+                      f"sum(status >= {ERROR_STATUS_MIN}) FROM usage {{where}} GROUP BY {{column}} "
+                      "ORDER BY {column}")
+    _PRUNE_USAGE = "DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE at < ? LIMIT ?)"
+    _TOKENS_USED_SINCE = ("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage "
+                          "WHERE key_id = ? AND at >= ?")
 
     def __init__(self, path: str) -> None:
         if not path or path == ":memory:" or path.startswith("file:"):
@@ -348,12 +619,8 @@ class KeyStore:
         with self._transaction() as db:
             # Checked inside the write lock: two processes opening a fresh file migrate it once.
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"key store {self.path}: schema version {version} is newer than this "
-                                 f"fastgate understands ({SCHEMA_VERSION}); upgrade fastgate")
-            for migration in _MIGRATIONS[version:]:
-                for statement in migration:
-                    db.execute(statement)
+            for statement in self._pending_migrations(version, _MIGRATIONS):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -362,12 +629,6 @@ class KeyStore:
                 if conn is not None:
                     conn.close()
             self._db = self._watch = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"KeyStore({self.path!r}, {'open' if self._db is not None else 'closed'})"
@@ -384,8 +645,7 @@ class KeyStore:
         """One write transaction. IMMEDIATE takes the write lock first, so waiting for it goes through the busy
         timeout; a deferred transaction that upgrades to a writer can fail at once with SQLITE_BUSY in WAL.
         `wait_s` bounds the wait for the lock (BUSY_TIMEOUT_S otherwise); StoreBusy when it runs out."""
-        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
-            raise StoreBusy(f"key store {self.path}: busy (another call in this process is waiting for it)")
+        self._take_lock(wait_s)
         try:
             db = self._conn()
             try:
@@ -409,115 +669,14 @@ class KeyStore:
         finally:
             self._lock.release()
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._conn().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"key store {self.path}: {exc}") from None
 
-    @staticmethod
-    def _bump_revision(db: sqlite3.Connection) -> None:
-        db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
-
     # -- keys -------------------------------------------------------------------------------------------
-
-    def add(self, user: str, *, role: str = "user", models: Iterable[str] = (), expires_at: float | None = None,
-            rpm: int | None = None, max_concurrent: int | None = None, tokens_per_day: int | None = None,
-            now: float) -> tuple[KeyRecord, str]:
-        """Create a key. Returns its record and the secret, which exists only in this return value."""
-        patterns = _validate(user, role, models,
-                             {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
-        secret = new_secret()
-        with self._transaction() as db:
-            while True:
-                key_id = "k_" + secrets.token_hex(4)
-                if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
-                    break
-            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-                       (key_id, user, role, secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret),
-                        json.dumps(patterns), now, expires_at, rpm, max_concurrent, tokens_per_day))
-            self._bump_revision(db)
-        return self.get(key_id), secret
-
-    def list(self, include_revoked: bool = False) -> builtins.list[KeyRecord]:
-        where = "" if include_revoked else "WHERE revoked_at IS NULL"
-        return [_record(row) for row in
-                self._query(f"SELECT {_KEY_COLUMNS} FROM keys {where} ORDER BY created_at, id")]
-
-    def get(self, key_id: str) -> KeyRecord:
-        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
-        if not rows:
-            raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-        return _record(rows[0])
-
-    def revoke(self, key_id: str, now: float) -> KeyRecord:
-        """Revoke a key for good. Revoking a revoked key changes nothing."""
-        with self._transaction() as db:
-            if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
-                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-            if db.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                          (now, key_id)).rowcount:
-                self._bump_revision(db)
-        return self.get(key_id)
-
-    def rotate(self, key_id: str, now: float) -> tuple[KeyRecord, str]:
-        """Give a key a new secret; id, user, role, models, limits and expiry stay. The old secret stops working.
-
-        `now` is unused today but kept so every mutation has the same shape (and a rotation time can be stored
-        without changing callers).
-        """
-        secret = new_secret()
-        with self._transaction() as db:
-            row = db.execute("SELECT revoked_at FROM keys WHERE id = ?", (key_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-            if row[0] is not None:
-                raise StoreError(f"key {key_id} is revoked; add a new key instead")
-            db.execute("UPDATE keys SET prefix = ?, digest = ? WHERE id = ?",
-                       (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
-            self._bump_revision(db)
-        return self.get(key_id), secret
-
-    def import_digests(self, entries: Sequence[tuple[str, str, str]], *, role: str,
-                       now: float) -> builtins.list[tuple[KeyRecord, bool]]:
-        """Add keys known only by digest (the config file's [keys]), all in one transaction. `entries` are
-        (sha256 hex, display prefix, user). A digest the store already holds, revoked or not, is left as it is:
-        importing twice adds nothing, and a revoked key is never brought back. Returns, per entry, its record
-        and whether it was added now."""
-        checked = []
-        for digest, prefix, user in entries:
-            _validate(user, role, (), {})
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise StoreError(f"expected a sha256 hex digest, got {len(digest)} characters")
-            checked.append((digest, prefix, user))
-        added: builtins.list[tuple[str, bool]] = []
-        with self._transaction() as db:
-            for digest, prefix, user in checked:
-                row = db.execute("SELECT id FROM keys WHERE digest = ?", (digest,)).fetchone()
-                if row is not None:
-                    added.append((row[0], False))
-                    continue
-                while True:
-                    key_id = "k_" + secrets.token_hex(4)
-                    if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
-                        break
-                db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, '[]', ?, NULL, NULL, NULL, "
-                           "NULL, NULL, NULL)", (key_id, user, role, prefix, digest, now))
-                added.append((key_id, True))
-            if any(new for _, new in added):
-                self._bump_revision(db)
-        return [(self.get(key_id), new) for key_id, new in added]
-
-    def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
-        """The keys a proxy should accept, by raw SHA-256 digest (what `keys.KeyRing` hashes a presented key to).
-
-        Keys expiring later are included: the caller checks `record.expired(now)` per request, since a key can
-        expire between two reloads without the store changing.
-        """
-        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM keys WHERE revoked_at IS NULL "
-                           "AND (expires_at IS NULL OR expires_at > ?)", (now,))
-        return {bytes.fromhex(record.digest): record for record in map(_record, rows)}
 
     def change_token(self) -> int:
         """A number that changes whenever the key set may have changed, in any process. Cheap enough to call
@@ -535,20 +694,11 @@ class KeyStore:
                 raise StoreError(f"key store {self.path}: {exc}") from None
             return self._revision
 
-    def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
-        """Stamp last use for many keys in one transaction. Times never move backwards; unknown ids are ignored
-        (a key may have been deleted since the proxy saw it). Does not move `change_token()`."""
-        self.write_usage((), ids_with_times)
-
     @staticmethod
     def _stamp_last_used(db: sqlite3.Connection, params: builtins.list[tuple[float, str]]) -> None:
         db.executemany("UPDATE keys SET last_used_at = max(coalesce(last_used_at, ?1), ?1) WHERE id = ?2", params)
 
     # -- usage ------------------------------------------------------------------------------------------
-
-    def record_usage(self, rows: Iterable[UsageRow]) -> None:
-        """Append a batch of usage rows in one transaction (one fsync for the batch, never one per request)."""
-        self.write_usage(rows, ())
 
     def write_usage(self, rows: Iterable[UsageRow],
                     last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
@@ -577,22 +727,12 @@ class KeyStore:
         db.executemany(f"INSERT INTO usage ({', '.join(_USAGE_COLUMNS)}) "
                        f"VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})", params)
 
-    def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
-        """Bring in the usage rows a proxy spilled next to this file (see `spill_usage`), then remove the spill
-        file. Returns (rows imported, unreadable lines skipped). A batch already imported (the file outlived
-        an earlier import) is skipped: its id went into `meta` with its rows."""
-        imported = unreadable = 0
-        for claimed in claim_spills(spill_path(self.path)):
-            lines = read_claimed_spill(claimed)
-            if lines is None:
-                continue  # another process imported it meanwhile
-            done, bad = self._import_spill_lines(lines, wait_s)
-            remove_claimed_spill(claimed)
-            imported += done
-            unreadable += bad
-        return imported, unreadable
+    def _spill_file_path(self) -> str:
+        return spill_path(self.path)
 
     def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
+        """A spill file's batches (see `spill_usage`). A batch already imported (the file outlived an earlier
+        import) is skipped: its id went into `meta` with its rows."""
         batches: dict[str, tuple[builtins.list[tuple[Any, ...]], builtins.list[tuple[float, str]]]] = {}
         unreadable = 0
         for line in lines:
@@ -619,28 +759,3 @@ class KeyStore:
                 db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (marker, len(rows)))
                 imported += len(rows)
         return imported, unreadable
-
-    def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
-        """Totals per user, model, key id or backend (`by`), for rows at or after `since`, ordered by group."""
-        column = USAGE_GROUPS.get(by)
-        if column is None:
-            raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
-        where, params = ("WHERE at >= ?", (since,)) if since is not None else ("", ())
-        rows = self._query(
-            f"SELECT {column}, count(*), sum(prompt_tokens), sum(completion_tokens), sum(duration_ms), "
-            f"sum(status >= {ERROR_STATUS_MIN}) FROM usage {where} GROUP BY {column} ORDER BY {column}", params)
-        return [UsageSummary(*row) for row in rows]
-
-    def prune_usage(self, before: float, limit: int = PRUNE_BATCH_ROWS, wait_s: float | None = None) -> int:
-        """Delete up to `limit` usage rows recorded before `before` (epoch seconds) in one transaction; returns
-        how many went. Callers repeat while it returns `limit`: a bounded batch holds the write lock briefly,
-        so a proxy's usage writes and the CLI never wait behind one huge delete."""
-        with self._transaction(wait_s) as db:
-            return db.execute("DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE at < ? LIMIT ?)",
-                              (before, limit)).rowcount
-
-    def tokens_used_since(self, key_id: str, since: float) -> int:
-        """Prompt plus completion tokens a key used at or after `since` (for a tokens-per-day limit)."""
-        rows = self._query("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage "
-                           "WHERE key_id = ? AND at >= ?", (key_id, since))
-        return int(rows[0][0])

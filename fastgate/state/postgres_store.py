@@ -29,41 +29,29 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import re
-import secrets
 import socket
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 
 from ..store import (
-    DISPLAY_PREFIX_CHARS,
+    ACTIVE_KEYS_WHERE,
     ERROR_STATUS_MIN,
-    PRUNE_BATCH_ROWS,
-    USAGE_GROUPS,
-    KeyRecord,
+    KeySql,
+    SqlCursor,
+    SqlStore,
     StoreBusy,
     StoreError,
-    UsageSummary,
-    _validate,
     append_spill,
-    claim_spills,
-    new_secret,
-    read_claimed_spill,
-    remove_claimed_spill,
-    secret_digest,
 )
 from ..usage import UsageRecord
 from .stores import StoreUnavailable, redacted_url
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 CHANNEL = "fastgate_keys"  # LISTEN/NOTIFY channel: a key was added, revoked, rotated or imported
 CONNECT_TIMEOUT_S = 3  # libpq takes whole seconds
@@ -114,8 +102,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_KEY_COLUMNS = ("id, user_name, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at, "
-                "rpm, max_concurrent, tokens_per_day")
 _PG_USAGE_GROUPS = {"user": "user_name", "model": "model", "key": "key_id", "backend": "coalesce(backend, '')"}
 _INSERT_USAGE = (
     "INSERT INTO fastgate_usage (id, at, user_name, key_id, model, path, status, prompt_tokens, completion_tokens, "
@@ -142,13 +128,6 @@ def _first_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _record(row: tuple[Any, ...]) -> KeyRecord:
-    (id_, user, role, prefix, digest, models, created_at, expires_at, last_used_at, revoked_at,
-     rpm, max_concurrent, tokens_per_day) = row
-    return KeyRecord(id_, user, role, prefix, digest, tuple(json.loads(models)), created_at, expires_at,
-                     last_used_at, revoked_at is not None, rpm, max_concurrent, tokens_per_day)
-
-
 def _usage_columns(ids: Sequence[str], rows: Sequence[UsageRecord]) -> tuple[builtins.list[Any], ...]:
     """Rows -> one array per column, for the unnest() insert (one statement and one round trip a batch)."""
     return (list(ids), [r.at for r in rows], [r.user for r in rows], [r.key_id for r in rows],
@@ -162,8 +141,19 @@ def _stamp_columns(pairs: Iterable[tuple[str, float]]) -> tuple[builtins.list[st
     return list(stamps), list(stamps.values())
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """One PostgreSQL database. Open it once per process and `close()` it; see the module docstring."""
+
+    _SQL = KeySql.spelled(keys="fastgate_keys", meta="fastgate_meta", user_column="user_name", p="%s",
+                          row_lock=" FOR UPDATE")
+    _USAGE_GROUP_COLUMNS = _PG_USAGE_GROUPS
+    _USAGE_SUMMARY = ("SELECT {column}, count(*), sum(prompt_tokens)::int8, sum(completion_tokens)::int8, "
+                      f"sum(duration_ms), count(*) FILTER (WHERE status >= {ERROR_STATUS_MIN}) FROM fastgate_usage "
+                      '{where} GROUP BY {column} ORDER BY {column} COLLATE "C"')
+    _PRUNE_USAGE = ("DELETE FROM fastgate_usage WHERE id IN (SELECT id FROM fastgate_usage WHERE at < %s "
+                    "LIMIT %s)")
+    _TOKENS_USED_SINCE = ("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0)::int8 FROM fastgate_usage "
+                          "WHERE key_id = %s AND at >= %s")
 
     def __init__(self, url: str, *, spill_file: str) -> None:
         self.url = url
@@ -212,8 +202,7 @@ class PostgresStore:
     @contextmanager
     def _transaction(self, wait_s: float | None = None) -> Iterator[psycopg.Cursor[Any]]:
         """One write transaction; `wait_s` bounds waits for row locks (StoreBusy after it)."""
-        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
-            raise StoreBusy(f"key store {self.path}: busy (another call in this process is waiting for it)")
+        self._take_lock(wait_s)
         try:
             conn = self._conn()
             try:
@@ -251,12 +240,8 @@ class PostgresStore:
                         version = 0
                     else:
                         version = row[0]
-                    if version > SCHEMA_VERSION:
-                        raise StoreError(f"key store {self.path}: schema version {version} is newer than this "
-                                         f"fastgate understands ({SCHEMA_VERSION}); upgrade fastgate")
-                    for migration in _MIGRATIONS[version:]:
-                        for statement in migration:
-                            conn.execute(statement)
+                    for statement in self._pending_migrations(version, _MIGRATIONS):
+                        conn.execute(statement)
                     conn.execute("UPDATE fastgate_schema_version SET version = %s", (SCHEMA_VERSION,))
             except psycopg.Error as exc:
                 raise StoreError(f"key store {self.path}: cannot prepare the schema: {_first_line(exc)}") from None
@@ -290,104 +275,14 @@ class PostgresStore:
         if listen is not None:
             listen.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"PostgresStore({self.path!r}, {'closed' if self._closed.is_set() else 'open'})"
 
-    @staticmethod
-    def _bump_revision(cur: psycopg.Cursor[Any]) -> None:
-        cur.execute("UPDATE fastgate_meta SET value = value + 1 WHERE name = 'revision'")
-        cur.execute(f"NOTIFY {CHANNEL}")  # delivered at COMMIT, and only if it commits
-
-    @staticmethod
-    def _new_id(cur: psycopg.Cursor[Any]) -> str:
-        while True:
-            key_id = "k_" + secrets.token_hex(4)
-            if cur.execute("SELECT 1 FROM fastgate_keys WHERE id = %s", (key_id,)).fetchone() is None:
-                return key_id
+    def _bump_revision(self, db: SqlCursor) -> None:
+        super()._bump_revision(db)
+        db.execute(f"NOTIFY {CHANNEL}")  # delivered at COMMIT, and only if it commits
 
     # -- keys -------------------------------------------------------------------------------------------
-
-    def add(self, user: str, *, role: str = "user", models: Iterable[str] = (), expires_at: float | None = None,
-            rpm: int | None = None, max_concurrent: int | None = None, tokens_per_day: int | None = None,
-            now: float) -> tuple[KeyRecord, str]:
-        patterns = _validate(user, role, models,
-                             {"rpm": rpm, "max_concurrent": max_concurrent, "tokens_per_day": tokens_per_day})
-        secret = new_secret()
-        with self._transaction() as cur:
-            key_id = self._new_id(cur)
-            cur.execute(f"INSERT INTO fastgate_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, "
-                        "NULL, %s, %s, %s)",
-                        (key_id, user, role, secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret),
-                         json.dumps(patterns), now, expires_at, rpm, max_concurrent, tokens_per_day))
-            self._bump_revision(cur)
-        return self.get(key_id), secret
-
-    def list(self, include_revoked: bool = False) -> builtins.list[KeyRecord]:
-        where = "" if include_revoked else "WHERE revoked_at IS NULL"
-        return [_record(row) for row in
-                self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys {where} ORDER BY created_at, id")]
-
-    def get(self, key_id: str) -> KeyRecord:
-        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys WHERE id = %s", (key_id,))
-        if not rows:
-            raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-        return _record(rows[0])
-
-    def revoke(self, key_id: str, now: float) -> KeyRecord:
-        with self._transaction() as cur:
-            if cur.execute("SELECT 1 FROM fastgate_keys WHERE id = %s", (key_id,)).fetchone() is None:
-                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-            if cur.execute("UPDATE fastgate_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
-                           (now, key_id)).rowcount:
-                self._bump_revision(cur)
-        return self.get(key_id)
-
-    def rotate(self, key_id: str, now: float) -> tuple[KeyRecord, str]:
-        secret = new_secret()
-        with self._transaction() as cur:
-            row = cur.execute("SELECT revoked_at FROM fastgate_keys WHERE id = %s FOR UPDATE", (key_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no key with id {key_id!r} (see `fastgate keys list --all`)")
-            if row[0] is not None:
-                raise StoreError(f"key {key_id} is revoked; add a new key instead")
-            cur.execute("UPDATE fastgate_keys SET prefix = %s, digest = %s WHERE id = %s",
-                        (secret[:DISPLAY_PREFIX_CHARS], secret_digest(secret), key_id))
-            self._bump_revision(cur)
-        return self.get(key_id), secret
-
-    def import_digests(self, entries: Sequence[tuple[str, str, str]], *, role: str,
-                       now: float) -> builtins.list[tuple[KeyRecord, bool]]:
-        checked = []
-        for digest, prefix, user in entries:
-            _validate(user, role, (), {})
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise StoreError(f"expected a sha256 hex digest, got {len(digest)} characters")
-            checked.append((digest, prefix, user))
-        added: builtins.list[tuple[str, bool]] = []
-        with self._transaction() as cur:
-            for digest, prefix, user in checked:
-                row = cur.execute("SELECT id FROM fastgate_keys WHERE digest = %s", (digest,)).fetchone()
-                if row is not None:
-                    added.append((row[0], False))
-                    continue
-                key_id = self._new_id(cur)
-                cur.execute(f"INSERT INTO fastgate_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, '[]', %s, NULL, "
-                            "NULL, NULL, NULL, NULL, NULL)", (key_id, user, role, prefix, digest, now))
-                added.append((key_id, True))
-            if any(new for _, new in added):
-                self._bump_revision(cur)
-        return [(self.get(key_id), new) for key_id, new in added]
-
-    def active_by_digest(self, now: float) -> dict[bytes, KeyRecord]:
-        rows = self._query(f"SELECT {_KEY_COLUMNS} FROM fastgate_keys WHERE revoked_at IS NULL "
-                           "AND (expires_at IS NULL OR expires_at > %s)", (now,))
-        return {bytes.fromhex(record.digest): record for record in map(_record, rows)}
 
     def change_token(self) -> int:
         """The revision number: it moves with every change to the keys, made by any instance or CLI."""
@@ -428,13 +323,7 @@ class PostgresStore:
         listen = self._listen
         return listen is not None and not listen.closed
 
-    def touch_last_used(self, ids_with_times: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
-        self.write_usage((), ids_with_times)
-
     # -- usage ------------------------------------------------------------------------------------------
-
-    def record_usage(self, rows: Iterable[UsageRecord]) -> None:
-        self.write_usage(rows, ())
 
     def write_usage(self, rows: Iterable[UsageRecord],
                     last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
@@ -460,27 +349,6 @@ class PostgresStore:
             if stamp_ids:
                 cur.execute(_STAMP_LAST_USED, (stamp_ids, stamp_times))
 
-    def usage(self, since: float | None = None, by: str = "user") -> builtins.list[UsageSummary]:
-        column = _PG_USAGE_GROUPS.get(by)
-        if column is None:
-            raise StoreError(f"usage: cannot group by {by!r} (choose from {', '.join(USAGE_GROUPS)})")
-        where, params = ("WHERE at >= %s", (since,)) if since is not None else ("", ())
-        rows = self._query(
-            f"SELECT {column}, count(*), sum(prompt_tokens)::int8, sum(completion_tokens)::int8, "
-            f"sum(duration_ms), count(*) FILTER (WHERE status >= {ERROR_STATUS_MIN}) FROM fastgate_usage {where} "
-            f"GROUP BY {column} ORDER BY {column} COLLATE \"C\"", params)
-        return [UsageSummary(group, int(n), int(p), int(c), float(d), int(e)) for group, n, p, c, d, e in rows]
-
-    def prune_usage(self, before: float, limit: int = PRUNE_BATCH_ROWS, wait_s: float | None = None) -> int:
-        with self._transaction(wait_s) as cur:
-            return cur.execute("DELETE FROM fastgate_usage WHERE id IN (SELECT id FROM fastgate_usage WHERE at < %s "
-                               "LIMIT %s)", (before, limit)).rowcount
-
-    def tokens_used_since(self, key_id: str, since: float) -> int:
-        rows = self._query("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0)::int8 FROM fastgate_usage "
-                           "WHERE key_id = %s AND at >= %s", (key_id, since))
-        return int(rows[0][0])
-
     # -- the local spill file ---------------------------------------------------------------------------
 
     def spill(self, rows: Sequence[UsageRecord], ids: Sequence[str], last_used: Mapping[str, float]) -> str:
@@ -493,21 +361,11 @@ class PostgresStore:
         append_spill(self.spill_file, ("\n".join(lines) + "\n").encode())
         return self.spill_file
 
-    def import_spill(self, wait_s: float | None = None) -> tuple[int, int]:
-        """Import the spill file (and any an earlier import claimed but did not finish), then remove it.
-        Returns (rows newly stored, unreadable lines skipped). Rows already stored are skipped by id."""
-        imported = unreadable = 0
-        for claimed in claim_spills(self.spill_file):
-            lines = read_claimed_spill(claimed)
-            if lines is None:
-                continue  # another instance imported it meanwhile
-            done, bad = self._import_spill_lines(lines, wait_s)
-            remove_claimed_spill(claimed)
-            imported += done
-            unreadable += bad
-        return imported, unreadable
+    def _spill_file_path(self) -> str:
+        return self.spill_file
 
     def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
+        """A spill file's rows, by id: rows already stored are skipped (and not counted)."""
         by_id: dict[str, UsageRecord] = {}  # a row spilled twice (by a stop that was retried) counts once
         stamps: dict[str, float] = {}
         unreadable = 0
@@ -544,8 +402,8 @@ def count_active_keys(url: str, now: float) -> int | None:
             found = conn.execute("SELECT to_regclass('fastgate_keys') IS NOT NULL").fetchone()
             if not found or not found[0]:
                 return None
-            row = conn.execute("SELECT count(*) FROM fastgate_keys WHERE revoked_at IS NULL "
-                               "AND (expires_at IS NULL OR expires_at > %s)", (now,)).fetchone()
+            row = conn.execute(f"SELECT count(*) FROM fastgate_keys WHERE {ACTIVE_KEYS_WHERE.format(p='%s')}",
+                               (now,)).fetchone()
             return int(row[0]) if row else 0
     except psycopg.Error as exc:
         raise StoreError(f"key store {where}: cannot read: {_first_line(exc)}") from None
