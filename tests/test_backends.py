@@ -4,7 +4,6 @@ pollers. Intervals are short so that the pollers' first answers are in within a 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,55 +12,28 @@ from typing import Any
 import pytest
 
 from fastgate.access import Principal, Role
-from fastgate.config import build_config
 from fastgate.logs import FIELDS
-from fastgate.server import RunningServer, start
-from tests.conftest import KEY1, KEYS
+from fastgate.server import RunningServer
+from tests.backends_support import USER_KEY, Fakes, Start, fake_ollamas, gateways
+from tests.conftest import KEY1
 from tests.fake_ollama import FakeOllama, _norm_model
 from tests.rawhttp import Client, RawResponse, build_request
 
 QWEN = "qwen2.5:0.5b"
 LLAMA = "llama3.2:latest"
-USER_KEY = "api-20250312009999"  # a managed key with the user role (config keys are admins)
-FAST_ROUTING = {"health_interval": 0.05, "health_timeout": 0.5, "inventory_interval": 0.5,
-                "loaded_interval": 0.05, "queue_timeout": 5.0}
 POLL_WAIT_S = 5.0  # upper bound for the pollers' first answers to reach the router
-
-Start = Callable[..., Awaitable[RunningServer]]
 
 
 @pytest.fixture
-async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeOllama]]]:
-    started: list[FakeOllama] = []
-
-    async def make(models: list[str]) -> FakeOllama:
-        fake = FakeOllama(models=models)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
+async def fakes() -> AsyncIterator[Fakes]:
+    async with fake_ollamas() as make:
+        yield make
 
 
 @pytest.fixture
 async def gateway_for() -> AsyncIterator[Start]:
-    running: list[RunningServer] = []
-
-    async def make(backends: list[dict[str, Any]], **routing: Any) -> RunningServer:
-        config = build_config({"server": {"listen": "127.0.0.1:0", "hostnames": ["gateway.example.com"]},
-                               "backends": backends, "routing": {**FAST_ROUTING, **routing},
-                               "keys": dict(KEYS)})
-        server = await start(config)
-        running.append(server)
-        server.proxy.gate.set_managed_keys({hashlib.sha256(USER_KEY.encode()).digest():
-                                            Principal("plain", "k_plain", role=Role.USER)})
-        return server
-
-    yield make
-    for server in running:
-        await server.stop(grace=0.5)
+    async with gateways({USER_KEY: Principal("plain", "k_plain", role=Role.USER)}) as make:
+        yield make
 
 
 async def until(check: Callable[[], bool], timeout: float = POLL_WAIT_S) -> None:

@@ -5,9 +5,8 @@ every backend concerned."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ollama as ollama_lib
@@ -15,13 +14,13 @@ import openai
 import pytest
 
 from fastgate.access import Principal, Role
-from fastgate.config import build_config
 from fastgate.logs import FIELDS
-from fastgate.server import RunningServer, start
-from tests.conftest import KEY1, KEYS, MakeGateway
+from fastgate.server import RunningServer
+from tests.backends_support import USER_KEY, Fakes, Start, fake_ollamas, gateways
+from tests.conftest import KEY1, MakeGateway
 from tests.fake_ollama import FakeOllama, _norm_model
 from tests.rawhttp import Client, RawResponse, build_request
-from tests.test_backends import FAST_ROUTING, LLAMA, QWEN, USER_KEY, generate, until, views
+from tests.test_backends import LLAMA, QWEN, generate, until, views
 
 BGE = "bge-m3:latest"
 PHI = "phi3:mini"
@@ -34,43 +33,17 @@ MANAGED = {USER_KEY: Principal("plain", "k_plain", role=Role.USER),
 # afterwards it learnt from the fan-out itself.
 SLOW_POLLS = {"health_interval": 30.0, "inventory_interval": 30.0, "loaded_interval": 30.0}
 
-Fakes = Callable[..., Awaitable[FakeOllama]]
-Start = Callable[..., Awaitable[RunningServer]]
-
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[Fakes]:
-    started: list[FakeOllama] = []
-
-    async def make(models: list[str]) -> FakeOllama:
-        fake = FakeOllama(models=models)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
+    async with fake_ollamas() as make:
+        yield make
 
 
 @pytest.fixture
 async def gateway_for() -> AsyncIterator[Start]:
-    running: list[RunningServer] = []
-
-    async def make(backends: list[dict[str, Any]], upstream: dict[str, Any] | None = None,
-                   **routing: Any) -> RunningServer:
-        config = build_config({"server": {"listen": "127.0.0.1:0", "hostnames": ["gateway.example.com"]},
-                               "backends": backends, "routing": {**FAST_ROUTING, **routing},
-                               "upstream": upstream or {}, "keys": dict(KEYS)})
-        server = await start(config)
-        running.append(server)
-        server.proxy.gate.set_managed_keys({hashlib.sha256(key.encode()).digest(): principal
-                                            for key, principal in MANAGED.items()})
-        return server
-
-    yield make
-    for server in running:
-        await server.stop(grace=0.5)
+    async with gateways(MANAGED) as make:
+        yield make
 
 
 def backends_of(*fakes: FakeOllama) -> list[dict[str, Any]]:
@@ -209,7 +182,7 @@ async def test_pull_goes_to_every_backend_in_one_stream(fakes: Fakes, gateway_fo
     assert all(view.models == 2 for view in views(gw).values())
     run = await call(gw.port, "POST", "/api/generate", body=generate(PHI))
     assert run.status == 200, run.body
-    assert [(record.path, record.backend) for record in records][0] == ("/api/pull", "a,b")
+    assert (records[0].path, records[0].backend) == ("/api/pull", "a,b")
     metrics = (await call(gw.port, "GET", "/metrics")).body.decode()
     assert 'fastgate_backend_requests_total{backend="a",status="200"}' in metrics
     assert 'fastgate_backend_requests_total{backend="b",status="200"}' in metrics
