@@ -17,6 +17,9 @@ Invariants:
 
 Blocking I/O (file access, fsync, lock waits): a caller on an event loop runs these calls in a worker thread.
 A `KeyStore` may be shared between threads; its calls are serialised by a lock.
+
+What this store does the same way as the PostgreSQL one (`fastgate.state.postgres_store`) is written once, in
+`SqlStore` and `KeySql`: each engine supplies its SQL spelling and its connections, transactions and writes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import re
 import secrets
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
@@ -361,7 +365,7 @@ class SqlCursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ..., /) -> SqlResult: ...
 
 
-class SqlStore:
+class SqlStore(ABC):
     """What the SQLite `KeyStore` and `fastgate.state.postgres_store.PostgresStore` do the same way: validation,
     key ids and secrets, the key statements (`KeySql`), records, usage summaries, pruning, the spill file
     import loop and every message. Each engine keeps what differs: connections, transactions and their lock
@@ -378,25 +382,25 @@ class SqlStore:
 
     # -- what each engine provides ----------------------------------------------------------------------
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
-    def _transaction(self, wait_s: float | None = None) -> AbstractContextManager[SqlCursor]:
-        raise NotImplementedError
+    @abstractmethod
+    def _transaction(self, wait_s: float | None = None) -> AbstractContextManager[SqlCursor]: ...
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
-        raise NotImplementedError
+    @abstractmethod
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]: ...
 
+    @abstractmethod
     def write_usage(self, rows: Iterable[UsageRow],
                     last_used: Mapping[str, float] | Iterable[tuple[str, float]] = (), *,
-                    wait_s: float | None = None, ids: Sequence[str] | None = None) -> None:
-        raise NotImplementedError
+                    wait_s: float | None = None, ids: Sequence[str] | None = None) -> None: ...
 
-    def _spill_file_path(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def _spill_file_path(self) -> str: ...
 
-    def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]:
-        raise NotImplementedError
+    @abstractmethod
+    def _import_spill_lines(self, lines: builtins.list[str], wait_s: float | None) -> tuple[int, int]: ...
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
