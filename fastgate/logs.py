@@ -67,16 +67,22 @@ class LineFormatter(logging.Formatter):
             self._stamp = time.strftime(DATE_FORMAT, self.converter(record.created))
         return self._stamp
 
-    def format(self, record: logging.LogRecord) -> str:
-        # LINE_FORMAT written out: logging.Formatter.format's generic %-style pass over the record's whole
-        # __dict__ cost as much as the rest of a request line (the line is the same, see test_logs_json).
-        # Control characters are escaped in the line only, so a traceback appended after it keeps its lines.
-        message = record.getMessage()
+    def line(self, created: float, levelname: str, message: str) -> str:
+        """LINE_FORMAT written out (logging.Formatter's generic %-style pass over a record's whole __dict__
+        cost as much as the rest of a request line). Control characters are escaped in the message only, so
+        a traceback appended after it keeps its lines."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(DATE_FORMAT, self.converter(created))
         if _UNSAFE.search(message):
             message = _UNSAFE.sub(_escape_char, message)
-        record.message = message
-        record.asctime = stamp = self.formatTime(record)
-        line = f"{stamp} - {record.levelname} - {message}"
+        return f"{self._stamp} - {levelname} - {message}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        line = self.line(record.created, record.levelname, record.message)
+        record.asctime = self._stamp
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -113,9 +119,26 @@ class JsonFormatter(logging.Formatter):
         return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f'{{"ts":"{self._timestamp(record.created)}","level":"{record.levelname}","msg":',
-                 _json_str(record.getMessage())]
-        fields = record.__dict__.get(FIELDS)
+        parts = self._parts(record.created, record.levelname, record.getMessage(), record.__dict__.get(FIELDS))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            parts.append(f',"exc":{_json_str(record.exc_text)}')
+        if record.stack_info:
+            parts.append(f',"stack":{_json_str(self.formatStack(record.stack_info))}')
+        parts.append("}")
+        line = "".join(parts)
+        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
+
+    def line(self, created: float, levelname: str, message: str, fields: dict[str, object] | None) -> str:
+        """The record's line from its parts (no traceback), as format() writes it."""
+        parts = self._parts(created, levelname, message, fields)
+        parts.append("}")
+        line = "".join(parts)
+        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
+
+    def _parts(self, created: float, levelname: str, message: str, fields: dict[str, object] | None) -> list[str]:
+        parts = [f'{{"ts":"{self._timestamp(created)}","level":"{levelname}","msg":', _json_str(message)]
         if fields:
             for name, value in fields.items():
                 kind = type(value)
@@ -129,15 +152,7 @@ class JsonFormatter(logging.Formatter):
                     parts.append(f',"{name}":{round(value, 3)!r}')
                 else:  # None, bool, anything else: the generic encoder (NaN and infinities as null)
                     parts.append(f',"{name}":{_json_other(value)}')
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            parts.append(f',"exc":{_json_str(record.exc_text)}')
-        if record.stack_info:
-            parts.append(f',"stack":{_json_str(self.formatStack(record.stack_info))}')
-        parts.append("}")
-        line = "".join(parts)
-        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
+        return parts
 
 
 _json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included, ASCII only
@@ -237,29 +252,88 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + "\n")
-            # Looked up, not imported: this module stays free of asyncio (tests/test_layering.py).
-            asyncio = sys.modules.get("asyncio")
-            loop = asyncio._get_running_loop() if asyncio is not None else None
-            if loop is None:
-                self.flush()
-            elif self._flush_on is not loop:
-                self._flush_on = loop
-                loop.call_soon(self.flush)
+            self._write(self.format(record))
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - logging.Handler's own policy: report, never raise
             self.handleError(record)
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        # Looked up, not imported: this module stays free of asyncio (tests/test_layering.py).
+        asyncio = sys.modules.get("asyncio")
+        loop = asyncio._get_running_loop() if asyncio is not None else None
+        if loop is None:
+            self.flush()
+        elif self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_on = None
         super().flush()
 
 
+_direct: list[LineHandler] = []  # the handler setup_logging made (at most one)
+_INFO = logging.INFO
+_logger_info = logging.Logger.info
+
+
+def _info(msg: object, *args: object, extra: Mapping[str, object] | None = None, **kwargs: object) -> None:
+    """Logger.info for fastgate's logger. While the handler setup_logging made is its only one, with no
+    filter anywhere (a worker's tag is one), an INFO line is formatted and written straight to that
+    handler: the same line, without a LogRecord and the six calls logging makes to route it, which were half
+    the cost of a request line. Anything else takes logging's own way: other handlers (a test's capture),
+    filters, a traceback, `extra` beyond the request fields, a level that hides INFO, an error."""
+    direct = _direct[0] if _direct else None
+    handlers = log.handlers
+    if (direct is None or kwargs or len(handlers) != 1 or handlers[0] is not direct or log.filters
+            or direct.filters or direct.level > _INFO or not log.isEnabledFor(_INFO)
+            or (extra is not None and (len(extra) != 1 or FIELDS not in extra))):
+        _logger_info(log, msg, *args, extra=extra, **kwargs)  # type: ignore[arg-type]
+        return
+    formatter = direct.formatter
+    try:
+        if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            args = args[0]  # type: ignore[assignment]  # as LogRecord.getMessage: info("%(a)s", {"a": 1})
+        message = str(msg) % args if args else str(msg)
+        if type(formatter) is LineFormatter:
+            line = formatter.line(time.time(), "INFO", message)
+        elif type(formatter) is JsonFormatter:
+            line = formatter.line(time.time(), "INFO", message,
+                                  extra[FIELDS] if extra is not None else None)  # type: ignore[arg-type]
+        else:
+            raise TypeError("not a formatter of fastgate's")
+    except Exception:  # noqa: BLE001 - a bad format string or argument: logging's way reports it
+        _logger_info(log, msg, *args, extra=extra)  # type: ignore[arg-type]
+        return
+    with direct.lock:  # type: ignore[union-attr]
+        try:
+            direct._write(line)  # noqa: SLF001
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as Handler.emit: report, never raise
+            direct.handleError(logging.makeLogRecord({"name": LOGGER_NAME, "msg": line, "levelno": _INFO}))
+
+
+def fields_wanted() -> bool:
+    """Whether anything reads a request line's fields (`extra=`): not while fastgate's own handler, writing
+    text, is the logger's only one and nothing filters (the text line is the message alone), so callers can
+    skip building them."""
+    if not _direct:
+        return True
+    direct = _direct[0]
+    handlers = log.handlers
+    return (len(handlers) != 1 or handlers[0] is not direct or type(direct.formatter) is not LineFormatter
+            or bool(log.filters) or bool(direct.filters))
+
+
 def setup_logging(level: str, stream: object = None, fmt: str = "text") -> None:
     handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(make_formatter(fmt))
     log.handlers[:] = [handler]
+    _direct[:] = [handler]
+    log.info = _info  # type: ignore[method-assign]
     log.setLevel(level)
     log.propagate = False
     # The line format shows no source location, thread or process: skip computing them for every record

@@ -32,7 +32,7 @@ from .errors import (
     BadGateway, BadRequest, GateError, NotFound, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable,
 )
 from .gate import Forward, Gate, IncomingRequest, LocalReply, ProbeHealth, ReadBody, ServeMetrics, normalize_path
-from .logs import FIELDS, log, log_path, new_request_id, request_fields
+from .logs import FIELDS, fields_wanted, log, log_path, new_request_id, request_fields
 from .messages import (
     BodyKind, ResponseHead, client_response_head, dechunk, error_response, is_openai_path, json_body,
     local_response, retarget_head,
@@ -115,8 +115,11 @@ class RequestContext:
     def path(self) -> str:
         return self.req.path.decode("latin-1")
 
-    def log_fields(self, fwd: Forward | None = None, **more: object) -> dict[str, object]:
-        """`extra=` for one of this request's log lines: the fields the JSON format writes (request_fields)."""
+    def log_fields(self, fwd: Forward | None = None, **more: object) -> dict[str, object] | None:
+        """`extra=` for one of this request's log lines: the fields the JSON format writes (request_fields);
+        None when nothing reads them (text lines only)."""
+        if not fields_wanted():
+            return None
         if fwd is None:
             return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, **more)
         return request_fields(self.rid.decode(), self.req.method.decode("latin-1"), self.path, user=fwd.user,
@@ -363,7 +366,8 @@ class Proxy:
         if self.config.log.request_start:
             rid_text, method = rid.decode(), request.method.decode("latin-1")
             log.info("[%s] Processing request: %s %s", rid_text, method, log_path(request.target),
-                     extra=request_fields(rid_text, method, request.target.partition(b"?")[0].decode("latin-1")))
+                     extra=request_fields(rid_text, method, request.target.partition(b"?")[0].decode("latin-1"))
+                     if fields_wanted() else None)
         headers, raw_headers = header_lists(request)
         content_length: int | None = None
         chunked = False

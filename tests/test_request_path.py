@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -108,42 +109,115 @@ async def test_line_handler_flushes_from_other_threads_at_once() -> None:
     assert stream.flushes == 1 and stream.flushed.endswith("from a thread\n")
 
 
-def test_records_from_the_template_match_logging_s_own() -> None:
+@pytest.fixture
+def own_logging() -> Iterator[io.StringIO]:
+    """fastgate's logger set up as `fastgate serve` does it, writing to a StringIO; put back afterwards."""
     stream = io.StringIO()
-    saved = (log.handlers[:], log.level, log.propagate, log.__dict__.get("makeRecord"),
-             log.__dict__.get("findCaller"))
+    saved = (log.handlers[:], log.filters[:], log.level, log.propagate, dict(log.__dict__), logs._direct[:])
+    logs.setup_logging("INFO", stream)
     try:
-        logs.setup_logging("INFO", stream)
-        made = log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
-                              "(unknown function)", {logs.FIELDS: {"request_id": "a1"}})
-        plain = logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
-                                  "(unknown function)")
-        made_attrs, plain_attrs = dict(made.__dict__), dict(plain.__dict__)
-        for varying in ("created", "msecs", "relativeCreated"):
-            assert abs(made_attrs.pop(varying) - plain_attrs.pop(varying)) < 1000
-        assert made_attrs.pop(logs.FIELDS) == {"request_id": "a1"}
-        assert made_attrs == plain_attrs
-        assert made.getMessage() == "[a1] x"
-        with pytest.raises(KeyError):  # as logging refuses it
-            log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "m", (), None, None, {"msg": "forged"})
-        log.info("[%s] Processing request: %s %s", "a1", "GET", "api/tags\nforged")
-        assert stream.getvalue().endswith(" - INFO - [a1] Processing request: GET api/tags\\x0aforged\n")
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            log.exception("failed")  # an exception record takes logging's own path
-        text = stream.getvalue()
-        assert " - ERROR - failed\nTraceback (most recent call last):\n" in text and "ValueError: boom" in text
+        yield stream
     finally:
-        handlers, level, propagate, make_record, find_caller = saved
+        handlers, filters, level, propagate, attrs, direct = saved
         log.handlers[:] = handlers
+        log.filters[:] = filters
         log.setLevel(level)
         log.propagate = propagate
-        for name, value in (("makeRecord", make_record), ("findCaller", find_caller)):
-            if value is None:
-                log.__dict__.pop(name, None)
+        for name in ("makeRecord", "findCaller", "info"):
+            if name in attrs:
+                setattr(log, name, attrs[name])
             else:
-                setattr(log, name, value)
+                log.__dict__.pop(name, None)
+        logs._direct[:] = direct
+
+
+def test_records_from_the_template_match_logging_s_own(own_logging: io.StringIO) -> None:
+    made = log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
+                          "(unknown function)", {logs.FIELDS: {"request_id": "a1"}})
+    plain = logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "[%s] %s", ("a1", "x"), None,
+                              "(unknown function)")
+    made_attrs, plain_attrs = dict(made.__dict__), dict(plain.__dict__)
+    for varying in ("created", "msecs", "relativeCreated"):
+        assert abs(made_attrs.pop(varying) - plain_attrs.pop(varying)) < 1000
+    assert made_attrs.pop(logs.FIELDS) == {"request_id": "a1"}
+    assert made_attrs == plain_attrs
+    assert made.getMessage() == "[a1] x"
+    with pytest.raises(KeyError):  # as logging refuses it
+        log.makeRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, "m", (), None, None, {"msg": "forged"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")  # an exception record takes logging's own path
+    text = own_logging.getvalue()
+    assert " - ERROR - failed\nTraceback (most recent call last):\n" in text and "ValueError: boom" in text
+
+
+def _only_own_handler() -> None:
+    # pytest attaches its capture handlers to non-propagating loggers when each test phase begins.
+    log.handlers[:] = logs._direct[:]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_direct_lines_equal_the_records_lines(own_logging: io.StringIO, fmt: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _only_own_handler()
+    logs.set_format(fmt)
+    monkeypatch.setattr(logs, "_logger_info", lambda *a, **k: pytest.fail("took logging's way"))
+    fields = {logs.FIELDS: {"request_id": "a1", "path": "/api/tags\n", "status": 200, "upstream_ms": 1.23456}}
+    calls: list[tuple[tuple[object, ...], dict[str, object] | None]] = [
+        (("[%s] Processing request: %s %s", "a1", "GET", "api/tags\nforged\u2028"), fields),
+        (("[%s] %s (%s) -> %s: %d in %.1f ms", "a1", "u", "x-api-key:api-****0101", "http://o/api/tags", 200, 1.5),
+         fields),
+        (("plain, no arguments, 100%% sure",), None),
+        (("%(a)s and %(b)d", {"a": "mapping", "b": 7}), None),
+    ]
+    for args, extra in calls:
+        log.info(*args, extra=extra)
+    monkeypatch.undo()
+    direct = own_logging.getvalue().splitlines()
+    handler = log.handlers[0]
+    expected = []
+    for args, extra in calls:
+        record = logging.LogRecord(LOGGER_NAME, logging.INFO, "(unknown file)", 0, args[0], args[1:], None)
+        record.__dict__.update(extra or {})
+        expected.append(handler.format(record))
+    strip = (lambda line: line.partition(" - ")[2]) if fmt == "text" else (lambda line: line.partition(",")[2])
+    assert [strip(line) for line in direct] == [strip(line) for line in expected]  # all but the time
+    assert len(direct) == 4 and "\n" not in "".join(direct)
+    if fmt == "text":
+        assert direct[0].endswith(" - INFO - [a1] Processing request: GET api/tags\\x0aforged\\u2028")
+        assert direct[3].endswith(" - INFO - mapping and 7")
+
+
+def test_direct_lines_give_way_to_filters_handlers_and_tracebacks(own_logging: io.StringIO,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    _only_own_handler()
+    seen: list[logging.LogRecord] = []
+
+    class Tag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(record)
+            record.msg = "[tag] " + str(record.msg)
+            return True
+
+    tag = Tag()
+    log.addFilter(tag)
+    log.info("with a filter %d", 1)
+    log.removeFilter(tag)
+    assert len(seen) == 1 and own_logging.getvalue().endswith(" - INFO - [tag] with a filter 1\n")
+    extra = logging.Handler()
+    records: list[logging.LogRecord] = []
+    extra.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(extra)
+    log.info("two handlers %s", "x", extra={logs.FIELDS: {"request_id": "b2"}})
+    log.removeHandler(extra)
+    assert [r.getMessage() for r in records] == ["two handlers x"]
+    assert getattr(records[0], logs.FIELDS) == {"request_id": "b2"}
+    assert own_logging.getvalue().endswith(" - INFO - two handlers x\n")
+    log.setLevel("WARNING")
+    log.info("hidden")
+    log.setLevel("INFO")
+    assert "hidden" not in own_logging.getvalue()
 
 
 class _CountingStream(io.StringIO):
@@ -230,3 +304,32 @@ def test_normal_paths_are_returned_as_they_are_and_others_resolved() -> None:
     check()
     assert normalize_path(b"/api/version") == b"/api/version"
     assert normalize_path(b"/api//me/") == b"/api/me" and normalize_path(b"/api/%6de") == b"/api/me"
+
+
+def test_fields_are_wanted_unless_only_text_lines_are_written(own_logging: io.StringIO) -> None:
+    assert logs.fields_wanted()  # pytest's capture handler is there too
+    _only_own_handler()
+    assert not logs.fields_wanted()  # text: the line is the message alone
+    logs.set_format("json")
+    assert logs.fields_wanted()
+    logs.set_format("text")
+    other = logging.NullHandler()
+    log.addHandler(other)
+    assert logs.fields_wanted()  # someone else's handler may read them
+    log.removeHandler(other)
+    assert not logs.fields_wanted()
+
+
+async def test_json_request_lines_keep_their_fields(make_gateway: MakeGateway, own_logging: io.StringIO) -> None:
+    import json
+
+    _only_own_handler()
+    logs.set_format("json")
+    gw = await make_gateway()
+    async with await Client.connect(gw.port) as c:
+        resp = await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})
+    rid = resp.header("X-Request-Id")
+    lines = [json.loads(line) for line in own_logging.getvalue().splitlines()]
+    mine = [line for line in lines if line.get("request_id") == rid]
+    assert [line["msg"].partition(" ")[2].split(":")[0] for line in mine] == ["Processing request", "user1 (x-api-key"]
+    assert mine[1]["status"] == 200 and mine[1]["user"] == "user1" and mine[1]["path"] == "/api/version"
