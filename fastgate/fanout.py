@@ -35,13 +35,16 @@ from .routing.aggregate import (
     holds_model, listing_content_type, listing_entries, merge_listings, no_answer, verdict, verdict_body,
     wants_stream,
 )
-from .routing.pollers import ProbeFailed, fetch
-from .upstream import BufferSink, ClientGone, RelayOutcome, UpstreamConnection
+from .routing.pollers import LimitedSink, ProbeFailed, fetch
+from .upstream import ClientGone, RelayOutcome, UpstreamConnection
 
 if TYPE_CHECKING:
     from .proxy import Proxy, RequestContext
 
 LAST_CHUNK = b"0\r\n\r\n"
+# A whole answer read from one backend (delete, copy, a pull without a stream, an error before a stream): Ollama's
+# are empty or one small JSON object. A backend that sends more (or never ends) is cut off there, not buffered.
+MAX_ANSWER_BYTES = 1024 * 1024
 ENDED = (RelayOutcome.COMPLETE, RelayOutcome.COMPLETE_CLOSE)
 
 
@@ -235,9 +238,12 @@ async def _open(proxy: Proxy, fan: _Fan, name: str, request: bytes, method: byte
 
 
 async def _read_whole(fan: _Fan, conn: UpstreamConnection, head: ResponseHead) -> tuple[RelayOutcome, bytes]:
-    sink = BufferSink()
+    """The body after `head`, whole. BadGateway when it runs past MAX_ANSWER_BYTES."""
+    sink = LimitedSink(conn, MAX_ANSWER_BYTES)
     outcome = await conn.start_relay(head, sink)
     _done_with(fan, conn, outcome)
+    if sink.over:
+        raise BadGateway(f"answer larger than {MAX_ANSWER_BYTES} bytes")
     return outcome, bytes(sink.data)
 
 
@@ -350,7 +356,11 @@ async def _stream_pull(proxy: Proxy, ctx: RequestContext, fwd: Forward, names: l
             out.line(tally.fail(no_answer(name, err.message)))
             return
         if head.status != 200:  # refused before any progress (bad name, ...): its own status and message
-            outcome, data = await _read_whole(fan, conn, head)
+            try:
+                outcome, data = await _read_whole(fan, conn, head)
+            except GateError as err:
+                out.line(tally.fail(no_answer(name, err.message)))
+                return
             result = answer_result(FanOut.PULL, name, head.status, data) if outcome in ENDED else \
                 no_answer(name, f"answer cut off ({outcome.value})")
             out.line(tally.fail(result))

@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import BackendConfig, RoutingConfig
 from ..errors import GateError, UpstreamUnreachable
 from ..logs import log
-from ..upstream import BufferSink, RelayOutcome, UpstreamConnection, UpstreamPool
+from ..upstream import RelayOutcome, UpstreamConnection, UpstreamPool
 from .choice import Router
 from .health import HealthChange
 
@@ -59,8 +59,10 @@ async def fetch(pool: UpstreamPool, backend: BackendConfig, path: str, timeout: 
                        % (url.base_path.encode(), path.encode(), url.host_header.encode(),
                           __version__.encode()), b"GET")
         head = await conn.response_head()
-        sink = BufferSink()
+        sink = LimitedSink(conn, MAX_LISTING_BYTES)
         outcome = await conn.start_relay(head, sink)
+        if sink.over:
+            raise ProbeFailed(f"answer larger than {MAX_LISTING_BYTES} bytes")
         if outcome is RelayOutcome.COMPLETE:
             held.clear()
             pool.release(conn)
@@ -79,6 +81,29 @@ async def fetch(pool: UpstreamPool, backend: BackendConfig, path: str, timeout: 
     finally:
         for conn in held:
             conn.abort()  # mid-exchange (timed out, cut off): never reused
+
+
+class LimitedSink:
+    """A BufferSink that holds at most `limit` bytes: past that it keeps nothing more and aborts `conn`, so a
+    backend that answers without end (or far more than any answer it should give) costs at most `limit`."""
+
+    __slots__ = ("data", "limit", "conn", "over")
+
+    def __init__(self, conn: UpstreamConnection, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.conn = conn
+        self.over = False
+
+    def write(self, data: bytes) -> None:
+        if self.over:
+            return
+        if len(self.data) + len(data) > self.limit:
+            self.over = True
+            self.data = bytearray()
+            self.conn.abort()  # ends the relay (UPSTREAM_CLOSED); the connection is never reused
+            return
+        self.data += data
 
 
 def model_names(body: bytes) -> list[str] | None:
