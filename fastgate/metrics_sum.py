@@ -84,6 +84,15 @@ def _add_histogram(into: Histogram, raw: Any) -> None:
 def merge(snapshots: Iterable[dict[str, Any]]) -> tuple[Metrics, Gauges]:
     """The sum of `snapshots` (see the module's docstring for how each value adds up). ValueError (or
     KeyError/TypeError) for a snapshot that is not one: the caller leaves that one out."""
+    try:
+        return _merge(snapshots)
+    except (AttributeError, OverflowError, RecursionError) as exc:
+        # What else a damaged snapshot raises (a list where a dict was, an Infinity count): the callers catch
+        # ValueError, and one bad file must not end the supervisor or a scrape.
+        raise ValueError(f"not a snapshot: {type(exc).__name__}") from None
+
+
+def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[Metrics, Gauges]:
     total = Metrics()
     gauges = Gauges()
     backends: dict[str, list[int]] = {}  # name -> [up, in_flight, waiting, ejections], in first-seen order
@@ -155,7 +164,11 @@ class Retired:
         if not isinstance(raw, dict) or not isinstance(raw.get("absorbed"), list):
             raise ValueError("not a retired snapshot")
         merge([raw["snapshot"]])  # raises when it is not a snapshot
-        return cls(raw["snapshot"], [str(wid) for wid in raw["absorbed"]], int(raw["exits"]))
+        try:
+            exits = int(raw["exits"])
+        except OverflowError:
+            raise ValueError("not a retired snapshot") from None
+        return cls(raw["snapshot"], [str(wid) for wid in raw["absorbed"]], exits)
 
 
 def fold(retired: Retired, worker_id: str, last: dict[str, Any] | None) -> Retired:

@@ -60,7 +60,7 @@ def read_json(path: str) -> Any:
         if len(data) > MAX_SNAPSHOT_BYTES:
             return None
         return json.loads(data)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep (a damaged file)
         return None
 
 
@@ -216,8 +216,15 @@ class MetricsPeers:
         except OSError:
             return worker_id, None
         try:
-            return worker_id, json.loads(await reader.read(-1))  # a sibling's: trusted to end its answer
-        except (OSError, ValueError):
+            # At most what a snapshot file may hold: whatever answers on a sibling's socket, this scrape's
+            # memory stays bounded (its time is bounded by PEER_TIMEOUT_S).
+            data = bytearray()
+            while chunk := await reader.read(65536):
+                data += chunk
+                if len(data) > MAX_SNAPSHOT_BYTES:
+                    return worker_id, None
+            return worker_id, json.loads(data)
+        except (OSError, ValueError, RecursionError):
             return worker_id, None
         finally:
             writer.close()
