@@ -62,6 +62,8 @@ def snapshot(metrics: Metrics, gauges: Gauges) -> dict[str, Any]:
         "usage_rows_dropped": metrics.usage_rows_dropped,
         "state_shared": metrics.state_shared,
         "state_fallbacks": metrics.state_fallbacks,
+        "backend_requests": [[*key, n] for key, n in metrics.backend_requests.items()],
+        "backend_first_byte": {name: _histogram(hist) for name, hist in metrics.backend_first_byte.items()},
         "in_flight": gauges.in_flight,
         "connections": gauges.connections,
         "buffered_bytes": gauges.buffered_bytes,
@@ -117,6 +119,14 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[Metrics, Gauges]:
         if shared >= 0:  # one worker on local tables makes the whole degraded
             total.state_shared = shared if total.state_shared < 0 else min(total.state_shared, shared)
         total.state_fallbacks += int(snap["state_fallbacks"])
+        for backend, status, n in snap.get("backend_requests", ()):  # absent: written before they were kept
+            key = (str(backend), str(status))
+            total.backend_requests[key] = total.backend_requests.get(key, 0) + int(n)
+        for backend, raw in snap.get("backend_first_byte", {}).items():
+            hist = total.backend_first_byte.get(str(backend))
+            if hist is None:
+                hist = total.backend_first_byte[str(backend)] = Histogram()
+            _add_histogram(hist, raw)
         gauges.in_flight += int(snap["in_flight"])
         gauges.connections += int(snap["connections"])
         gauges.buffered_bytes += int(snap["buffered_bytes"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastgate import metrics_sum
-from fastgate.metrics import Metrics
+from fastgate.metrics import BackendGauges, Metrics
 from fastgate.worker import read_json, read_retired
 from tests.fake_ollama import FakeOllama
 from tests.proc import FastgateProcess
@@ -51,6 +51,27 @@ def test_a_damaged_retired_file_is_an_empty_one(tmp_path: Path) -> None:
     (tmp_path / "retired.json").write_text(json.dumps(retired).replace('"exits":1', '"exits":1e999')
                                            .replace('"exits": 1', '"exits": 1e999'))
     assert read_retired(str(tmp_path)).exits == 0
+
+
+def test_per_backend_counts_are_summed_across_workers_and_kept_for_dead_ones() -> None:
+    """metrics_sum.snapshot left out backend_requests and backend_first_byte (added to Metrics for several
+    backends): with workers > 1 every scrape answered fastgate_backend_requests_total and
+    fastgate_backend_first_byte_seconds empty, the scraped worker's own counts included. The existing
+    every-attribute test did not see it, its Metrics holding no backend numbers."""
+    metrics = Metrics()
+    metrics.backend_request("a", 200)
+    metrics.backend_request("a", 200)
+    metrics.backend_request("b", 502)
+    metrics.backend_head("a", 0.02)
+    gauges = metrics_sum.Gauges(backends=[BackendGauges("a", True, 0, 0, 0), BackendGauges("b", True, 0, 0, 0)])
+    snap = json.loads(json.dumps(metrics_sum.snapshot(metrics, gauges)))  # as it travels between processes
+    retired = metrics_sum.fold(metrics_sum.Retired(), "2.2", snap)
+    merged, summed = metrics_sum.merge([snap, snap, retired.snapshot])
+    assert merged.backend_requests == {("a", "200"): 6, ("b", "502"): 3}
+    assert merged.backend_first_byte["a"].count == 3
+    text = merged.render(**summed.render_args()).decode()
+    assert 'fastgate_backend_requests_total{backend="a",status="200"} 6' in text
+    assert 'fastgate_backend_first_byte_seconds_count{backend="a"} 3' in text
 
 
 def test_a_snapshot_file_nested_too_deep_reads_as_none(tmp_path: Path) -> None:
