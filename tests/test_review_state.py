@@ -37,6 +37,18 @@ def test_a_store_url_error_never_shows_the_password(url: str) -> None:
     assert SECRET not in str(info.value)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "fastgate/config.py parse_state_url: the same as _postgres_url: `shown` keeps the value as written when "
+    "its netloc holds no '@', which is the case when the password contains an unencoded '/', '?' or '#'. "
+    "Fix: show scheme://HOST only, or cut everything before the last '@' of the whole value"))
+@pytest.mark.parametrize("url", [f"redis://:{SECRET}/x@h/0", f"redis://:{SECRET}?x@h/0",
+                                 f"redis://:{SECRET}#x@h/0"])
+def test_a_state_url_error_never_shows_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"state": {"url": url}})
+    assert SECRET not in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def redis() -> object:
     server = RedisServer(require_redis_server())
