@@ -207,8 +207,10 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
     if args.cprofile:
         tool, out = [], os.path.join(args.out, f"{stem}.pstats")
         fastgate = ["-m", "cProfile", "-o", out] + fastgate
+    # A fixed hash seed: with randomised string hashing, dict probes (and so the counts) vary from run to run.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = spawn(stem, tool + [sys.executable] + fastgate, log_path=os.path.join(args.out, "logs", f"{stem}.log"),
-                 cwd=ROOT)
+                 cwd=ROOT, env=env)
     try:
         wait_port(HOST, port, 300, proc.proc)
         run_loop(_count_client(port, args.count, n, args.connections, args.gap_ms))

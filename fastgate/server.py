@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import re
@@ -561,6 +562,10 @@ async def serve(config: Config, *, reread: Callable[[], Config] | None = None,
                                     f"{forwarding_to(config)}; " + in_effect(config, ollama=ollama,
                                                                            pid=worker.parent_pid,
                                                                            store_keys=store_keys)})
+        # What exists now (modules, config, compiled patterns) lives as long as the process: frozen out of the
+        # garbage collector's sight, so that a full collection walks only what requests made, not the whole
+        # heap (its pause is what every live stream's next token waits behind).
+        gc.freeze()
         if on_ready is not None:
             on_ready(running)
         await stop.wait()
