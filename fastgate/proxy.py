@@ -488,7 +488,8 @@ class Proxy:
         """Put the request on a backend (`ctx.placement`), waiting for a slot if need be. Raises GateError."""
         outcome = self.router.choose(fwd.model, fwd.user, ctx.conn.loop.time(), needs_slot=fwd.runs_model,
                                      pin=fwd.pin)
-        ctx.placement = await self._settle(ctx, outcome, fwd)
+        # A placement at once (the usual case) needs no coroutine to settle it.
+        ctx.placement = outcome if isinstance(outcome, Placement) else await self._settle(ctx, outcome, fwd)
         if self.several:
             ctx.backend = ctx.placement.backend
 
@@ -562,8 +563,12 @@ class Proxy:
         while True:
             placement = ctx.placement
             assert placement is not None
+            pool = self.pools[placement.backend]
+            conn = pool.take_idle()
+            if conn is not None:
+                return conn, True
             try:
-                return await self.pools[placement.backend].acquire()
+                return await pool.connect(), False
             except (UpstreamUnreachable, UpstreamTimeout) as err:
                 if not self.several:
                     raise  # nowhere else to go: answered as it always was

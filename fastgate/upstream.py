@@ -510,6 +510,13 @@ class UpstreamPool:
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection ready for a request, and whether it was reused from the pool."""
+        conn = self.take_idle()
+        if conn is not None:
+            return conn, True
+        return await self.connect(), False
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection ready for a request, if there is one (no awaiting: the usual case)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -517,8 +524,8 @@ class UpstreamPool:
                 if conn.peer_closed():  # Ollama restarted or was killed: try the next, else connect
                     conn.abort()
                     continue
-                return conn, True
-        return await self.connect(), False
+                return conn
+        return None
 
     async def connect(self) -> UpstreamConnection:
         try:
