@@ -74,13 +74,14 @@ async def test_an_unreadable_trust_record_does_not_keep_instances_from_starting(
     redis.command("FLUSHALL")
     redis.command("SET", trust_key("198.51.100.30"), "not json", "PX", "60000")
     config = state_config(redis.url)
-    state: RedisState | None = None
+    gate = Gate(config)  # type: ignore[arg-type]
+    state = RedisState(config.state, clock=gate.clock, wall_clock=gate.wall_clock)  # type: ignore[attr-defined]
+    state.attach(gate)
     try:
-        state = await open_state(config.state, Gate(config))  # type: ignore[attr-defined]
+        await state.start()  # as open_state does
         assert state.mode == SHARED
     finally:
-        if state is not None:
-            await state.stop()
+        await state.stop()  # whatever start() left open
         redis.command("FLUSHALL")
 
 
