@@ -197,3 +197,21 @@ async def test_an_error_before_a_pull_stream_that_never_ends_is_cut_off(
     assert lines[-1] == {"error": f"pull failed on b: answer larger than {fanout.MAX_ANSWER_BYTES} bytes "
                                   "(succeeded on a)"}
     assert a._has_model(PHI)
+
+
+async def test_a_backends_long_error_is_shortened_in_the_answer_and_the_log(
+        fakes: Fakes, gateway_for: Start, caplog: pytest.LogCaptureFixture) -> None:
+    """A backend's error message went whole into its `failed:` line, the pull's last line and a log line (up to
+    the 8 MiB a progress line may hold, per backend and request): one request could write megabytes of log."""
+    a, b = await fakes([QWEN]), await fakes([LLAMA])
+    b.pull_error = "registry says: " + "x" * 100_000
+    gw = await gateway_for([{"name": "a", "url": a.url}, {"name": "b", "url": b.url}], **SLOW_POLLS)
+    await ready(gw, a)
+    with caplog.at_level("INFO", logger="fastgate"):
+        resp = await asyncio.wait_for(call(gw.port, "POST", "/api/pull", body={"model": PHI}), HANG_S)
+    assert resp.status == 200 and resp.complete
+    final = resp.lines[-1]["error"]
+    assert final.startswith("pull failed on b: registry says: xxx") and final.endswith("(succeeded on a)")
+    assert len(final) < 1000
+    assert all(len(line) < 2000 for line in resp.body.split(b"\n"))
+    assert max(len(record.getMessage()) for record in caplog.records) < 2000

@@ -36,6 +36,9 @@ from ..models import parse_model_name
 MAX_LINE_BYTES = 8 * 1024 * 1024
 # A backend that gave no answer at all (unreachable, cut off): no status of its own.
 NO_ANSWER = 0
+# How much of a backend's error message is kept (Ollama's are one short sentence): it is logged, repeated in
+# the combined answer and in the pull's last line, so a backend's megabyte-long "error" must not be.
+MAX_MESSAGE_CHARS = 500
 _COMPACT = (",", ":")
 
 
@@ -198,9 +201,13 @@ def error_message(body: bytes) -> str:
     except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"]
-    text = body.decode("utf-8", "replace").strip()
+        return _short(data["error"])
+    text = body[:4 * MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
     return text[:200] if text else "no message"
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
 
 
 def answer_result(kind: FanOut, backend: str, status: int, body: bytes) -> PartResult:
@@ -361,7 +368,7 @@ class PullTally:
             return None
         if "error" in data:
             message = data["error"] if isinstance(data["error"], str) else json.dumps(data["error"])
-            return self.fail(PartResult(backend, False, 500, message))
+            return self.fail(PartResult(backend, False, 500, _short(message)))
         if data.get("status") == "success":
             self._results.setdefault(backend, PartResult(backend, True))
         data["backend"] = backend
