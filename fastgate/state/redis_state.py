@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import InvalidResponse, RedisError, ResponseError
 
 from ..access import Principal
 from ..config import StateConfig
@@ -54,7 +54,9 @@ INSTANCE_TTL_S = 3.0  # an instance missing this many seconds of heartbeats no l
 RECONNECT_S = 1.0  # Redis back: shared again within this plus one probe (well under 5 s)
 PROBE_TIMEOUT_S = 1.0  # background calls (heartbeat, reconnect probe, trust reload) are off the request path
 TOKENS_KEY_TTL_S = 2 * DAY_S
+EXPIRY_RESEND_S = 60.0  # a daily count's expiry is set again at most this often per key (and on reconnect)
 SEND_DELAY_S = 0.005  # how long a lease release or token count may wait to share the next admission's write
+READ_SIZE = 65536  # bytes asked of the pipeline's stream per read
 WARM_CONNECTIONS = 2  # pooled connections opened at connect, for the background calls
 
 T = TypeVar("T")
@@ -163,6 +165,22 @@ def local_share(limit: int | None, live: int) -> int | None:
     return None if limit is None else max(1, limit // max(1, live))
 
 
+def _pack_in_python(args: tuple[Any, ...]) -> bytes:  # pragma: no cover - hiredis without pack_command
+    return b"".join(_PYTHON_PACKER.pack_command(*args))
+
+
+# hiredis (fastgate[redis] brings it): C packing of commands (redis-py's asyncio client packs in Python, several
+# us a command) and its reply parser. Without it, redis-py's own.
+_Reader: Any = None
+_pack: Callable[[tuple[Any, ...]], bytes]
+try:
+    from hiredis import Reader as _Reader
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - no hiredis, or one older than pack_command (2.1)
+    _PYTHON_PACKER = aioredis.Connection()
+    _pack = _pack_in_python
+
+
 if sys.version_info >= (3, 11):
     async def _bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
         async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
@@ -173,76 +191,123 @@ else:  # pragma: no cover - 3.10
 
 
 class AutoPipeline:
-    """The request path's commands, pipelined on one connection of their own.
+    """The request path's commands, pipelined on one connection of their own, each reply awaited at most
+    `timeout_s`.
 
     redis-py's client takes a pooled connection per command and holds it until the reply (64 requests admitted
-    at once took 64 connections, and past the pool's bound failed), and its per-command machinery costs tens
-    of microseconds. Here the commands issued in one turn of the event loop go out in one write, and one
-    reader takes the replies in order (Redis answers a connection's commands in the order sent), so several
-    batches may be in flight at once. `call` returns a future of the reply; `send` wants none (lease releases,
-    token counts) and waits up to SEND_DELAY_S to travel with the next call. A broken connection fails what
+    at once took 64 connections, and past the pool's bound failed), and its per-command machinery (a pooled
+    connection, Python packing, a task or timer per call) cost more than Redis's own work. Here a command is
+    packed in C (hiredis) and written at once to the connection's transport (uvloop sends what one turn of the
+    event loop wrote in one syscall), and one reader takes the replies in order (Redis answers a connection's
+    commands in the order sent), so several batches may be in flight at once. `call` returns a future of the
+    reply; `send` wants none (lease releases, token counts) and waits up to SEND_DELAY_S to travel with the
+    next call. Deadlines are kept by one watchdog timer for the oldest unanswered call (calls are answered in
+    the order made, and all wait the same `timeout_s`), not a timer per call. A broken connection fails what
     waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
     """
 
-    __slots__ = ("_batch", "_broken", "_conn", "_flush_later", "_flush_soon", "_reader", "_waiting", "_writes",
-                 "on_error")
+    __slots__ = ("_broken", "_conn", "_flush_later", "_loop", "_pending", "_reader", "_timeout_s", "_waiting",
+                 "_watchdog", "_writer", "on_error")
 
-    def __init__(self, conn: Any, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, conn: Any, on_error: Callable[[BaseException], None], timeout_s: float) -> None:
         self.on_error = on_error
         self._conn = conn  # a redis.asyncio Connection, connected
-        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] = []
-        self._waiting: collections.deque[asyncio.Future[Any] | None] = collections.deque()
-        self._writes: set[asyncio.Task[None]] = set()
-        self._flush_soon: asyncio.Handle | None = None
+        # Its StreamWriter: redis-py's send_packed_command is a coroutine (a task per write to stay off the
+        # caller's path), where a write to the transport is all it does for a connected connection.
+        self._writer: asyncio.StreamWriter = conn._writer
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._pending: list[bytes] = []  # sends not written yet: they go out with the next call or at the timer
+        # Per command written (or pending), in the order sent: the future its reply goes to (None: a send) and
+        # the loop time past which nobody waits for it.
+        self._waiting: collections.deque[tuple[asyncio.Future[Any] | None, float]] = collections.deque()
         self._flush_later: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._broken = False
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._reader = self._loop.create_task(self._read())
 
     @classmethod
-    async def open(cls, redis: aioredis.Redis, on_error: Callable[[BaseException], None]) -> AutoPipeline:
+    async def open(cls, redis: aioredis.Redis, on_error: Callable[[BaseException], None],
+                   timeout_s: float) -> AutoPipeline:
         conn = redis.connection_pool.make_connection()
         await conn.connect()
-        return cls(conn, on_error)
+        return cls(conn, on_error, timeout_s)
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._batch.append((args, future))
-        if self._flush_soon is None:
-            self._flush_soon = loop.call_soon(self._flush)
+        """The reply to one command, or TimeoutError once it has not come within `timeout_s`."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if self._broken:
+            future.set_exception(ConnectionError("shared state connection closed"))
+            return future
+        deadline = self._loop.time() + self._timeout_s
+        self._waiting.append((future, deadline))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._expire)
+        pending = self._pending
+        if pending:
+            pending.append(_pack(args))
+            self._pending = []
+            self._write(b"".join(pending))
+        else:
+            self._write(_pack(args))
         return future
 
     def send(self, *args: Any) -> None:
-        self._batch.append((args, None))
-        if self._flush_soon is None and self._flush_later is None:
-            self._flush_later = asyncio.get_running_loop().call_later(SEND_DELAY_S, self._flush)
+        """A command whose reply nobody waits for; written with the next call, or SEND_DELAY_S from now."""
+        if self._broken:
+            return
+        self._pending.append(_pack(args))
+        self._waiting.append((None, 0.0))
+        if self._flush_later is None:  # left armed by a call that took the pending sends along: fires idle
+            self._flush_later = self._loop.call_later(SEND_DELAY_S, self._flush)
 
     def _flush(self) -> None:
-        for handle in (self._flush_soon, self._flush_later):
-            if handle is not None:
-                handle.cancel()
-        self._flush_soon = self._flush_later = None
-        batch, self._batch = self._batch, []
-        if not batch:
-            return
-        if self._broken:
-            self._fail([future for _, future in batch], ConnectionError("shared state connection closed"))
-            return
-        self._waiting.extend(future for _, future in batch)
-        packed = self._conn.pack_commands([args for args, _ in batch])
-        # The write happens when this task first runs, before it awaits anything: tasks start in the order they
-        # were made, so the writes keep the order of _waiting.
-        task = asyncio.get_running_loop().create_task(self._write(packed))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._flush_later = None
+        if self._pending and not self._broken:
+            pending, self._pending = self._pending, []
+            self._write(b"".join(pending))
 
-    async def _write(self, packed: list[bytes]) -> None:
+    def _write(self, data: bytes) -> None:
         try:
-            await self._conn.send_packed_command(packed, check_health=False)
-        except (RedisError, OSError) as exc:
-            self._break(exc)
+            self._writer.write(data)
+        except (RuntimeError, OSError) as exc:  # the transport is closing
+            self._break(ConnectionError(f"shared state connection: {exc}"))
+
+    def _expire(self) -> None:
+        """Fail the calls past their deadline (their replies, if they come, are dropped); re-arm for the next."""
+        self._watchdog = None
+        now = self._loop.time()
+        for future, deadline in self._waiting:
+            if future is None or future.done():
+                continue
+            if deadline > now:
+                self._watchdog = self._loop.call_at(deadline, self._expire)
+                return
+            future.set_exception(asyncio.TimeoutError())
 
     async def _read(self) -> None:
+        """Hand each reply to the future of its command, in order. With hiredis: its reader fed straight from
+        the connection's stream (redis-py's read_response is four coroutines deep for every reply)."""
+        stream = getattr(self._conn, "_reader", None)
+        if _Reader is None or not isinstance(stream, asyncio.StreamReader):  # pragma: no cover - no hiredis
+            await self._read_with_redis_py()
+            return
+        # Error replies come back as ResponseError instances (the command's own error), not raised.
+        parser = _Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        try:
+            while True:
+                reply = parser.gets()
+                if reply is False:  # nothing whole yet (a reply is never False: RESP2 has no booleans)
+                    data = await stream.read(READ_SIZE)
+                    if not data:
+                        raise ConnectionError("shared state: Redis closed the connection")
+                    parser.feed(data)
+                elif not self._deliver(reply):
+                    return
+        except (RedisError, OSError, EOFError) as exc:
+            self._break(exc)
+
+    async def _read_with_redis_py(self) -> None:  # pragma: no cover - without hiredis
         while True:
             try:
                 reply: Any = await self._conn.read_response()
@@ -251,21 +316,27 @@ class AutoPipeline:
             except (RedisError, OSError, EOFError) as exc:
                 self._break(exc)
                 return
-            if not self._waiting:
-                self._break(ConnectionError("shared state: a reply nobody asked for"))
+            if not self._deliver(reply):
                 return
-            future = self._waiting.popleft()
-            if future is not None and not future.done():  # done: its request stopped waiting (state.timeout)
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+
+    def _deliver(self, reply: Any) -> bool:
+        if not self._waiting:
+            self._break(ConnectionError("shared state: a reply nobody asked for"))
+            return False
+        future = self._waiting.popleft()[0]
+        if future is not None and not future.done():  # done: its request stopped waiting (state.timeout)
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+        return True
 
     def _break(self, exc: BaseException) -> None:
         if self._broken:
             return
         self._broken = True
-        self._fail(list(self._waiting), exc)
+        self._pending.clear()
+        self._fail([future for future, _ in self._waiting], exc)
         self._waiting.clear()
         self.on_error(exc)
 
@@ -277,15 +348,16 @@ class AutoPipeline:
 
     async def close(self, timeout_s: float) -> None:
         """Send what is queued, wait (at most `timeout_s`) for the replies, close the connection."""
-        if (self._batch or self._waiting) and not self._broken:
+        if (self._pending or self._waiting) and not self._broken:
             try:  # answered after everything sent before it
                 await _bounded(self.call("PING"), timeout_s)
             except (asyncio.TimeoutError, RedisError, OSError):
                 pass
         self._broken = True
+        for handle in (self._flush_later, self._watchdog):
+            if handle is not None:
+                handle.cancel()
         self._reader.cancel()
-        for task in self._writes:
-            task.cancel()
         try:
             await self._conn.disconnect()
         except (RedisError, OSError):
@@ -393,6 +465,7 @@ class RedisState:
         self._unsent_tokens: dict[tuple[str, float], int] = {}
         self._unsent_grants: dict[str, TrustGrant] = {}
         self._renewed_at = 0.0
+        self._expiry_sent: dict[str, float] = {}  # today's token count key -> when its EXPIRE was last sent
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -464,11 +537,12 @@ class RedisState:
             try:
                 # EVALSHA only: _warm_up loaded the script, and a Redis that lost it (restarted, SCRIPT FLUSH)
                 # answers NOSCRIPT, which degrades until the reconnect loop loads it again.
-                code, value = await _bounded(self._pipeline.call(
+                # Bounded by state.timeout: the pipeline fails the future past it.
+                code, value = await self._pipeline.call(
                     "EVALSHA", self._admit.sha, 3, rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall),
                     principal.rpm or 0, principal.max_concurrent or 0,
                     -1 if principal.tokens_per_day is None else principal.tokens_per_day,
-                    member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1), self.timeout_s)
+                    member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self._degrade(exc)
             else:
@@ -571,7 +645,14 @@ class RedisState:
         if self.mode == SHARED and tokens and self._pipeline is not None:
             key = tokens_key(key_id, wall)
             self._pipeline.send("INCRBY", key, tokens)
-            self._pipeline.send("EXPIRE", key, TOKENS_KEY_TTL_S)
+            # The count's expiry once a while, not with every count: a key that lost it (deleted and counted
+            # again) gets it back within EXPIRY_RESEND_S.
+            now = self.clock()
+            if now - self._expiry_sent.get(key, -EXPIRY_RESEND_S) >= EXPIRY_RESEND_S:
+                if len(self._expiry_sent) > 10000:
+                    self._expiry_sent.clear()
+                self._expiry_sent[key] = now
+                self._pipeline.send("EXPIRE", key, TOKENS_KEY_TTL_S)
         elif tokens:
             day = (key_id, wall - wall % DAY_S)
             self._unsent_tokens[day] = self._unsent_tokens.get(day, 0) + tokens
@@ -632,7 +713,8 @@ class RedisState:
         old, self._pipeline = self._pipeline, None
         if old is not None:
             await old.close(0)
-        self._pipeline = await _bounded(AutoPipeline.open(self.redis, self._degrade), PROBE_TIMEOUT_S)
+        self._expiry_sent.clear()  # Redis may have lost the counts (restarted): expiries are set again
+        self._pipeline = await _bounded(AutoPipeline.open(self.redis, self._degrade, self.timeout_s), PROBE_TIMEOUT_S)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
         was = self.mode
         self.mode = SHARED
