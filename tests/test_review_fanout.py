@@ -215,3 +215,18 @@ async def test_a_backends_long_error_is_shortened_in_the_answer_and_the_log(
     assert len(final) < 1000
     assert all(len(line) < 2000 for line in resp.body.split(b"\n"))
     assert max(len(record.getMessage()) for record in caplog.records) < 2000
+
+
+async def test_a_chunked_listing_is_read(fakes: Fakes, gateway_for: Start) -> None:
+    """Ollama (Go) sends any answer over 2 KiB chunked, /api/tags of a dozen models included. pollers.fetch
+    returned the wire's bytes, chunk sizes and all, so such a backend's listing never parsed: the router never
+    learnt its models, and merged /api/tags, /api/ps and /v1/models left it out as "not a model listing"."""
+    many = [f"model{i}:latest" for i in range(12)]
+    a, b = await fakes(many), await fakes([LLAMA])
+    gw = await gateway_for([{"name": "a", "url": a.url}, {"name": "b", "url": b.url}], **SLOW_POLLS)
+    await ready(gw, a)  # waits, among others, for a's models to be known
+    assert views(gw)["a"].models == len(many)
+    tags = await call(gw.port, "GET", "/api/tags")
+    assert tags.status == 200 and names(tags) == sorted([*many, LLAMA])
+    models = await call(gw.port, "GET", "/v1/models")
+    assert names(models, "data", "id") == sorted([*many, LLAMA])

@@ -25,6 +25,7 @@ from .. import __version__
 from ..config import BackendConfig, RoutingConfig
 from ..errors import GateError, UpstreamUnreachable
 from ..logs import log
+from ..messages import BodyKind, FramingError, dechunk
 from ..upstream import RelayOutcome, UpstreamConnection, UpstreamPool
 from .choice import Router
 from .health import HealthChange
@@ -68,6 +69,13 @@ async def fetch(pool: UpstreamPool, backend: BackendConfig, path: str, timeout: 
             pool.release(conn)
         elif outcome is not RelayOutcome.COMPLETE_CLOSE:
             raise ProbeFailed(f"answer cut off ({outcome.value})")
+        if head.body_kind is BodyKind.CHUNKED:
+            # The relay hands on the wire's bytes; Ollama (Go) chunks any answer over 2 KiB, such as the
+            # /api/tags of a few models.
+            try:
+                return head.status, dechunk(bytes(sink.data))
+            except FramingError:
+                raise ProbeFailed("broken chunked framing") from None
         return head.status, bytes(sink.data)
 
     try:
