@@ -29,7 +29,7 @@ from .cors import render as render_headers
 from .errors import BadGateway, GateError, UpstreamTimeout, UpstreamUnreachable
 from .gate import Forward
 from .logs import log
-from .messages import BodyKind, ResponseHead, http_date, local_response, retarget_head
+from .messages import BodyKind, FramingError, ResponseHead, dechunk, http_date, local_response, retarget_head
 from .routing.aggregate import (
     NO_ANSWER, ChunkDecoder, FanOut, LineSplitter, PartResult, PullTally, answer_result, copy_source,
     holds_model, listing_content_type, listing_entries, merge_listings, no_answer, verdict, verdict_body,
@@ -244,6 +244,12 @@ async def _read_whole(fan: _Fan, conn: UpstreamConnection, head: ResponseHead) -
     _done_with(fan, conn, outcome)
     if sink.over:
         raise BadGateway(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+    if head.body_kind is BodyKind.CHUNKED and outcome is RelayOutcome.COMPLETE:
+        # The relay hands on the wire's bytes; Ollama (Go) chunks any answer over 2 KiB (a long error message)
+        try:
+            return outcome, dechunk(bytes(sink.data))
+        except FramingError:
+            raise BadGateway("broken chunked framing") from None
     return outcome, bytes(sink.data)
 
 

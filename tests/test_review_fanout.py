@@ -230,3 +230,15 @@ async def test_a_chunked_listing_is_read(fakes: Fakes, gateway_for: Start) -> No
     assert tags.status == 200 and names(tags) == sorted([*many, LLAMA])
     models = await call(gw.port, "GET", "/v1/models")
     assert names(models, "data", "id") == sorted([*many, LLAMA])
+
+
+async def test_a_chunked_error_answer_is_read(fakes: Fakes, gateway_for: Start) -> None:
+    """The same for the answers a fan-out reads whole: a pull without a stream that failed with an error over
+    2 KiB (chunked by Go) was reported with its chunk framing as the message (`pull failed on b: bd3\\r\\n{...`)."""
+    a, b = await fakes([QWEN]), await fakes([LLAMA])
+    b.pull_error = "registry says: " + "x" * 3000
+    gw = await gateway_for([{"name": "a", "url": a.url}, {"name": "b", "url": b.url}], **SLOW_POLLS)
+    await ready(gw, a)
+    resp = await asyncio.wait_for(call(gw.port, "POST", "/api/pull", body={"model": PHI, "stream": False}), HANG_S)
+    assert resp.status == 500
+    assert resp.json()["error"].startswith("pull failed on b: registry says: xxx")
