@@ -120,8 +120,8 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[Metrics, Gauges]:
             total.state_shared = shared if total.state_shared < 0 else min(total.state_shared, shared)
         total.state_fallbacks += int(snap["state_fallbacks"])
         for backend, status, n in snap.get("backend_requests", ()):  # absent: written before they were kept
-            key = (str(backend), str(status))
-            total.backend_requests[key] = total.backend_requests.get(key, 0) + int(n)
+            pair = (str(backend), str(status))
+            total.backend_requests[pair] = total.backend_requests.get(pair, 0) + int(n)
         for backend, raw in snap.get("backend_first_byte", {}).items():
             hist = total.backend_first_byte.get(str(backend))
             if hist is None:

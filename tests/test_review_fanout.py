@@ -17,8 +17,8 @@ import pytest
 
 from fastgate import fanout
 from fastgate.routing import pollers
-from tests.backends_support import Fakes, Start, fake_ollamas, gateways
 from fastgate.server import RunningServer
+from tests.backends_support import Fakes, Start, fake_ollamas, gateways
 from tests.fake_ollama import FakeOllama
 from tests.test_backends import LLAMA, QWEN, until, views
 from tests.test_backends_fanout import MANAGED, SLOW_POLLS, call, names

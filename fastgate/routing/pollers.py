@@ -95,7 +95,7 @@ class LimitedSink:
     """A BufferSink that holds at most `limit` bytes: past that it keeps nothing more and aborts `conn`, so a
     backend that answers without end (or far more than any answer it should give) costs at most `limit`."""
 
-    __slots__ = ("data", "limit", "conn", "over")
+    __slots__ = ("conn", "data", "limit", "over")
 
     def __init__(self, conn: UpstreamConnection, limit: int) -> None:
         self.data = bytearray()
