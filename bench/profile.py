@@ -169,7 +169,6 @@ async def _count_client(port: int, workload: str, n: int, connections: int, gap_
     if workload == "small":
         await asyncio.gather(*(loop(small, n // connections, 200) for _ in range(connections)))
     elif workload == "refused":
-        # A wrong key costs a failure record per address; the limiter's 429s begin at auth.max_failures.
         await asyncio.gather(*(loop(refused, n // connections, 401) for _ in range(connections)))
     elif workload == "ttfb":
         await asyncio.gather(*(loop(one_token, n // connections, 200) for _ in range(connections)))
@@ -196,6 +195,8 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
     config = os.path.join(args.out, f"{stem}.toml")
     with open(config, "w") as f:
         text = fastgate_config(port, upstream_port, args.log_level)
+        if args.count == "refused":  # every wrong key a 401, never the guessing limit's 429
+            text = text.replace("[auth]\n", "[auth]\nmax_failures = 0\n", 1)
         if args.no_request_start:
             text = text.replace("[log]\n", "[log]\nrequest_start = false\n", 1)
         f.write(text)
