@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 
 LOGGER_NAME = "fastgate"
 FORMATS = ("text", "json")  # the values of `[log] format`
@@ -130,14 +131,14 @@ class JsonFormatter(logging.Formatter):
         line = "".join(parts)
         return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
 
-    def line(self, created: float, levelname: str, message: str, fields: dict[str, object] | None) -> str:
+    def line(self, created: float, levelname: str, message: str, fields: dict[str, Any] | None) -> str:
         """The record's line from its parts (no traceback), as format() writes it."""
         parts = self._parts(created, levelname, message, fields)
         parts.append("}")
         line = "".join(parts)
         return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
 
-    def _parts(self, created: float, levelname: str, message: str, fields: dict[str, object] | None) -> list[str]:
+    def _parts(self, created: float, levelname: str, message: str, fields: dict[str, Any] | None) -> list[str]:
         parts = [f'{{"ts":"{self._timestamp(created)}","level":"{levelname}","msg":', _json_str(message)]
         if fields:
             for name, value in fields.items():
@@ -205,8 +206,8 @@ _record_template: dict[str, object] = {}
 _new_record = logging.LogRecord.__new__
 
 
-def _make_record(name: str, level: int, fn: str, lno: int, msg: object, args: object, exc_info: object,
-                 func: str | None = None, extra: dict[str, object] | None = None, sinfo: str | None = None,
+def _make_record(name: str, level: int, fn: str, lno: int, msg: object, args: Any, exc_info: Any,
+                 func: str | None = None, extra: Mapping[str, object] | None = None, sinfo: str | None = None,
                  ) -> logging.LogRecord:
     """Logger.makeRecord for fastgate's logger: the same record, made by copying the constant attributes
     instead of recomputing them (file name and module of "(unknown file)", thread and process placeholders),
@@ -218,8 +219,8 @@ def _make_record(name: str, level: int, fn: str, lno: int, msg: object, args: ob
     record = _new_record(logging.LogRecord)
     values = record.__dict__
     values.update(_record_template)
-    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:  # type: ignore[arg-type]
-        args = args[0]  # type: ignore[index]  # as LogRecord.__init__ does: logging.info("%(a)s", {"a": 1})
+    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        args = args[0]  # as LogRecord.__init__ does: logging.info("%(a)s", {"a": 1})
     created = time.time()
     values["name"] = name
     values["msg"] = msg
@@ -309,7 +310,7 @@ def _info(msg: object, *args: object, extra: Mapping[str, object] | None = None,
         return
     with direct.lock:  # type: ignore[union-attr]
         try:
-            direct._write(line)  # noqa: SLF001
+            direct._write(line)
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - as Handler.emit: report, never raise
@@ -346,7 +347,7 @@ def setup_logging(level: str, stream: object = None, fmt: str = "text") -> None:
                                   "(unknown function)")
     _record_template.clear()
     _record_template.update((k, v) for k, v in prototype.__dict__.items() if k not in _PER_RECORD)
-    log.makeRecord = _make_record  # type: ignore[method-assign]
+    log.makeRecord = _make_record  # type: ignore[method-assign,assignment]
 
 
 def set_level(level: str) -> None:

@@ -256,7 +256,8 @@ _FIELDS = [b"Content-Type: application/json; charset=utf-8", b"Date: Tue, 01 Dec
 
 @pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST"])
 def test_plain_heads_parse_as_the_general_parser_does(method: bytes) -> None:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from fastgate.errors import GateError
     from fastgate.messages import _parse_response_head, parse_response_head
@@ -284,7 +285,8 @@ def test_normal_paths_are_returned_as_they_are_and_others_resolved() -> None:
     import posixpath
     from urllib.parse import unquote_to_bytes
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from fastgate.gate import normalize_path
 
