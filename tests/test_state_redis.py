@@ -23,7 +23,7 @@ from fastgate.access import Principal
 from fastgate.config import build_config
 from fastgate.errors import ConfigError, TooManyRequests, Unauthorized
 from fastgate.gate import Gate
-from fastgate.state.redis_state import RedisState, local_share, open_state
+from fastgate.state.redis_state import RedisState, local_share, open_state, tokens_key
 from tests.conftest import KEYS
 from tests.fake_ollama import FakeOllama
 from tests.proc import FastgateProcess, write_config
@@ -476,6 +476,48 @@ async def test_a_frozen_redis_costs_one_timeout_then_nothing(own_redis: RedisSer
                                           "daily token limit of 400 reached"), timeout=2)
     finally:
         own_redis.resume()
+        await a.stop()
+        await b.stop()
+
+
+async def test_admissions_waiting_on_a_frozen_redis_each_wait_their_own_timeout(own_redis: RedisServer) -> None:
+    # One watchdog keeps every waiting call's deadline: the first call's expiry must not leave the second
+    # waiting for ever, nor cut it short at the first one's deadline.
+    (_, a), (_, b) = await two_states(own_redis.url, timeout_s=0.2)
+    try:
+        key = Principal("ann", "k_waiting", rpm=100, max_concurrent=10)
+        a.release(await a.admit(key))
+        assert a.mode == "shared"
+        own_redis.pause()
+        loop = asyncio.get_running_loop()
+
+        async def admit_after(delay_s: float) -> float:
+            await asyncio.sleep(delay_s)
+            started = loop.time()
+            a.release(await a.admit(key))  # past the timeout: a lease of the local share
+            return loop.time() - started
+
+        first, second = await asyncio.wait_for(asyncio.gather(admit_after(0), admit_after(0.05)), 2)
+        assert a.mode == "degraded"
+        assert first < 0.2 + 0.1 and second < 0.2 + 0.1, (first, second)
+        assert second >= 0.19, second  # its own deadline, not the first call's (0.05 s earlier)
+    finally:
+        own_redis.resume()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_daily_token_count_in_redis_expires(redis: RedisServer) -> None:
+    (gate_a, a), (_, b) = await two_states(redis.url)
+    try:
+        wall = time.time()
+        for _ in range(3):  # the expiry goes out with the first count only; the count grows by each
+            gate_a.limits.add_tokens("k_expiring", 5, wall)
+        name = tokens_key("k_expiring", wall)
+        await eventually(lambda: redis.command("GET", name) == b"$2\r\n15\r\n", timeout=2)
+        ttl_s = int(redis.command("TTL", name)[1:].split(b"\r\n")[0])
+        assert 2 * 86400 - 60 < ttl_s <= 2 * 86400
+    finally:
         await a.stop()
         await b.stop()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import sys
 import time
 import uuid
@@ -233,16 +234,20 @@ class AutoPipeline:
         await conn.connect()
         return cls(conn, on_error, timeout_s)
 
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        """The reply to one command, or TimeoutError once it has not come within `timeout_s`."""
+    def call(self, *args: Any, timed: bool = True) -> asyncio.Future[Any]:
+        """The reply to one command, or TimeoutError once it has not come within `timeout_s` (`timed`; else
+        the caller bounds the wait itself)."""
         future: asyncio.Future[Any] = self._loop.create_future()
         if self._broken:
             future.set_exception(ConnectionError("shared state connection closed"))
             return future
-        deadline = self._loop.time() + self._timeout_s
-        self._waiting.append((future, deadline))
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_at(deadline, self._expire)
+        if timed:
+            deadline = self._loop.time() + self._timeout_s
+            self._waiting.append((future, deadline))
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_at(deadline, self._expire)
+        else:
+            self._waiting.append((future, math.inf))
         pending = self._pending
         if pending:
             pending.append(_pack(args))
@@ -278,9 +283,9 @@ class AutoPipeline:
         self._watchdog = None
         now = self._loop.time()
         for future, deadline in self._waiting:
-            if future is None or future.done():
+            if future is None or future.done() or deadline == math.inf:
                 continue
-            if deadline > now:
+            if deadline > now:  # the timed calls' deadlines grow along the queue: the rest are later still
                 self._watchdog = self._loop.call_at(deadline, self._expire)
                 return
             future.set_exception(asyncio.TimeoutError())
@@ -350,7 +355,7 @@ class AutoPipeline:
         """Send what is queued, wait (at most `timeout_s`) for the replies, close the connection."""
         if (self._pending or self._waiting) and not self._broken:
             try:  # answered after everything sent before it
-                await _bounded(self.call("PING"), timeout_s)
+                await _bounded(self.call("PING", timed=False), timeout_s)
             except (asyncio.TimeoutError, RedisError, OSError):
                 pass
         self._broken = True
