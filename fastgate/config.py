@@ -266,7 +266,7 @@ def parse_state_url(key: str, value: Any) -> StateURL:
         raise ConfigError(expected + repr(value))
     parts = urlsplit(value)
     # No password in an error message.
-    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else value
+    shown = shown_url(value)
     if parts.fragment:
         raise ConfigError(expected + repr(shown))
     if parts.scheme == "redis":
@@ -435,13 +435,31 @@ def _parse_backends(raw: Any) -> tuple[BackendConfig, ...]:
     return tuple(backends)
 
 
+def shown_url(value: str) -> str:
+    """A URL from the config as an error message may show it: scheme, host, port and path. A password can sit
+    in the userinfo (which an unencoded '/', '?' or '#' in it hides from urlsplit) or in the query, so
+    everything up to the value's last '@', the query (unless it names no password and nothing was cut) and the
+    fragment are left out."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    _userinfo, at, tail = rest.rpartition("@")
+    rest = tail if at else rest
+    rest = rest.partition("#")[0]
+    base, question, query = rest.partition("?")
+    shown = f"{scheme}://{base}" if scheme else base
+    if question and not at and "password" not in query.lower():
+        shown += "?" + query
+    return shown
+
+
 def _postgres_url(key: str, value: Any) -> str:
     """postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DBNAME[?PARAMS] (libpq's URI form). Errors never show the
     password."""
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a URL like postgresql://fastgate@db.internal/fastgate, got {value!r}")
     parts = urlsplit(value)
-    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    shown = shown_url(value)
     if parts.scheme not in ("postgresql", "postgres") or parts.fragment:
         raise ConfigError(f"{key}: expected postgresql://[USER@]HOST[:PORT]/DBNAME, got {shown!r}")
     try:

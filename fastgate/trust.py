@@ -289,6 +289,12 @@ class FailureLimiter:
             return
         self._windows.pop(bucket, None)
         self._open.pop(bucket, None)
+        # Bounded like record_failure: other instances' locks arrive as fast as attackers lock buckets there.
+        if len(self._windows) >= self.max_entries:
+            self._make_room(now)
+        if len(self._windows) >= self.max_entries:  # every entry is locked: its overflow slot speaks for it
+            self._fold(_overflow_slot(bucket), self._max_failures, now)
+            return
         # Ends when the shared window ends; kept at the back (the front's windows may end later, which costs
         # _make_room only an early stop, never an unlock).
         self._windows[bucket] = [now + left_s - self.window_s, float(self._max_failures)]

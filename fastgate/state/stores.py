@@ -14,7 +14,6 @@ import builtins
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
 
 from ..store import KeyRecord, KeyStore, StoreError, UsageSummary
 from ..usage import UsageRecord
@@ -75,13 +74,15 @@ class Store(Protocol):
 
 def redacted_url(url: str) -> str:
     """A store URL without its password or query (which may also hold one): safe for logs, messages and the
-    start line."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}@{host}"
-    return parts._replace(netloc=netloc, query="", fragment="").geturl()
+    start line. Cut at the value's last '@', not urlsplit's netloc: an unencoded '/', '?' or '#' in a password
+    ends the netloc early and would leave the password in it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, tail = rest.rpartition("@")
+    where = (tail if at else rest).partition("#")[0].partition("?")[0]
+    user = f"{userinfo.partition(':')[0]}@" if at and userinfo.partition(":")[0] else ""
+    return f"{scheme}://{user}{where}" if scheme else f"{user}{where}"
 
 
 class StoreUnavailable(StoreError):
