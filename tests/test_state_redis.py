@@ -507,6 +507,24 @@ async def test_admissions_waiting_on_a_frozen_redis_each_wait_their_own_timeout(
         await b.stop()
 
 
+async def test_a_redis_that_lost_the_script_degrades_then_shares_again(redis: RedisServer) -> None:
+    (_, a), (_, b) = await two_states(redis.url)
+    try:
+        key = Principal("ann", "k_noscript", rpm=100, max_concurrent=5)
+        a.release(await a.admit(key))
+        assert a.mode == "shared"
+        redis.command("SCRIPT", "FLUSH")
+        a.release(await a.admit(key))  # NOSCRIPT, an error reply: answered from the local share at once
+        assert a.mode == "degraded"
+        await eventually(lambda: a.mode == "shared", timeout=5)  # the reconnect loaded the scripts again
+        for _ in range(3):
+            a.release(await a.admit(key))
+        assert a.mode == "shared"
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 async def test_a_daily_token_count_in_redis_expires(redis: RedisServer) -> None:
     (gate_a, a), (_, b) = await two_states(redis.url)
     try:

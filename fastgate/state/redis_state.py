@@ -207,8 +207,8 @@ class AutoPipeline:
     waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
     """
 
-    __slots__ = ("_broken", "_conn", "_flush_later", "_loop", "_pending", "_reader", "_timeout_s", "_waiting",
-                 "_watchdog", "_writer", "on_error")
+    __slots__ = ("_broken", "_conn", "_flush_later", "_loop", "_pending", "_pending_since", "_reader", "_timeout_s",
+                 "_waiting", "_watchdog", "_writer", "on_error")
 
     def __init__(self, conn: Any, on_error: Callable[[BaseException], None], timeout_s: float) -> None:
         self.on_error = on_error
@@ -219,6 +219,7 @@ class AutoPipeline:
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
         self._pending: list[bytes] = []  # sends not written yet: they go out with the next call or at the timer
+        self._pending_since = 0.0  # loop time of the oldest of them
         # Per command written (or pending), in the order sent: the future its reply goes to (None: a send) and
         # the loop time past which nobody waits for it.
         self._waiting: collections.deque[tuple[asyncio.Future[Any] | None, float]] = collections.deque()
@@ -261,16 +262,23 @@ class AutoPipeline:
         """A command whose reply nobody waits for; written with the next call, or SEND_DELAY_S from now."""
         if self._broken:
             return
+        if not self._pending:
+            self._pending_since = self._loop.time()
         self._pending.append(_pack(args))
         self._waiting.append((None, 0.0))
-        if self._flush_later is None:  # left armed by a call that took the pending sends along: fires idle
-            self._flush_later = self._loop.call_later(SEND_DELAY_S, self._flush)
+        if self._flush_later is None:  # else left armed by a call that took earlier sends along
+            self._flush_later = self._loop.call_at(self._pending_since + SEND_DELAY_S, self._flush)
 
     def _flush(self) -> None:
         self._flush_later = None
-        if self._pending and not self._broken:
-            pending, self._pending = self._pending, []
-            self._write(b"".join(pending))
+        if not self._pending or self._broken:
+            return
+        due = self._pending_since + SEND_DELAY_S
+        if due > self._loop.time():  # these sends came after the ones the timer was armed for: not yet
+            self._flush_later = self._loop.call_at(due, self._flush)
+            return
+        pending, self._pending = self._pending, []
+        self._write(b"".join(pending))
 
     def _write(self, data: bytes) -> None:
         try:
