@@ -104,7 +104,9 @@ class ReadBody:
     for_key: bool = False  # the key may be in it: until it is read the caller is unknown (tighter deadline)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each of its 13 fields through object.__setattr__, once per
+# forwarded request; nothing changes a Forward after the gate built it (dataclasses.replace makes a new one).
+@dataclass(slots=True, eq=False)
 class Forward:
     head: bytes  # the complete request head for Ollama
     body: bytes | None  # rewritten, buffered body; None: relay the client's body as it comes
