@@ -59,9 +59,15 @@ def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
 def token_counts(tail: bytes, *, openai: bool) -> TokenCounts | None:
     """The counts in the last object that reports them, or None when the tail has none."""
     tail = tail[-TAIL_BYTES:]
+    # Every pattern ends its name in `_count"` or `_tokens"`: most answers (a version, a listing) hold neither,
+    # and a substring search is far cheaper than two regex scans that find nothing.
     if openai:
+        if b'_tokens"' not in tail:
+            return None
         prompt, completion = _last(_OPENAI_PROMPT, tail), _last(_OPENAI_COMPLETION, tail)
     else:
+        if b'_count"' not in tail:
+            return None
         prompt, completion = _last(_NATIVE_PROMPT, tail), _last(_NATIVE_COMPLETION, tail)
     if prompt is None and completion is None:
         return None
