@@ -383,7 +383,7 @@ class Gate:
         if key is not None:
             principal = self._check_key(key, ip, now)
             if principal is not None:
-                return principal, f"{key.source.value}:{key.masked}"
+                return principal, key.label
         # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
         # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
         grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
@@ -412,7 +412,7 @@ class Gate:
         wait = self.failures.retry_after(ip, now)
         if wait:
             error = TooManyRequests(headers=((b"Retry-After", str(max(1, round(wait))).encode()),))
-            error.key_label = f"{key.source.value}:{key.masked}"
+            error.key_label = key.label
             error.detail = f"{error.key_label} from {ip}"
             raise error
         return self.keyring.principal_for(key.secret, self.wall_clock())
@@ -420,7 +420,7 @@ class Gate:
     def _refuse_key(self, key: PresentedKey, ip: str, now: float) -> Unauthorized:
         self.failures.record_failure(ip, now)
         error = Unauthorized("invalid API key")
-        error.detail = error.key_label = f"{key.source.value}:{key.masked}"  # the masked key: logs only
+        error.detail = error.key_label = key.label  # the masked key: logs only
         return error
 
     def _authenticate(self, req: IncomingRequest, body: bytes) -> LocalReply:
@@ -437,7 +437,7 @@ class Gate:
         if not ttl:
             return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": False, "expires_at": None,
                                               "expires_in": 0}))
-        self.trust.grant(ip, user, f"{key.source.value}:{key.masked}", ttl, now, principal.key_id)
+        self.trust.grant(ip, user, key.label, ttl, now, principal.key_id)
         expires = datetime.fromtimestamp(self.wall_clock() + ttl, tz=timezone.utc)
         return LocalReply(200, json_body({"user": user, "ip": ip, "ip_trust": True,
                                           "expires_at": expires.isoformat(timespec="seconds"),

@@ -35,7 +35,7 @@ class KeySource(enum.Enum):
     BODY = "body"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen __init__ sets fields the slow way
 class PresentedKey:
     source: KeySource
     secret: str
@@ -43,6 +43,11 @@ class PresentedKey:
     @property
     def masked(self) -> str:
         return mask(self.secret)
+
+    @property
+    def label(self) -> str:
+        """How logs name this key: `x-api-key:api-****0101`. Never the full key."""
+        return f"{self.source._value_}:{mask(self.secret)}"  # _value_: Enum.value is a descriptor call
 
     def __repr__(self) -> str:
         return f"PresentedKey({self.source.value}, {self.masked})"
