@@ -35,7 +35,7 @@ class KeySource(enum.Enum):
     BODY = "body"
 
 
-@dataclass(slots=True)  # not frozen: one is made per request, and a frozen __init__ sets fields the slow way
+@dataclass(frozen=True, slots=True)
 class PresentedKey:
     source: KeySource
     secret: str
