@@ -269,6 +269,9 @@ class ClientConnection:
     async def next_request(self) -> h11.Request | None:
         """The next request head, or None when the client closed cleanly between requests."""
         conn = self.h11
+        # Whether the parser holds anything yet: an empty one can only answer NEED_DATA, so it is not asked
+        # (a next_event that finds nothing costs a fifth of one that parses a head).
+        pending = False
         if self.requests:
             # A new cycle gets a fresh parser fed with what the client already sent (pipelining). The
             # caller only asks for another request once the previous body was read to its end.
@@ -278,15 +281,17 @@ class ClientConnection:
                 conn.receive_data(leftover)
             if closed:
                 conn.receive_data(b"")
+            pending = bool(leftover) or closed
         self.state = ClientState.IDLE
         # A new connection must send its first request within the header timeout (a silent connection is a
         # slowloris); between requests of a kept-alive one the longer keep-alive timeout applies.
         deadline: float | None = None if self.requests else self.loop.time() + self.header_timeout
         while True:
             try:
-                event = conn.next_event()
+                event = conn.next_event() if pending else h11.NEED_DATA
             except h11.RemoteProtocolError as exc:
                 raise _map_h11_error(exc) from None
+            pending = True
             if type(event) is h11.Request:
                 self.state = ClientState.ACTIVE
                 self.requests += 1
