@@ -76,7 +76,9 @@ class LineFormatter(logging.Formatter):
         if second != self._second:
             self._second = second
             self._stamp = time.strftime(DATE_FORMAT, self.converter(created))
-        if _UNSAFE.search(message):
+        # Every character _UNSAFE matches is unprintable: the C-level isprintable() clears nearly every line
+        # without a regex scan.
+        if not message.isprintable() and _UNSAFE.search(message):
             message = _UNSAFE.sub(_escape_char, message)
         return f"{self._stamp} - {levelname} - {message}"
 
