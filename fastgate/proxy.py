@@ -484,11 +484,9 @@ class Proxy:
 
     # -- routing (issue 9): the router decides, this layer awaits and does -----------------------------------
 
-    async def _place(self, ctx: RequestContext, fwd: Forward) -> None:
-        """Put the request on a backend (`ctx.placement`), waiting for a slot if need be. Raises GateError."""
-        outcome = self.router.choose(fwd.model, fwd.user, ctx.conn.loop.time(), needs_slot=fwd.runs_model,
-                                     pin=fwd.pin)
-        # A placement at once (the usual case) needs no coroutine to settle it.
+    async def _place(self, ctx: RequestContext, fwd: Forward, outcome: Placement | Ticket | Refusal) -> None:
+        """Put the request on a backend (`ctx.placement`) from the router's `outcome`, waiting for a slot if
+        need be. Raises GateError."""
         ctx.placement = outcome if isinstance(outcome, Placement) else await self._settle(ctx, outcome, fwd)
         if self.several:
             ctx.backend = ctx.placement.backend
@@ -622,8 +620,14 @@ class Proxy:
         body_task: asyncio.Task[None] | None = None
         try:
             # Before 100 Continue: a request refused here (no such model, every backend busy) has its body
-            # never sent.
-            await self._place(ctx, fwd)
+            # never sent. A placement at once (the usual case) is taken without a coroutine.
+            outcome = self.router.choose(fwd.model, fwd.user, loop.time(), needs_slot=fwd.runs_model, pin=fwd.pin)
+            if isinstance(outcome, Placement):
+                ctx.placement = outcome
+                if self.several:
+                    ctx.backend = outcome.backend
+            else:
+                await self._place(ctx, fwd, outcome)
         except GateError as err:
             return await self._refuse(ctx, err, fwd=fwd)
         except ClientGone:
@@ -651,7 +655,12 @@ class Proxy:
         try:
             pooled_retry = True  # one retry on a fresh connection when a pooled one was found closed
             while True:
-                upstream, reused = await self._acquire(ctx, fwd)
+                # A pooled connection (the usual case) is taken without a coroutine.
+                upstream = self.pools[ctx.placement.backend].take_idle()  # type: ignore[union-attr]
+                if upstream is not None:
+                    reused = True
+                else:
+                    upstream, reused = await self._acquire(ctx, fwd)
                 if protocol.gone:
                     upstream.pool.release(upstream)
                     return False
