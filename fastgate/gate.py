@@ -461,7 +461,7 @@ class Gate:
             prior = b", ".join(v for n, v in req.headers if n == b"x-forwarded-for")
             forwarded_for = prior + b", " + req.peer_ip.encode() if prior else req.peer_ip.encode()
             forwarded_proto = next((v for n, v in req.headers if n == b"x-forwarded-proto"), forwarded_proto)
-        host = next((v for n, v in req.headers if n == b"host"), None)
+        host = _header(req, b"host")
         if body is not None:
             content_length: int | None = len(body)
             chunked = False
@@ -480,7 +480,11 @@ class Gate:
 
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:
-    return next((v for n, v in req.headers if n == name), None)
+    # A loop, not next() over a generator: this runs for several names per request.
+    for n, v in req.headers:
+        if n == name:
+            return v
+    return None
 
 
 def _read_requested(req: IncomingRequest, route: Route, normal: bytes, query: bytes,
