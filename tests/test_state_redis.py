@@ -507,6 +507,25 @@ async def test_admissions_waiting_on_a_frozen_redis_each_wait_their_own_timeout(
         await b.stop()
 
 
+async def test_closing_the_pipeline_answers_the_calls_still_waiting(own_redis: RedisServer) -> None:
+    (_, a), (_, b) = await two_states(own_redis.url, timeout_s=5)  # its watchdog would wait 5 s
+    try:
+        key = Principal("ann", "k_closing", rpm=100)
+        a.release(await a.admit(key))
+        own_redis.pause()
+        waiting = asyncio.ensure_future(a.admit(key))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert a._pipeline is not None
+        await a._pipeline.close(0)  # as a reconnect closes the old one
+        a.release(await asyncio.wait_for(waiting, 1))  # answered from the local share, not after 5 s
+        assert a.mode == "degraded"
+    finally:
+        own_redis.resume()
+        await a.stop()
+        await b.stop()
+
+
 async def test_a_redis_that_lost_the_script_degrades_then_shares_again(redis: RedisServer) -> None:
     (_, a), (_, b) = await two_states(redis.url)
     try:

@@ -371,6 +371,9 @@ class AutoPipeline:
             if handle is not None:
                 handle.cancel()
         self._reader.cancel()
+        # Without the watchdog and the reader nothing would ever answer a call still waiting: it fails now.
+        self._fail([future for future, _ in self._waiting], ConnectionError("shared state connection closed"))
+        self._waiting.clear()
         try:
             await self._conn.disconnect()
         except (RedisError, OSError):
