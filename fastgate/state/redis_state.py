@@ -207,8 +207,8 @@ class AutoPipeline:
     waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
     """
 
-    __slots__ = ("_broken", "_conn", "_flush_later", "_loop", "_pending", "_pending_since", "_reader", "_timeout_s",
-                 "_waiting", "_watchdog", "_writer", "on_error")
+    __slots__ = ("_broken", "_calls_pending", "_conn", "_flush_later", "_loop", "_pending", "_pending_since", "_reader",
+                 "_timeout_s", "_turn", "_waiting", "_watchdog", "_writer", "on_error")
 
     def __init__(self, conn: Any, on_error: Callable[[BaseException], None], timeout_s: float) -> None:
         self.on_error = on_error
@@ -220,6 +220,8 @@ class AutoPipeline:
         self._timeout_s = timeout_s
         self._pending: list[bytes] = []  # sends not written yet: they go out with the next call or at the timer
         self._pending_since = 0.0  # loop time of the oldest of them
+        self._calls_pending = False  # calls among them (made after the first call of this turn of the loop)
+        self._turn: asyncio.Handle | None = None  # set while a call written in this turn of the loop is the last
         # Per command written (or pending), in the order sent: the future its reply goes to (None: a send) and
         # the loop time past which nobody waits for it.
         self._waiting: collections.deque[tuple[asyncio.Future[Any] | None, float]] = collections.deque()
@@ -249,6 +251,15 @@ class AutoPipeline:
                 self._watchdog = self._loop.call_at(deadline, self._expire)
         else:
             self._waiting.append((future, math.inf))
+        if self._turn is not None:  # a call went out in this turn of the loop already: the rest go together
+            if not self._pending:
+                self._pending_since = self._loop.time()
+            self._pending.append(_pack(args))
+            self._calls_pending = True
+            return future
+        # The first call of a turn goes out at once (uvloop writes it now: a request admitted alone waits for
+        # nothing else), the later ones in one write when the turn is over.
+        self._turn = self._loop.call_soon(self._end_turn)
         pending = self._pending
         if pending:
             pending.append(_pack(args))
@@ -257,6 +268,13 @@ class AutoPipeline:
         else:
             self._write(_pack(args))
         return future
+
+    def _end_turn(self) -> None:
+        self._turn = None
+        if self._calls_pending and not self._broken:
+            self._calls_pending = False
+            pending, self._pending = self._pending, []
+            self._write(b"".join(pending))
 
     def send(self, *args: Any) -> None:
         """A command whose reply nobody waits for; written with the next call, or SEND_DELAY_S from now."""
@@ -278,6 +296,7 @@ class AutoPipeline:
             self._flush_later = self._loop.call_at(due, self._flush)
             return
         pending, self._pending = self._pending, []
+        self._calls_pending = False
         self._write(b"".join(pending))
 
     def _write(self, data: bytes) -> None:
@@ -367,7 +386,7 @@ class AutoPipeline:
             except (asyncio.TimeoutError, RedisError, OSError):
                 pass
         self._broken = True
-        for handle in (self._flush_later, self._watchdog):
+        for handle in (self._flush_later, self._watchdog, self._turn):
             if handle is not None:
                 handle.cancel()
         self._reader.cancel()
