@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -595,7 +595,22 @@ async def test_many_admissions_at_once_share_one_connection_and_keep_their_repli
             return f"{key.key_id}: admitted"
 
         # 300 admissions of five keys issued in one go from two instances: each key gets exactly its 7.
+        writes: list[int] = []
+
+        def counted(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+            def counting(data: bytes) -> None:
+                writes.append(len(data))
+                write(data)
+            return counting
+
+        for state in (a, b):  # count what each instance's pipeline writes (the bytes still go to Redis)
+            assert state._pipeline is not None
+            writer = state._pipeline._writer
+            writer.write = counted(writer.write)  # type: ignore[method-assign, assignment]
         results = await asyncio.gather(*(try_admit(a if i % 2 else b, keys[i % 5]) for i in range(300)))
+        # Made in one turn of each instance's loop, the admissions go out in two writes per instance (the first
+        # at once, the rest when the turn ends), the releases in a few more.
+        assert len(writes) <= 40, writes  # each admission alone: 300
         for key in keys:
             mine = [r for r in results if r.startswith(f"{key.key_id}: ")]
             assert len(mine) == 60 and mine.count(f"{key.key_id}: admitted") == 7
