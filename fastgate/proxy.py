@@ -621,13 +621,13 @@ class Proxy:
         try:
             # Before 100 Continue: a request refused here (no such model, every backend busy) has its body
             # never sent. A placement at once (the usual case) is taken without a coroutine.
-            outcome = self.router.choose(fwd.model, fwd.user, loop.time(), needs_slot=fwd.runs_model, pin=fwd.pin)
-            if isinstance(outcome, Placement):
-                ctx.placement = outcome
+            chosen = self.router.choose(fwd.model, fwd.user, loop.time(), needs_slot=fwd.runs_model, pin=fwd.pin)
+            if isinstance(chosen, Placement):
+                ctx.placement = chosen
                 if self.several:
-                    ctx.backend = outcome.backend
+                    ctx.backend = chosen.backend
             else:
-                await self._place(ctx, fwd, outcome)
+                await self._place(ctx, fwd, chosen)
         except GateError as err:
             return await self._refuse(ctx, err, fwd=fwd)
         except ClientGone:
