@@ -387,9 +387,10 @@ class Gate:
         # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
         # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
         grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
-        if grant is not None:
-            principal = (self.keyring.by_id(grant.key_id, self.wall_clock()) if grant.key_id
-                         else Principal(grant.user, "ip-trust"))
+        if grant is not None and grant.key_id:
+            # Scoped to the key it was granted with; a grant naming no key (fastgate never makes one: it could
+            # only come from a forged shared-state record) grants nothing, rather than Principal's defaults.
+            principal = self.keyring.by_id(grant.key_id, self.wall_clock())
             if principal is not None:
                 return principal, f"ip-trust:{grant.key_label}"
         if key is not None:

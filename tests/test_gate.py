@@ -51,6 +51,12 @@ def make_gate(config: Config | None = None, clock: Clock | None = None,
     return Gate(config or make_config(), trust=trust, clock=clock or Clock(), wall_clock=lambda: T0_WALL)
 
 
+def key_id_of(gate: Gate, secret: str) -> str:
+    principal = gate.keyring.principal_for(secret)
+    assert principal is not None
+    return principal.key_id
+
+
 def req(method: bytes = b"GET", target: bytes = b"/api/tags",
         headers: list[tuple[bytes, bytes]] | None = None, *, peer: str = PEER, tls: bool = False,
         http_version: bytes = b"1.1", host: bytes | None = b"gate.example.com") -> IncomingRequest:
@@ -316,7 +322,7 @@ def test_invalid_key_from_a_trusted_ip_is_served_as_the_trusted_user() -> None:
     # A wrong key gains nothing a keyless request from that address would not get; clients that must send
     # some key (OpenAI SDK with api_key="ollama") keep working under IP trust. The key still never travels.
     gate = make_gate()
-    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock())
+    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock(), key_id_of(gate, KEY))
     decision = gate.decide(req(b"GET", b"/api/tags", [(b"Authorization", b"Bearer ollama")]), RID)
     assert isinstance(decision, Forward)
     assert decision.user == "alice" and decision.key_label.startswith("ip-trust:")
@@ -404,7 +410,7 @@ def test_body_with_lone_surrogate_key_is_unauthorized() -> None:
 
 def test_keyless_body_from_trusted_ip_is_forwarded_unchanged() -> None:
     gate = make_gate()
-    gate.trust.grant(PEER, "bob", "bearer:api-****0202", 3600, gate.clock())
+    gate.trust.grant(PEER, "bob", "bearer:api-****0202", 3600, gate.clock(), key_id_of(gate, KEY2))
     body = b'{\n  "model": "m",\n  "prompt": "hi"\n}'
     request = req(b"POST", b"/api/generate", [(b"Transfer-Encoding", b"chunked")])
     assert isinstance(gate.decide(request, RID), ReadBody)
@@ -426,7 +432,7 @@ def test_blob_uploads_are_never_buffered(framing: list[tuple[bytes, bytes]]) -> 
     gate = make_gate()
     with pytest.raises(Unauthorized):  # no key, no trust: refused rather than read
         gate.decide(req(b"POST", target, headers), RID)
-    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock())
+    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock(), key_id_of(gate, KEY))
     decision = gate.decide(req(b"POST", target, headers), RID)
     assert isinstance(decision, Forward)
     assert decision.body is None
@@ -607,7 +613,7 @@ def test_account_endpoints_forbidden(target: bytes, method: bytes) -> None:
 
 def test_account_endpoints_forbidden_with_ip_trust_and_body_key() -> None:
     gate = make_gate()
-    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock())
+    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 3600, gate.clock(), key_id_of(gate, KEY))
     with pytest.raises(Forbidden):
         gate.decide(req(b"POST", b"/api/me"), RID)
     body = b'{"api_key":"' + KEY.encode() + b'"}'

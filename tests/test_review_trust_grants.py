@@ -33,12 +33,6 @@ def redis() -> Iterator[RedisServer]:
     server.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fastgate/state/redis_state.py _apply_grant applies a fastgate:trust:* record (or a published trust event) "
-    "that has no key_id, and fastgate/gate.py _identify turns such a grant into Principal(user, 'ip-trust'), "
-    "whose defaults are role admin, all models, no limits. Fix: _apply_grant skips records without a "
-    "non-empty key_id (fastgate never writes one), and _identify refuses a grant whose key_id is empty or "
-    "unknown instead of inventing an admin"))
 async def test_a_grant_without_a_key_id_from_redis_gives_no_access(redis: RedisServer) -> None:
     redis.command("FLUSHALL")
     record = {"ip": IP, "user": "mallory", "label": "x-api-key:none"}
