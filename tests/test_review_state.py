@@ -1,5 +1,5 @@
 """Review of [state] (Redis) and [store] url (PostgreSQL): problems in files other helpers own, recorded as
-strict xfails until they are fixed there (each reason says where and how)."""
+tests that failed on the code they were written against (each now passes)."""
 
 from __future__ import annotations
 
@@ -63,13 +63,6 @@ def state_config(url: str) -> object:
     return config
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fastgate/state/redis_state.py _load_grants: json.loads of a fastgate:trust:* value and _apply_grant's "
-    "record['ip'] run unguarded inside _connect, whose callers catch only RedisError/OSError/TimeoutError: one "
-    "unreadable trust record (written by hand, by another version, or damaged) makes open_state raise at "
-    "startup (every instance refuses to start) and keeps a degraded instance degraded for good (_run logs "
-    "'unexpected error' every second). Fix: skip a record that is not a dict with the expected fields "
-    "(catch ValueError/TypeError/KeyError/AttributeError per record), as _listen does for events"))
 async def test_an_unreadable_trust_record_does_not_keep_instances_from_starting(redis: RedisServer) -> None:
     redis.command("FLUSHALL")
     redis.command("SET", trust_key("198.51.100.30"), "not json", "PX", "60000")
@@ -85,12 +78,6 @@ async def test_an_unreadable_trust_record_does_not_keep_instances_from_starting(
         redis.command("FLUSHALL")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fastgate/state/redis_state.py _listen: an event that is JSON but not an object (e.g. '[1]': "
-    "AttributeError on .get) or has \"ms\": 1e999 (OverflowError in int()) is not among the caught "
-    "(ValueError, KeyError, TypeError): the listener task dies, the instance stays SHARED, and from then on "
-    "applies no trust grant or lock published by the others. Fix: check isinstance(event, dict) and catch "
-    "OverflowError (or any Exception) per event"))
 async def test_a_malformed_event_does_not_stop_the_listener(redis: RedisServer) -> None:
     redis.command("FLUSHALL")
     config = state_config(redis.url)

@@ -649,3 +649,31 @@ async def test_redis_down_at_start_serves_locally_then_shares(redis_binary: str)
             await b.stop()
     finally:
         server.close()
+
+
+async def test_an_admission_cancelled_while_redis_answers_leaves_no_lease(own_redis: RedisServer) -> None:
+    # The client leaves (its task is cancelled) after the admission script was sent: Redis may still take the
+    # lease; nothing would release or renew it, so the key lost a slot for the lease TTL.
+    from fastgate.state.redis_state import lease_key
+    (_, a), (_, b) = await two_states(own_redis.url, timeout_s=5)
+    try:
+        key = Principal("ann", "k_cancelled", max_concurrent=1)
+        a.release(await a.admit(key))
+        own_redis.pause()  # the script is queued in Redis's socket, run once it resumes
+        admission = asyncio.get_running_loop().create_task(a.admit(key))
+        await asyncio.sleep(0.1)
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+        own_redis.resume()
+        # Free again at once (before the fix: only after the lease TTL, 15 s), on both instances, and the
+        # pipeline still pairs replies with calls after the dropped one.
+        await eventually(lambda: _admits(b, key), timeout=3)
+        await eventually(lambda: _admits(a, key), timeout=3)
+        assert a.mode == "shared" and b.mode == "shared"
+        assert own_redis.command("ZCARD", lease_key(key.key_id)) == b":0\r\n"
+        b.release(await b.admit(key))  # the slot is free
+    finally:
+        own_redis.resume()
+        await a.stop()
+        await b.stop()

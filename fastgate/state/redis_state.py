@@ -61,6 +61,9 @@ READ_SIZE = 65536  # bytes asked of the pipeline's stream per read
 WARM_CONNECTIONS = 2  # pooled connections opened at connect, for the background calls
 
 T = TypeVar("T")
+# What a record or event another process wrote into Redis can raise when read (not JSON, not an object, a
+# number like 1e999, a field missing or of the wrong type).
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 # KEYS: rpm bucket, lease set, today's token count. ARGV: rpm (0: none), max_concurrent (0: none),
 # tokens_per_day (-1: none), lease id, lease TTL (ms), seconds left in the day (client's wall clock, as the
@@ -580,6 +583,13 @@ class RedisState:
                     member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self._degrade(exc)
+            except asyncio.CancelledError:
+                # The client left while Redis was answering: the script may have taken a lease for it, which
+                # nothing would release or renew (held for the lease TTL). Removing one that was never added
+                # is harmless.
+                if member:
+                    self.release(SharedLease(key, member))
+                raise
             else:
                 code = int(code)
                 if code == 0:
@@ -792,11 +802,18 @@ class RedisState:
             raw, left_ms = await pipe.execute()
             if raw is None or left_ms is None or int(left_ms) <= 0:
                 continue
-            self._apply_grant(json.loads(raw), int(left_ms) / 1000)
+            try:
+                self._apply_grant(json.loads(raw), int(left_ms) / 1000)
+            except _MALFORMED:
+                # Written by hand, by another version, or damaged: one bad record must not keep every
+                # instance from starting (nor a degraded one from sharing again).
+                log.warning("Shared state: ignored an unreadable trust record %s", name)
 
     def _apply_grant(self, record: dict[str, Any], ttl_s: float) -> None:
         if self.trust is None:
             return
+        if not isinstance(record, dict) or not record.get("key_id"):
+            return  # fastgate never writes a grant without its key: a record like that is not ours to honour
         ip = str(record["ip"])
         current = self.trust.lookup(ip, self.clock())
         if current is not None and current.user == record["user"] and current.expires_at >= self.clock() + ttl_s:
@@ -814,13 +831,15 @@ class RedisState:
                     continue
                 try:
                     event = json.loads(message["data"])
+                    if not isinstance(event, dict):
+                        raise TypeError("not an object")
                     if event.get("from") == self.instance:
                         continue
                     if event["t"] == "trust":
                         self._apply_grant(event, int(event["ms"]) / 1000)
                     elif event["t"] == "lock" and self.failures is not None:
                         self.failures.lock(str(event["bucket"]), max(0, int(event["ms"])) / 1000, self.clock())
-                except (ValueError, KeyError, TypeError):
+                except _MALFORMED:
                     log.warning("Shared state: ignored a malformed event on %s", EVENTS_CHANNEL)
         except asyncio.CancelledError:
             raise
