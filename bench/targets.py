@@ -103,6 +103,9 @@ class Target:
 
 # -- fastgate ----------------------------------------------------------------------------------------------
 
+STATE_DATABASES = {"redis": 1, "workers1": 2, "workers2": 3}
+
+
 def fastgate_config(port: int, upstream_port: int, log_level: str = "INFO", store_path: str = "", *,
                     backend_ports: tuple[int, ...] = (), state_url: str = "", workers: int = 0) -> str:
     """fastgate's config; with `store_path`, a key store and no config-file key (the client must use the
@@ -175,7 +178,9 @@ def start_fastgate(run_dir: str, upstream_port: int, cpus: set[int] | None, log_
         assert resources is not None
         redis = resources.redis()
         aux = (redis.process,)
-        state_url = redis.url
+        # One database per target: the targets share the run's redis-server, and shared key-guessing windows
+        # would add up the auth phase's wrong keys of every target into one lockout of 127.0.0.1.
+        state_url = redis.url.rsplit("/", 1)[0] + "/" + str(STATE_DATABASES[kind])
     if kind == "3backends":
         assert resources is not None
         upstreams = resources.backend_fakes(BACKENDS)

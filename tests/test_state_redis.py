@@ -677,3 +677,26 @@ async def test_an_admission_cancelled_while_redis_answers_leaves_no_lease(own_re
         own_redis.resume()
         await a.stop()
         await b.stop()
+
+
+
+async def test_instances_on_other_databases_of_one_redis_share_nothing(redis: RedisServer) -> None:
+    # Redis's pub/sub channels are server-wide: fastgates on databases 1 and 2 of one server (two deployments)
+    # heard each other's trust grants and key-guessing locks, which share the channel.
+    base = redis.url.rsplit("/", 1)[0]
+    pairs = await two_states(f"{base}/1") + await two_states(f"{base}/2")
+    (gate_a, _), (gate_a2, _), (gate_b, _), (gate_b2, _) = pairs
+    try:
+        gate_a.trust.grant("198.51.100.31", "ann", "x-api-key:sk-****0001", 600, gate_a.clock(), "config:ann")
+        gate_b.trust.grant("198.51.100.32", "bob", "x-api-key:sk-****0002", 600, gate_b.clock(), "config:bob")
+        # Each reaches the other instance on its own database (so anything published has had time to arrive)...
+        await eventually(lambda: gate_a2.trust.lookup("198.51.100.31", gate_a2.clock()) is not None, timeout=2)
+        await eventually(lambda: gate_b2.trust.lookup("198.51.100.32", gate_b2.clock()) is not None, timeout=2)
+        # ...and none on the other database.
+        for gate in (gate_b, gate_b2):
+            assert gate.trust.lookup("198.51.100.31", gate.clock()) is None
+        for gate in (gate_a, gate_a2):
+            assert gate.trust.lookup("198.51.100.32", gate.clock()) is None
+    finally:
+        for _, state in pairs:
+            await state.stop()

@@ -46,7 +46,14 @@ from ..trust import FailureLimiter, TrustGrant, TrustTable, failure_bucket
 from . import DEGRADED, SHARED
 
 PREFIX = "fastgate:"
-EVENTS_CHANNEL = PREFIX + "events"
+def events_channel(db: int) -> str:
+    """The pub/sub channel of the instances sharing database `db`: Redis's channels are server-wide, not per
+    database, so fastgates on other databases of one server (other deployments, a staging copy) must not hear
+    each other's trust grants and locks."""
+    return f"{PREFIX}events:{db}"
+
+
+EVENTS_CHANNEL = events_channel(0)
 INSTANCES_KEY = PREFIX + "instances"
 LEASE_TTL_S = 15.0  # a crashed instance's leases are free this long after their last renewal (< 30 s)
 LEASE_RENEW_S = 5.0
@@ -478,6 +485,7 @@ class RedisState:
         self.lease_ttl_s = lease_ttl_s
         self.renew_s = min(LEASE_RENEW_S, lease_ttl_s / 3)  # three renewals may fail before a lease lapses
         self.instance = uuid.uuid4().hex[:16]
+        self.events_channel = events_channel(settings.url.db)
         self.metrics = metrics or Metrics()
         self.mode = DEGRADED  # until the first answer from Redis
         self.metrics.state_shared = 0
@@ -652,7 +660,8 @@ class RedisState:
         try:
             count, left_ms = await _bounded(self._failure(
                 keys=(failure_key(bucket),),
-                args=(int(failures.window_s * 1000), failures.max_failures, EVENTS_CHANNEL, bucket, self.instance)),
+                args=(int(failures.window_s * 1000), failures.max_failures, self.events_channel, bucket,
+                      self.instance)),
                 self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._degrade(exc)
@@ -681,7 +690,7 @@ class RedisState:
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(trust_key(ip), json.dumps(record), px=max(1, int(ttl_s * 1000)))
-            pipe.publish(EVENTS_CHANNEL, message)
+            pipe.publish(self.events_channel, message)
             await _bounded(pipe.execute(), PROBE_TIMEOUT_S)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._degrade(exc)
@@ -751,7 +760,7 @@ class RedisState:
             PROBE_TIMEOUT_S))
         await self._close_pubsub()
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await _bounded(self._pubsub.subscribe(EVENTS_CHANNEL), PROBE_TIMEOUT_S)
+        await _bounded(self._pubsub.subscribe(self.events_channel), PROBE_TIMEOUT_S)
         await _bounded(self._load_grants(), 5 * PROBE_TIMEOUT_S)
         await _bounded(self._load_locks(), 5 * PROBE_TIMEOUT_S)
         await _bounded(self._warm_up(), PROBE_TIMEOUT_S)
@@ -840,7 +849,7 @@ class RedisState:
                     elif event["t"] == "lock" and self.failures is not None:
                         self.failures.lock(str(event["bucket"]), max(0, int(event["ms"])) / 1000, self.clock())
                 except _MALFORMED:
-                    log.warning("Shared state: ignored a malformed event on %s", EVENTS_CHANNEL)
+                    log.warning("Shared state: ignored a malformed event on %s", self.events_channel)
         except asyncio.CancelledError:
             raise
         except (RedisError, OSError) as exc:
