@@ -82,13 +82,19 @@ def web_tools_refusal(principal: Principal, allow_cloud: bool) -> str | None:
     return None
 
 
-def filter_model_list(normal_path: bytes, body: bytes, allowed: Callable[[str], bool]) -> bytes | None:
-    """The listing with only the models `allowed` accepts, or None when the body is not a listing we know."""
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """An Ollama answer (or line) read as a JSON object; None when it is not one."""
     try:
         data: Any = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def filter_model_list(normal_path: bytes, body: bytes, allowed: Callable[[str], bool]) -> bytes | None:
+    """The listing with only the models `allowed` accepts, or None when the body is not a listing we know."""
+    data = json_object(body)
+    if data is None:
         return None
     if normal_path == b"/v1/models":
         items, name_of = data.get("data"), (lambda item: item.get("id"))

@@ -5,10 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastgate.routing.aggregate import (
-    MAX_LINE_BYTES, NO_ANSWER, ChunkDecoder, FanOut, LineSplitter, PartResult, PullTally, answer_result,
-    copy_source, fan_out_for, holds_model, listing_entries, merge_listings, no_answer, verdict, verdict_body,
+    MAX_LINE_BYTES,
+    NO_ANSWER,
+    ChunkDecoder,
+    FanOut,
+    LineSplitter,
+    PartResult,
+    PullTally,
+    answer_result,
+    copy_source,
+    fan_out_for,
+    holds_model,
+    listing_entries,
+    merge_listings,
+    no_answer,
+    verdict,
+    verdict_body,
     wants_stream,
 )
 
@@ -168,6 +184,27 @@ def test_line_splitter_joins_pieces_and_drops_overlong_lines() -> None:
     assert splitter.feed(b"y" * (MAX_LINE_BYTES + 1)) == []
     assert splitter.feed(b"yyy\n" + b'{"d":4}\n') == [b'{"d":4}']  # the rest of the long line is dropped
     assert splitter.dropped == 1
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=12),
+       st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=8))
+def test_line_splitter_gives_the_lines_whatever_the_pieces(parts: list[bytes], cuts: list[int]) -> None:
+    stream = b"\n".join(parts) + b"\n"
+    splitter, got, at, i = LineSplitter(), [], 0, 0
+    while at < len(stream):
+        size = cuts[i % len(cuts)]
+        got += splitter.feed(stream[at:at + size])
+        at, i = at + size, i + 1
+    assert got == parts and splitter.rest() == b""
+
+
+def test_a_long_line_in_small_pieces_is_dropped_and_the_next_lines_come() -> None:
+    splitter, piece = LineSplitter(), b"x" * 4096
+    for _ in range(MAX_LINE_BYTES // len(piece) + 2):
+        assert splitter.feed(piece) == []
+    assert splitter.dropped == 1
+    assert splitter.feed(b"x\n" + b'{"e":5}\n{"f"') == [b'{"e":5}']
+    assert splitter.rest() == b'{"f"'
 
 
 def lines(data: bytes | None) -> dict[str, object]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..access import json_object
 from ..gojson import UnreadableBody, go_key_matches, go_string_field, scan_object
 from ..models import parse_model_name
 
@@ -90,11 +91,8 @@ def _name_of(kind: FanOut, item: dict[str, Any]) -> object:
 
 def listing_entries(kind: FanOut, body: bytes) -> list[dict[str, Any]] | None:
     """The entries of one backend's listing answer, or None when the body is not such a listing."""
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         return None
     items = data.get("data" if kind is FanOut.V1_MODELS else "models")
     if items is None:
@@ -323,30 +321,49 @@ class ChunkDecoder:
 
 
 class LineSplitter:
-    """Complete lines out of a byte stream fed in pieces. A line longer than MAX_LINE_BYTES is dropped."""
+    """Complete lines out of a byte stream fed in pieces. A line longer than MAX_LINE_BYTES is dropped.
 
-    __slots__ = ("_partial", "_dropping", "dropped")
+    An unfinished line is kept as its pieces and joined once, at its newline: re-joining it on every read made
+    a long line sent in small pieces cost time quadratic in its length."""
+
+    __slots__ = ("_dropping", "_pieces", "_size", "dropped")
 
     def __init__(self) -> None:
-        self._partial = b""
+        self._pieces: list[bytes] = []  # the unfinished line so far
+        self._size = 0
         self._dropping = False  # inside an over-long line: skip to its end
         self.dropped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
-        self._partial = lines.pop()
-        if self._dropping and lines:
-            lines.pop(0)
+        if b"\n" not in data:
+            if not self._dropping and data:
+                self._pieces.append(data)
+                self._size += len(data)
+                self._drop_if_too_long()
+            return []
+        lines = data.split(b"\n")
+        last = lines.pop()
+        if self._dropping:
+            lines.pop(0)  # the end of the over-long line
             self._dropping = False
-        if len(self._partial) > MAX_LINE_BYTES:
-            self._partial = b""
+        elif self._pieces:
+            self._pieces.append(lines[0])
+            lines[0] = b"".join(self._pieces)
+        self._pieces = [last] if last else []
+        self._size = len(last)
+        self._drop_if_too_long()
+        return lines
+
+    def _drop_if_too_long(self) -> None:
+        if self._size > MAX_LINE_BYTES:
+            self._pieces, self._size = [], 0
             self._dropping = True
             self.dropped += 1
-        return lines
 
     def rest(self) -> bytes:
         """What is left after the last newline (a last line without one)."""
-        rest, self._partial = self._partial, b""
+        rest = b"".join(self._pieces)
+        self._pieces, self._size = [], 0
         return b"" if self._dropping else rest
 
 
@@ -360,11 +377,8 @@ class PullTally:
     def line(self, backend: str, raw: bytes) -> bytes | None:
         """The line (with its newline) the client gets for one line of `backend`'s stream; None for a line
         that is not a progress object (blank, or not JSON: nothing a client could read)."""
-        try:
-            data: Any = json.loads(raw)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(data, dict):
+        data = json_object(raw)
+        if data is None:
             return None
         if "error" in data:
             message = data["error"] if isinstance(data["error"], str) else json.dumps(data["error"])
