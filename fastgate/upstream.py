@@ -326,13 +326,8 @@ class UpstreamConnection(asyncio.Protocol):
         already_closed = self.state is ConnState.CLOSED
         framing = framing_for(head)
         if framing is None:
-            if prefix:
-                try:
-                    sink.write(prefix)
-                except RuntimeError:
-                    self.client_gone()
-                    self._finish(RelayOutcome.CLIENT_GONE)
-                    return done
+            if prefix and not self._write_or_give_up(sink, prefix):
+                return done
             if early:
                 self.reusable = False
             self._finish(RelayOutcome.COMPLETE)
@@ -342,11 +337,7 @@ class UpstreamConnection(asyncio.Protocol):
             # A small answer that came whole with its head (nearly every one that is not a stream): one write
             # with the client's head, without a framing tracker or a prefixing sink; the same end as below.
             data = early[0]
-            try:
-                sink.write(prefix + data if prefix else data)
-            except RuntimeError:
-                self.client_gone()
-                self._finish(RelayOutcome.CLIENT_GONE)
+            if not self._write_or_give_up(sink, prefix + data if prefix else data):
                 return done
             self._tail.append(data)
             self.body_bytes = len(data)
@@ -362,13 +353,8 @@ class UpstreamConnection(asyncio.Protocol):
                 # The client's response head goes out with the first body bytes when those are already here
                 # (a small answer arrives whole): one write, one wake-up of the client instead of two.
                 self._sink = _PrefixedSink(sink, prefix)
-            else:
-                try:
-                    sink.write(prefix)
-                except RuntimeError:
-                    self.client_gone()
-                    self._finish(RelayOutcome.CLIENT_GONE)
-                    return done
+            elif not self._write_or_give_up(sink, prefix):
+                return done
         if not already_closed:
             self.state = ConnState.RELAYING
             if early:
@@ -383,6 +369,16 @@ class UpstreamConnection(asyncio.Protocol):
             until_close = isinstance(framing, UntilCloseFraming)
             self._finish(RelayOutcome.COMPLETE_CLOSE if until_close else RelayOutcome.UPSTREAM_CLOSED)
         return done
+
+    def _write_or_give_up(self, sink: Sink, data: bytes) -> bool:
+        """Write `data` before the relay proper; False (the relay over, as CLIENT_GONE) when the client is gone."""
+        try:
+            sink.write(data)
+        except RuntimeError:
+            self.client_gone()
+            self._finish(RelayOutcome.CLIENT_GONE)
+            return False
+        return True
 
     def _finish(self, outcome: RelayOutcome) -> None:
         """The relay is over: settle its future. The connection goes back to IDLE only on COMPLETE."""
