@@ -129,16 +129,11 @@ class JsonFormatter(logging.Formatter):
             parts.append(f',"exc":{_json_str(record.exc_text)}')
         if record.stack_info:
             parts.append(f',"stack":{_json_str(self.formatStack(record.stack_info))}')
-        parts.append("}")
-        line = "".join(parts)
-        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
+        return _closed(parts)
 
     def line(self, created: float, levelname: str, message: str, fields: dict[str, Any] | None) -> str:
         """The record's line from its parts (no traceback), as format() writes it."""
-        parts = self._parts(created, levelname, message, fields)
-        parts.append("}")
-        line = "".join(parts)
-        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
+        return _closed(self._parts(created, levelname, message, fields))
 
     def _parts(self, created: float, levelname: str, message: str, fields: dict[str, Any] | None) -> list[str]:
         parts = [f'{{"ts":"{self._timestamp(created)}","level":"{levelname}","msg":', _json_str(message)]
@@ -156,6 +151,13 @@ class JsonFormatter(logging.Formatter):
                 else:  # None, bool, anything else: the generic encoder (NaN and infinities as null)
                     parts.append(f',"{name}":{_json_other(value)}')
         return parts
+
+
+def _closed(parts: list[str]) -> str:
+    """The object's text from its parts, closed; DEL, which JSON allows raw, escaped."""
+    parts.append("}")
+    line = "".join(parts)
+    return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
 
 
 _json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included, ASCII only
