@@ -11,12 +11,16 @@ and per line for the top functions) into --out, and prints the summary.
 
     python -m bench.profile --count small --connections 1
     python -m bench.profile --count paced --streams 8
+    python -m bench.profile --count ttfb --managed redis
 
 counts instead: fastgate runs under `valgrind --tool=callgrind` twice, once for a short and once for a long
 fixed workload (the same warm-up before both), and the difference in instructions executed, divided by the
 difference in requests (or tokens), is what one more request (or token) costs. Instruction counts do not
 depend on what else the machine is doing, so two commits (or variants) can be compared on a busy machine;
-they leave out the kernel (syscalls, wake-ups), which the timed harness measures.
+they leave out the kernel (syscalls, wake-ups), which the timed harness measures. `--managed limited` serves
+a managed key with limits from a key store (as the fastgate-limited target), `--managed redis` the same with
+[state] in a redis-server of its own (fastgate-redis): their difference is what admission through Redis costs
+fastgate (Redis's own work is not counted).
 """
 
 from __future__ import annotations
@@ -140,18 +144,18 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return int(head[9:12])
 
 
-async def _count_client(port: int, workload: str, n: int, connections: int, gap_ms: float) -> None:
+async def _count_client(port: int, workload: str, n: int, connections: int, gap_ms: float, key: str) -> None:
     """The fixed workload, from this process (not counted): warm-up, then `n` requests (or `n` tokens per
-    stream). Raises if any answer is not the expected one."""
+    stream), with `key`. Raises if any answer is not the expected one."""
     from .client import get_request, stream_request
-    from .targets import API_KEY, HOST
+    from .targets import HOST
 
     async def conn() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(HOST, port, limit=64 * 1024 * 1024)
 
-    small = get_request(f"{HOST}:{port}", API_KEY)
+    small = get_request(f"{HOST}:{port}", key)
     refused = get_request(f"{HOST}:{port}", "wrong-key")
-    one_token = stream_request(f"{HOST}:{port}", API_KEY, 1, 0, lean=True)
+    one_token = stream_request(f"{HOST}:{port}", key, 1, 0, lean=True)
     reader, writer = await conn()
     for _ in range(COUNT_WARMUP):
         assert await _exchange(reader, writer, small) == 200
@@ -173,7 +177,7 @@ async def _count_client(port: int, workload: str, n: int, connections: int, gap_
     elif workload == "ttfb":
         await asyncio.gather(*(loop(one_token, n // connections, 200) for _ in range(connections)))
     else:  # paced: `connections` streams of n tokens each, `gap_ms` apart
-        stream = stream_request(f"{HOST}:{port}", API_KEY, n, gap_ms, lean=True)
+        stream = stream_request(f"{HOST}:{port}", key, n, gap_ms, lean=True)
         await asyncio.gather(*(loop(stream, 1, 200) for _ in range(connections)))
 
 
@@ -185,16 +189,29 @@ def _callgrind_total(path: str) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
+def count_run(args: argparse.Namespace, upstream_port: int, n: int, redis_url: str = "") -> int:
     """Instructions fastgate executed for start-up, warm-up, `n` units of the workload and shutdown."""
     from .procs import free_port, spawn, wait_port
-    from .targets import HOST, ROOT, fastgate_config
+    from .targets import API_KEY, HOST, ROOT, create_managed_key, fastgate_config
 
     port = free_port()
-    stem = f"{args.count}-{args.variant or 'fastgate'}-{n}".replace("+", "-")
+    managed = f"-{args.managed}" if args.managed else ""
+    stem = f"{args.count}-{args.variant or 'fastgate'}{managed}-{n}".replace("+", "-")
     config = os.path.join(args.out, f"{stem}.toml")
+    key, store_path = API_KEY, ""
+    if args.managed:
+        store_path = os.path.join(args.out, f"{stem}-keys.db")
+        key = create_managed_key(store_path)
+    if redis_url:
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()  # every run starts from the same empty state
     with open(config, "w") as f:
-        text = fastgate_config(port, upstream_port, args.log_level)
+        text = fastgate_config(port, upstream_port, args.log_level, store_path, state_url=redis_url)
+        if redis_url:
+            # Under callgrind every step is tens of times slower: at the default 50 ms the requests would
+            # time out on Redis and be admitted locally (degraded), which is not what is counted.
+            text = text.replace("[state]\n", "[state]\ntimeout = 10\n", 1)
         if args.count == "refused":  # every wrong key a 401, never the guessing limit's 429
             text = text.replace("[auth]\n", "[auth]\nmax_failures = 0\n", 1)
         if args.no_request_start:
@@ -214,11 +231,15 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int) -> int:
                  cwd=ROOT, env=env)
     try:
         wait_port(HOST, port, 300, proc.proc)
-        run_loop(_count_client(port, args.count, n, args.connections, args.gap_ms))
+        run_loop(_count_client(port, args.count, n, args.connections, args.gap_ms, key))
     finally:
         code = proc.stop(timeout=300)
     if code != 0:
         raise RuntimeError(f"fastgate exited with {code}; see {args.out}/logs/{stem}.log")
+    if redis_url:
+        with open(os.path.join(args.out, "logs", f"{stem}.log"), errors="replace") as f:
+            if "unreachable" in f.read():  # degraded at some point: not every request was admitted by Redis
+                raise RuntimeError(f"fastgate lost its Redis during the run; see {args.out}/logs/{stem}.log")
     if args.cprofile:
         import pstats
         stats = pstats.Stats(out)
@@ -235,17 +256,27 @@ def count(args: argparse.Namespace) -> None:
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     lo, hi = (int(x) for x in args.n.split(","))
     upstream, port = start_upstream(args.out, None, True)
+    redis = None
     try:
+        redis_url = ""
+        if args.managed == "redis":
+            from .targets import Redis
+
+            redis = Redis(args.out, None)
+            redis_url = redis.url
         if args.cprofile:
-            count_run(args, port, hi)
+            count_run(args, port, hi, redis_url)
             return
-        totals = {n: count_run(args, port, n) for n in (lo, hi)}
+        totals = {n: count_run(args, port, n, redis_url) for n in (lo, hi)}
     finally:
         upstream.stop()
+        if redis is not None:
+            redis.process.stop()
     units = (hi - lo) * (args.connections if args.count == "paced" else 1)
     unit = "token" if args.count == "paced" else "request"
     per = (totals[hi] - totals[lo]) / units
-    line = (f"{args.count} {args.variant or 'fastgate'} connections={args.connections} log={args.log_level}"
+    line = (f"{args.count} {args.variant or 'fastgate'}{' ' + args.managed if args.managed else ''} "
+            f"connections={args.connections} log={args.log_level}"
             f"{' request_start=false' if args.no_request_start else ''}: "
             f"{per:,.0f} instructions per {unit} (runs of {lo} and {hi}: {totals[lo]:,} and {totals[hi]:,})")
     print(line)
@@ -279,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="", help="--count: a bench.variants variant of fastgate")
     ap.add_argument("--no-request-start", action="store_true",
                     help="--count: [log] request_start = false (no \"Processing request\" line)")
+    ap.add_argument("--managed", choices=("limited", "redis"), default="",
+                    help="--count: a managed key with limits from a key store (limited), and with [state] in a "
+                         "redis-server of its own (redis)")
     ap.add_argument("--cprofile", action="store_true",
                     help="--count: run the longer workload under cProfile instead and print its profile")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
