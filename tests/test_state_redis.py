@@ -526,6 +526,29 @@ async def test_closing_the_pipeline_answers_the_calls_still_waiting(own_redis: R
         await b.stop()
 
 
+async def test_a_pipeline_connection_redis_closes_degrades_at_once_then_shares_again(redis: RedisServer) -> None:
+    # The replies are read where the bytes arrive (the transport's protocol): an end of the connection must
+    # reach the pipeline there too, without a call waiting on it, and closing it later (the reconnect, stop)
+    # must still end through redis-py's own stream.
+    (_, a), (_, b) = await two_states(redis.url, timeout_s=5)
+    try:
+        key = Principal("ann", "k_killed", rpm=100, max_concurrent=5)
+        a.release(await a.admit(key))
+        assert a.mode == "shared"
+        assert a._pipeline is not None
+        host, port = a._pipeline._writer.get_extra_info("sockname")[:2]
+        assert redis.command("CLIENT", "KILL", f"{host}:{port}") == b"+OK\r\n"  # a's pipeline, nothing else
+        await eventually(lambda: a.mode == "degraded", timeout=1)
+        assert b.mode == "shared"
+        await eventually(lambda: a.mode == "shared", timeout=5)
+        for _ in range(3):
+            a.release(await asyncio.wait_for(a.admit(key), 1))
+        assert a.mode == "shared"
+    finally:
+        await asyncio.wait_for(a.stop(), 5)
+        await asyncio.wait_for(b.stop(), 5)
+
+
 async def test_a_redis_that_lost_the_script_degrades_then_shares_again(redis: RedisServer) -> None:
     (_, a), (_, b) = await two_states(redis.url)
     try:

@@ -64,7 +64,6 @@ PROBE_TIMEOUT_S = 1.0  # background calls (heartbeat, reconnect probe, trust rel
 TOKENS_KEY_TTL_S = 2 * DAY_S
 EXPIRY_RESEND_S = 60.0  # a daily count's expiry is set again at most this often per key (and on reconnect)
 SEND_DELAY_S = 0.005  # how long a lease release or token count may wait to share the next admission's write
-READ_SIZE = 65536  # bytes asked of the pipeline's stream per read
 WARM_CONNECTIONS = 2  # pooled connections opened at connect, for the background calls
 
 T = TypeVar("T")
@@ -209,16 +208,18 @@ class AutoPipeline:
     at once took 64 connections, and past the pool's bound failed), and its per-command machinery (a pooled
     connection, Python packing, a task or timer per call) cost more than Redis's own work. Here a command is
     packed in C (hiredis) and written at once to the connection's transport (uvloop sends what one turn of the
-    event loop wrote in one syscall), and one reader takes the replies in order (Redis answers a connection's
-    commands in the order sent), so several batches may be in flight at once. `call` returns a future of the
+    event loop wrote in one syscall), and the replies are taken in order (Redis answers a connection's
+    commands in the order sent), so several batches may be in flight at once. With hiredis the replies are
+    parsed where the bytes arrive (the transport's protocol, _Replies) and each future is answered there: a
+    reader task woken through a StreamReader cost each reply a turn of the loop. `call` returns a future of the
     reply; `send` wants none (lease releases, token counts) and waits up to SEND_DELAY_S to travel with the
     next call. Deadlines are kept by one watchdog timer for the oldest unanswered call (calls are answered in
     the order made, and all wait the same `timeout_s`), not a timer per call. A broken connection fails what
     waits on it and is reported to `on_error` (the instance turns degraded, and reconnecting opens a new one).
     """
 
-    __slots__ = ("_broken", "_calls_pending", "_conn", "_flush_later", "_loop", "_pending", "_pending_since", "_reader",
-                 "_timeout_s", "_turn", "_waiting", "_watchdog", "_writer", "on_error")
+    __slots__ = ("_broken", "_calls_pending", "_conn", "_flush_later", "_loop", "_parser", "_pending", "_pending_since",
+                 "_reader", "_timeout_s", "_turn", "_waiting", "_watchdog", "_writer", "on_error")
 
     def __init__(self, conn: Any, on_error: Callable[[BaseException], None], timeout_s: float) -> None:
         self.on_error = on_error
@@ -238,7 +239,14 @@ class AutoPipeline:
         self._flush_later: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._broken = False
-        self._reader = self._loop.create_task(self._read())
+        self._reader: asyncio.Task[None] | None = None  # without hiredis: the task reading the replies
+        if _Reader is not None and isinstance(conn._reader, asyncio.StreamReader):
+            # Error replies come back as ResponseError instances (the command's own error), not raised.
+            self._parser = _Reader(protocolError=InvalidResponse, replyError=ResponseError)
+            transport = self._writer.transport
+            transport.set_protocol(_Replies(self, transport.get_protocol()))
+        else:  # pragma: no cover - without hiredis
+            self._reader = self._loop.create_task(self._read_with_redis_py())
 
     @classmethod
     async def open(cls, redis: aioredis.Redis, on_error: Callable[[BaseException], None],
@@ -327,25 +335,18 @@ class AutoPipeline:
                 return
             future.set_exception(asyncio.TimeoutError())
 
-    async def _read(self) -> None:
-        """Hand each reply to the future of its command, in order. With hiredis: its reader fed straight from
-        the connection's stream (redis-py's read_response is four coroutines deep for every reply)."""
-        stream = getattr(self._conn, "_reader", None)
-        if _Reader is None or not isinstance(stream, asyncio.StreamReader):  # pragma: no cover - no hiredis
-            await self._read_with_redis_py()
+    def _received(self, data: bytes) -> None:
+        """Bytes from Redis (in _Replies.data_received): each whole reply to the future of its command."""
+        if self._broken:
             return
-        # Error replies come back as ResponseError instances (the command's own error), not raised.
-        parser = _Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        parser = self._parser
         try:
-            while True:
-                reply = parser.gets()
-                if reply is False:  # nothing whole yet (a reply is never False: RESP2 has no booleans)
-                    data = await stream.read(READ_SIZE)
-                    if not data:
-                        raise ConnectionError("shared state: Redis closed the connection")
-                    parser.feed(data)
-                elif not self._deliver(reply):
+            parser.feed(data)
+            reply = parser.gets()
+            while reply is not False:  # False: nothing whole yet (a reply is never False: RESP2 has no booleans)
+                if not self._deliver(reply):
                     return
+                reply = parser.gets()
         except (RedisError, OSError, EOFError) as exc:
             self._break(exc)
 
@@ -399,7 +400,8 @@ class AutoPipeline:
         for handle in (self._flush_later, self._watchdog, self._turn):
             if handle is not None:
                 handle.cancel()
-        self._reader.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
         # Without the watchdog and the reader nothing would ever answer a call still waiting: it fails now.
         self._fail([future for future, _ in self._waiting], ConnectionError("shared state connection closed"))
         self._waiting.clear()
@@ -407,6 +409,35 @@ class AutoPipeline:
             await self._conn.disconnect()
         except (RedisError, OSError):
             pass
+
+
+class _Replies(asyncio.Protocol):
+    """The pipeline connection's protocol once it is the pipeline's: the bytes go to AutoPipeline._received,
+    everything else on to the protocol redis-py connected with (its StreamReaderProtocol), so that closing
+    the connection through redis-py still ends as it would."""
+
+    __slots__ = ("_pipeline", "_stream")
+
+    def __init__(self, pipeline: AutoPipeline, stream: Any) -> None:
+        self._pipeline = pipeline
+        self._stream = stream
+
+    def data_received(self, data: bytes) -> None:
+        self._pipeline._received(data)
+
+    def eof_received(self) -> bool:
+        self._pipeline._break(ConnectionError("shared state: Redis closed the connection"))
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipeline._break(ConnectionError(f"shared state: connection lost ({exc or 'closed'})"))
+        self._stream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
 
 
 @dataclass(slots=True)
