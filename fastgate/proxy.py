@@ -41,7 +41,7 @@ from .metrics import BackendGauges, Metrics, path_label
 from .routing import MAX_MOVES, MoveReason, Placement, Refusal, Router, Ticket
 from .routing.health import RESTORE_AFTER_SUCCESSES
 from .routing.pollers import Pollers
-from .state import LiveState
+from .state import Admission, LiveState
 from .upstream import (
     BufferSink, ClientGone, RelayOutcome, UpstreamClosed, UpstreamConnection, UpstreamPool,
 )
@@ -462,25 +462,50 @@ class Proxy:
     # -- forwarding --------------------------------------------------------------------------------------
 
     async def _forward(self, ctx: RequestContext, fwd: Forward) -> bool:
-        lease = None
+        admission = overlapped = None
         if self.state is not None and fwd.principal.limited:
-            try:  # with [state] the key's limits are counted here, in the shared state, not by the gate
-                lease = await self.state.admit(fwd.principal)
-            except GateError as err:
-                err.user, err.key_label = fwd.user, fwd.key_label
-                return await self._refuse(ctx, err)
+            # With [state] the key's limits are counted here, in the shared state, not by the gate. The
+            # admission goes to Redis now; with one backend _exchange places the request and takes a pooled
+            # connection while Redis answers (tens of us on loopback), and awaits the answer before anything
+            # reaches Ollama or the client. With several, a placement leaves traces (warm hints) that a
+            # refused request must not: the answer comes first.
+            admission = self.state.begin_admit(fwd.principal)
+            if self.several or fwd.fan_out is not None:
+                refused = await self._admission_refused(fwd, admission)
+                if refused is not None:
+                    return await self._refuse(ctx, refused)
+            else:
+                overlapped = admission
         self.in_flight += 1
         try:
             if fwd.fan_out is not None:  # several backends asked at once (issue 9 rules 6 and 7)
                 return await fanout.serve(self, ctx, fwd)
-            return await self._exchange(ctx, fwd)
+            return await self._exchange(ctx, fwd, overlapped)
         finally:
             if ctx.placement is not None:  # its slot goes to the next waiter (a no-op if moved or released)
                 self.router.release(ctx.placement, ctx.conn.loop.time())
             self.in_flight -= 1
             self.gate.finished(fwd)
-            if lease is not None:
-                self.state.release(lease)  # type: ignore[union-attr]
+            if admission is not None:
+                admission.end()
+
+    async def _admission_refused(self, fwd: Forward, admission: Admission, *, ticket: Ticket | None = None,
+                                 upstream: UpstreamConnection | None = None) -> GateError | None:
+        """The shared limits' answer to `admission`: None when admitted, else the 429 to answer (the request's
+        own, as the gate's would be). What was taken meanwhile goes back unless admitted: `ticket`'s place in
+        the router's queue, `upstream` (a pooled connection) to its pool."""
+        try:
+            await admission
+        except BaseException as exc:
+            if ticket is not None:
+                self.router.cancel(ticket, asyncio.get_running_loop().time())
+            if upstream is not None:
+                upstream.pool.release(upstream)
+            if not isinstance(exc, GateError):
+                raise
+            exc.user, exc.key_label = fwd.user, fwd.key_label
+            return exc
+        return None
 
     # -- routing (issue 9): the router decides, this layer awaits and does -----------------------------------
 
@@ -609,7 +634,8 @@ class Proxy:
         return replace(fwd, head=retarget_head(fwd.head, target, url.host_header.encode()),
                        url=f"{url.scheme}://{url.host_header}{target.decode('latin-1')}")
 
-    async def _exchange(self, ctx: RequestContext, fwd: Forward) -> bool:
+    async def _exchange(self, ctx: RequestContext, fwd: Forward, admission: Admission | None = None) -> bool:
+        """`admission`: [state]'s, still to be awaited (see _forward)."""
         conn, req, rid = ctx.conn, ctx.req, ctx.rid
         loop = conn.loop
         # Durations on perf_counter, not loop.time(): uvloop's clock has millisecond resolution (and is read
@@ -626,7 +652,13 @@ class Proxy:
                 ctx.placement = chosen
                 if self.several:
                     ctx.backend = chosen.backend
-            else:
+            if admission is not None and (ctx.placement is None or (fwd.body is None and req.has_body)):
+                # A wait in the queue, a refusal, a body to read: only once the shared limits said yes.
+                refused, admission = await self._admission_refused(
+                    fwd, admission, ticket=chosen if isinstance(chosen, Ticket) else None), None
+                if refused is not None:
+                    return await self._refuse(ctx, refused)
+            if not isinstance(chosen, Placement):
                 await self._place(ctx, fwd, chosen)
         except GateError as err:
             return await self._refuse(ctx, err, fwd=fwd)
@@ -657,6 +689,12 @@ class Proxy:
             while True:
                 # A pooled connection (the usual case) is taken without a coroutine.
                 upstream = self.pools[ctx.placement.backend].take_idle()  # type: ignore[union-attr]
+                if admission is not None:  # nothing reaches Ollama before the shared limits said yes
+                    refused, admission = await self._admission_refused(fwd, admission, upstream=upstream), None
+                    if refused is not None:
+                        return await self._refuse(ctx, refused)
+                    if upstream is not None and upstream.transport.is_closing():  # type: ignore[union-attr]
+                        upstream = None  # Ollama closed it while Redis answered: its loss is being handled
                 if upstream is not None:
                     reused = True
                 else:

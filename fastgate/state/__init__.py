@@ -6,6 +6,7 @@ without [state] none of this is imported at all (the gate's synchronous, in-proc
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any, Protocol
 
 from ..access import Principal
@@ -19,6 +20,18 @@ DEGRADED = "degraded"  # the shared store is unreachable or slow: local tables, 
 Lease = Any
 
 
+class Admission(Protocol):
+    """An admission under way (LiveState.begin_admit)."""
+
+    def __await__(self) -> Generator[Any, None, Lease]:
+        """Its answer, once: the lease, or TooManyRequests (429 with Retry-After), uncounted."""
+        ...
+
+    def end(self) -> None:
+        """The request is over (served, refused, gone): the lease goes back, whether or not it was awaited."""
+        ...
+
+
 class LiveState(Protocol):
     """Live state shared by every instance (rate limits, concurrency leases, daily tokens, key-guessing
     counts, IP trust). No call waits longer than the configured timeout: past it, local tables answer."""
@@ -30,6 +43,10 @@ class LiveState(Protocol):
 
     async def admit(self, principal: Principal) -> Lease:
         """Count one request of a limited key, or raise TooManyRequests (429 with Retry-After) uncounted."""
+        ...
+
+    def begin_admit(self, principal: Principal) -> Admission:
+        """`admit`, sent now and answered when awaited (the request's other preparations go on meanwhile)."""
         ...
 
     def release(self, lease: Lease) -> None:

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -440,6 +440,37 @@ class _Replies(asyncio.Protocol):
         self._stream.resume_writing()
 
 
+class Admission:
+    """One request's admission under way (RedisState.begin_admit): `await` it for its lease, or the
+    TooManyRequests refusing it, once; `end` it when the request is over, however that went."""
+
+    __slots__ = ("key", "lease", "member", "principal", "reply", "state", "wall")
+
+    def __init__(self, state: RedisState, principal: Principal, wall: float, reply: asyncio.Future[Any] | None,
+                 key: str = "", member: str = "") -> None:
+        self.state = state
+        self.principal = principal
+        self.wall = wall
+        self.reply = reply  # Redis's answer to come (None: answered locally, degraded; or already awaited)
+        self.key = key
+        self.member = member
+        self.lease: SharedLease | None = None  # what the answer admitted with, until `end` gives it back
+
+    def __await__(self) -> Generator[Any, None, SharedLease]:
+        return self.state._answer(self).__await__()
+
+    def end(self) -> None:
+        """Give back the lease, or, for an admission nobody awaited, whatever lease the script may take."""
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            self.state.release(lease)
+        elif self.reply is not None:
+            reply, self.reply = self.reply, None
+            reply.cancel()  # its answer, when it comes, is dropped
+            if self.member:
+                self.state.release(SharedLease(self.key, self.member))
+
+
 @dataclass(slots=True)
 class SharedLease:
     """A lease in Redis (`member` of `key`); `local` holds the scaled principal of a lease taken while
@@ -606,20 +637,35 @@ class RedisState:
     # -- the request path --------------------------------------------------------------------------------
 
     async def admit(self, principal: Principal) -> SharedLease:
+        return await self.begin_admit(principal)
+
+    def begin_admit(self, principal: Principal) -> Admission:
+        """`admit`, sent now and answered when awaited: the script is on its way to Redis when this returns,
+        and the request's other preparations can go on while Redis answers. Whoever begins one ends it with
+        Admission.end (an admission nobody awaited may still take a lease in Redis)."""
         wall = self.wall_clock()
         if self.mode == SHARED and self._pipeline is not None:
             self._lease_seq += 1
             member = f"{self.instance}:{self._lease_seq}" if principal.max_concurrent is not None else ""
             key = lease_key(principal.key_id)
+            # EVALSHA only: _warm_up loaded the script, and a Redis that lost it (restarted, SCRIPT FLUSH)
+            # answers NOSCRIPT, which degrades until the reconnect loop loads it again.
+            # Bounded by state.timeout: the pipeline fails the future past it.
+            reply = self._pipeline.call(
+                "EVALSHA", self._admit.sha, 3, rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall),
+                principal.rpm or 0, principal.max_concurrent or 0,
+                -1 if principal.tokens_per_day is None else principal.tokens_per_day,
+                member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)
+            return Admission(self, principal, wall, reply, key, member)
+        return Admission(self, principal, wall, None)
+
+    async def _answer(self, admission: Admission) -> SharedLease:
+        principal, wall, reply, key, member = (admission.principal, admission.wall, admission.reply, admission.key,
+                                               admission.member)
+        admission.reply = None  # answered once; ending it now gives back only the lease it returns
+        if reply is not None:
             try:
-                # EVALSHA only: _warm_up loaded the script, and a Redis that lost it (restarted, SCRIPT FLUSH)
-                # answers NOSCRIPT, which degrades until the reconnect loop loads it again.
-                # Bounded by state.timeout: the pipeline fails the future past it.
-                code, value = await self._pipeline.call(
-                    "EVALSHA", self._admit.sha, 3, rpm_key(principal.key_id), key, tokens_key(principal.key_id, wall),
-                    principal.rpm or 0, principal.max_concurrent or 0,
-                    -1 if principal.tokens_per_day is None else principal.tokens_per_day,
-                    member, int(self.lease_ttl_s * 1000), int(DAY_S - wall % DAY_S) or 1)
+                code, value = await reply
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self._degrade(exc)
             except asyncio.CancelledError:
@@ -637,9 +683,11 @@ class RedisState:
                     if not member:
                         return NO_LEASE
                     self._leases[member] = key
-                    return SharedLease(key, member)
+                    admission.lease = SharedLease(key, member)
+                    return admission.lease
                 raise self._refusal(principal, code, value)
-        return self._admit_locally(principal, wall)
+        admission.lease = self._admit_locally(principal, wall)
+        return admission.lease
 
     def _refusal(self, principal: Principal, code: int, value: Any) -> TooManyRequests:
         # The messages and Retry-After of limits.KeyLimits, word for word.
