@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from fastgate.access import Principal
+from fastgate.config import build_config
+from fastgate.errors import TooManyRequests
+from fastgate.gate import Gate
 from fastgate.server import RunningServer
-from fastgate.state.redis_state import lease_key
+from fastgate.state.redis_state import lease_key, open_state
 from fastgate.store import KeyStore
 from fastgate.upstream import UpstreamPool
 from tests.conftest import KEY1, MakeGateway
@@ -120,3 +124,25 @@ async def test_a_client_that_leaves_during_the_admission_frees_its_lease_and_con
     finally:
         redis.resume()
         await c.close()
+
+
+async def test_an_admission_ended_whether_awaited_or_not_holds_no_lease(redis: RedisServer) -> None:
+    config = build_config({"state": {"url": redis.url, "timeout": 1.0}})
+    assert config.state is not None
+    state = await open_state(config.state, Gate(config))
+    try:
+        key = Principal("ann", "k_ended", max_concurrent=1)
+        unawaited = state.begin_admit(key)  # the script is on its way and takes the only slot...
+        unawaited.end()  # ...which goes back, though nobody waits for the answer
+        admitted = state.begin_admit(key)
+        assert (await admitted).member  # the slot was free
+        with pytest.raises(RuntimeError):
+            await admitted  # once: a second answer would count the request again
+        with pytest.raises(TooManyRequests, match="this key already has 1 requests in flight"):
+            await state.admit(key)
+        admitted.end()
+        admitted.end()  # given back once
+        state.release(await state.admit(key))
+        assert state.mode == "shared"
+    finally:
+        await state.stop()

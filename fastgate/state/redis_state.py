@@ -444,7 +444,7 @@ class Admission:
     """One request's admission under way (RedisState.begin_admit): `await` it for its lease, or the
     TooManyRequests refusing it, once; `end` it when the request is over, however that went."""
 
-    __slots__ = ("key", "lease", "member", "principal", "reply", "state", "wall")
+    __slots__ = ("answered", "key", "lease", "member", "principal", "reply", "state", "wall")
 
     def __init__(self, state: RedisState, principal: Principal, wall: float, reply: asyncio.Future[Any] | None,
                  key: str = "", member: str = "") -> None:
@@ -455,6 +455,7 @@ class Admission:
         self.key = key
         self.member = member
         self.lease: SharedLease | None = None  # what the answer admitted with, until `end` gives it back
+        self.answered = False
 
     def __await__(self) -> Generator[Any, None, SharedLease]:
         return self.state._answer(self).__await__()
@@ -660,9 +661,12 @@ class RedisState:
         return Admission(self, principal, wall, None)
 
     async def _answer(self, admission: Admission) -> SharedLease:
+        if admission.answered:
+            raise RuntimeError("an admission is awaited once")
+        admission.answered = True
         principal, wall, reply, key, member = (admission.principal, admission.wall, admission.reply, admission.key,
                                                admission.member)
-        admission.reply = None  # answered once; ending it now gives back only the lease it returns
+        admission.reply = None  # from now on, ending it gives back only the lease it returns
         if reply is not None:
             try:
                 code, value = await reply
