@@ -2,10 +2,12 @@
 and on request `fastgate-limited` (fastgate serving a managed key from its SQLite key store, with limits,
 a model allow-list and usage accounting on), `fastgate-redis` (the same with [state] in a redis-server of
 the run's own), `fastgate-3backends` (three [[backends]], each its own fake Ollama with the model) and
-`fastgate-workers2` ([server] workers = 2 with [state]; `fastgate-workers1` is the same with workers = 1).
+`fastgate-workers2` ([server] workers = 2 with [state]; `fastgate-workers1` is the same with workers = 1),
+and `floor` (bench/floor.py: the design card's bare minimum, the floor of fastgate's design, where `direct` is
+the floor of any proxy; it logs nothing and checks no key).
 
 Each proxy is started by the harness as its own process on loopback, with a config generated here,
-and stopped by PID. All of them log one line (fastgate: three) per request to a file in the run
+and stopped by PID. All of them but `floor` log one line (fastgate: three) per request to a file in the run
 directory, at their default level: fastgate at INFO, nginx's access log, the seed's INFO line.
 Each target says which API key the client sends it (`Target.key`): the config-file key, or for
 `fastgate-limited` the managed key created in the store before fastgate starts.
@@ -29,13 +31,16 @@ BAD_KEY = "bench-key-wrong"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_TARGETS = ("direct", "fastgate", "nginx", "seed")  # the default set
 # Targets measured only when named in --targets.
-EXTRA_TARGETS = ("fastgate-limited", "fastgate-redis", "fastgate-3backends", "fastgate-workers1", "fastgate-workers2")
+EXTRA_TARGETS = ("fastgate-limited", "fastgate-redis", "fastgate-3backends", "fastgate-workers1", "fastgate-workers2",
+                 "floor")
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 # Interleaving order: each variant of fastgate right after what it is compared with, so that the two are
 # measured seconds apart.
 TARGET_ORDER = ("direct", "fastgate", "fastgate-3backends", "fastgate-workers1", "fastgate-workers2",
-                "fastgate-limited", "fastgate-redis", "nginx", "seed")
+                "fastgate-limited", "fastgate-redis", "floor", "nginx", "seed")
 PROXIES = TARGET_ORDER[1:]
+# Targets that refuse no key (the auth phase's wrong-key answers are not a failure of theirs).
+KEYLESS_TARGETS = ("floor",)
 BACKENDS = 3  # fastgate-3backends: fake Ollamas, each with the model, each its own process
 WORKERS = 2  # fastgate-workers2: [server] workers
 REDIS_STARTUP_S = 10.0
@@ -390,6 +395,20 @@ def start_seed(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Targe
     return Target("seed", port, proc)
 
 
+# -- floor -------------------------------------------------------------------------------------------------
+
+def start_floor(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Target:
+    """bench/floor.py: what the design card costs with nothing of fastgate's on top (no key check: the
+    client's key is dropped, a wrong one is forwarded too)."""
+    port = free_port()
+    proc = spawn("floor", [sys.executable, "-m", "bench.floor", "--host", HOST, "--port", str(port),
+                           "--upstream-port", str(upstream_port)],
+                 log_path=os.path.join(run_dir, "logs", "floor.log"), cpus=cpus, cwd=ROOT)
+    wait_port(HOST, port, 20, proc.proc)
+    proc.refresh()
+    return Target("floor", port, proc)
+
+
 def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | None,
                  log_level: str, resources: RunResources | None = None) -> Target:
     if name == "direct":
@@ -409,6 +428,8 @@ def start_target(name: str, run_dir: str, upstream_port: int, cpus: set[int] | N
         return start_nginx(run_dir, upstream_port, cpus)
     if name == "seed":
         return start_seed(run_dir, upstream_port, cpus)
+    if name == "floor":
+        return start_floor(run_dir, upstream_port, cpus)
     raise ValueError(f"unknown target {name!r} (known: {', '.join(KNOWN_TARGETS)})")
 
 

@@ -1,0 +1,202 @@
+"""bench/floor.py, the design-floor target: it forwards requests without the key and relays responses byte for
+byte as they arrive, finding each response's end from its framing (the next request on the connection
+depends on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bench import floor
+from tests.fake_ollama import FakeOllama
+
+DEADLINE_S = 10.0  # a deadline for a hang, not a timing assertion
+
+
+class Floor:
+    """bench/floor.py's connection handler on a listener of the test's own; `stop()` waits for its connections
+    to end (their clients are closed first), so that nothing is left open when the loop closes."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, upstream_port: int) -> int:
+        addr = ("127.0.0.1", upstream_port)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+            await floor.handle(reader, writer, addr)
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return _port(self.server)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=DEADLINE_S)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+def _port(server: asyncio.AbstractServer) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Head and (de-chunked or counted) body of one response, read independently of bench/floor.py."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
+                return head, body
+            body += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+    length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+    return head, await reader.readexactly(length)
+
+
+async def test_floor_forwards_to_ollama_without_the_key(ollama: FakeOllama) -> None:
+    proxy = Floor()
+    port = await proxy.start(ollama.port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        host = f"127.0.0.1:{port}"
+        writer.write(f"GET /api/version HTTP/1.1\r\nHost: {host}\r\nX-API-Key: secret-key\r\n"
+                     f"Authorization: Bearer other\r\n\r\n".encode())
+        head, body = await asyncio.wait_for(_read_response(reader), DEADLINE_S)
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {"version": ollama.version}
+        payload = b'{"model":"llama3.2","prompt":"hi","options":{"num_predict":4,"fake_split_chunks":true}}'
+        writer.write(f"POST /api/generate HTTP/1.1\r\nHost: {host}\r\nX-API-Key: secret-key\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        head, body = await asyncio.wait_for(_read_response(reader), DEADLINE_S)
+        lines = [json.loads(x) for x in body.splitlines()]
+        assert head.startswith(b"HTTP/1.1 200 ") and len(lines) == 5 and lines[-1]["done"] is True
+        await _close(writer)
+    finally:
+        await proxy.stop()
+    generate = [r for r in ollama.received if r.path == "/api/generate"]
+    assert len(generate) == 1 and generate[0].body == payload
+    for r in ollama.received:
+        assert r.header("x-api-key") is None and r.header("authorization") is None
+    assert ollama.connections_opened == 1  # one keep-alive upstream connection for both requests
+
+
+class Scripted:
+    """An upstream that records the raw requests it gets and answers each with a list of pieces, written one
+    by one; before a piece given as an asyncio.Event it waits for that event."""
+
+    def __init__(self, answers: list[list[bytes | asyncio.Event]]) -> None:
+        self.answers = answers
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return _port(self.server)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lower = head.lower()
+                if b"transfer-encoding: chunked" in lower:
+                    head += await reader.readuntil(b"\r\n0\r\n\r\n")
+                elif b"content-length:" in lower:
+                    head += await reader.readexactly(int(lower.split(b"content-length:")[1].split(b"\r\n")[0]))
+                self.requests.append(head)
+                for piece in self.answers.pop(0):
+                    if isinstance(piece, asyncio.Event):
+                        await piece.wait()
+                    else:
+                        writer.write(piece)
+                        await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[Scripted]]:
+    made: list[Scripted] = []
+    yield made
+    for s in made:
+        if s.server is not None:
+            s.server.close()
+
+
+async def test_floor_relays_a_chunked_stream_byte_for_byte_as_it_arrives(scripted: list[Scripted]) -> None:
+    go = asyncio.Event()
+    first = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhel"
+    # chunk-size lines and the trailer split across writes, a chunk extension and a trailer: only the framing
+    # tells where this response ends
+    pieces = [first, go, b"lo\r\n1", b"A\r\nabcdefghijklmnopqrstuvwxyz\r", b"\n0\r\nX-Trailer: t\r", b"\n\r\n"]
+    second = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    up = Scripted([pieces, [second]])
+    scripted.append(up)
+    proxy = Floor()
+    port = await proxy.start(await up.start())
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"chunked request body"
+        writer.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-API-Key: k\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        # the first piece reaches the client while the upstream still holds the rest back
+        assert await asyncio.wait_for(reader.readexactly(len(first)), DEADLINE_S) == first
+        go.set()
+        rest = b"".join(p for p in pieces[2:] if isinstance(p, bytes))
+        assert await asyncio.wait_for(reader.readexactly(len(rest)), DEADLINE_S) == rest
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(len(second)), DEADLINE_S) == second
+        await _close(writer)
+    finally:
+        await proxy.stop()
+    assert up.connections == 1
+    forwarded = up.requests[0]
+    assert b"x-api-key" not in forwarded.lower()
+    assert forwarded.startswith(b"POST /api/generate HTTP/1.1\r\n")
+    # the body re-chunked: the same bytes once the chunk framing is taken off
+    data = forwarded.split(b"\r\n\r\n", 1)[1]
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2:]
+    assert out == body
+
+
+async def test_floor_answers_502_without_an_upstream_and_400_to_garbage(scripted: list[Scripted]) -> None:
+    up = Scripted([])
+    scripted.append(up)
+    port = await up.start()
+    assert up.server is not None
+    up.server.close()
+    await up.server.wait_closed()
+    proxy = Floor()
+    port = await proxy.start(port)
+    try:
+        for request, status in ((b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n", b"502"),
+                                (b"NOT HTTP\r\n\r\n", b"400")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            assert (await asyncio.wait_for(reader.read(), DEADLINE_S)).startswith(b"HTTP/1.1 " + status + b" ")
+            await _close(writer)
+    finally:
+        await proxy.stop()
