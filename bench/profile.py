@@ -20,7 +20,8 @@ depend on what else the machine is doing, so two commits (or variants) can be co
 they leave out the kernel (syscalls, wake-ups), which the timed harness measures. `--managed limited` serves
 a managed key with limits from a key store (as the fastgate-limited target), `--managed redis` the same with
 [state] in a redis-server of its own (fastgate-redis): their difference is what admission through Redis costs
-fastgate (Redis's own work is not counted).
+fastgate (Redis's own work is not counted). `--target floor` counts bench/floor.py instead (the design card's
+bare minimum; small, ttfb and paced), to put fastgate's count beside the design's.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int, redis_url: s
 
     port = free_port()
     managed = f"-{args.managed}" if args.managed else ""
-    stem = f"{args.count}-{args.variant or 'fastgate'}{managed}-{n}".replace("+", "-")
+    stem = f"{args.count}-{_counted(args)}{managed}-{n}".replace("+", "-")
     config = os.path.join(args.out, f"{stem}.toml")
     key, store_path = API_KEY, ""
     if args.managed:
@@ -220,6 +221,8 @@ def count_run(args: argparse.Namespace, upstream_port: int, n: int, redis_url: s
     fastgate = ["-m", "fastgate", "serve", "--config", config]
     if args.variant:
         fastgate = ["-m", "bench.variants", args.variant, "serve", "--config", config]
+    if args.target == "floor":  # bench/floor.py (the config written above is not read)
+        fastgate = ["-m", "bench.floor", "--port", str(port), "--upstream-port", str(upstream_port)]
     out = os.path.join(args.out, f"{stem}.callgrind")
     tool = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     if args.cprofile:
@@ -275,13 +278,17 @@ def count(args: argparse.Namespace) -> None:
     units = (hi - lo) * (args.connections if args.count == "paced" else 1)
     unit = "token" if args.count == "paced" else "request"
     per = (totals[hi] - totals[lo]) / units
-    line = (f"{args.count} {args.variant or 'fastgate'}{' ' + args.managed if args.managed else ''} "
+    line = (f"{args.count} {_counted(args)}{' ' + args.managed if args.managed else ''} "
             f"connections={args.connections} log={args.log_level}"
             f"{' request_start=false' if args.no_request_start else ''}: "
             f"{per:,.0f} instructions per {unit} (runs of {lo} and {hi}: {totals[lo]:,} and {totals[hi]:,})")
     print(line)
     with open(os.path.join(args.out, "counts.txt"), "a") as f:
         f.write(line + "\n")
+
+
+def _counted(args: argparse.Namespace) -> str:
+    return "floor" if args.target == "floor" else args.variant or "fastgate"
 
 
 def run_loop(coro: object) -> None:
@@ -294,8 +301,10 @@ def run_loop(coro: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="fastgate", choices=("fastgate", "fastgate-limited", "seed"),
-                    help="fastgate-limited: a managed key with limits, a model allow-list and usage accounting")
+    ap.add_argument("--target", default="fastgate", choices=("fastgate", "fastgate-limited", "seed", "floor"),
+                    help="fastgate-limited: a managed key with limits, a model allow-list and usage accounting; "
+                         "floor: bench/floor.py, the design card's bare minimum (--count: its instructions, "
+                         "to put beside fastgate's)")
     ap.add_argument("--phase", default="full_speed", choices=PHASES)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -319,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   "profile-" + time.strftime("%Y%m%d-%H%M%S")))
     args = ap.parse_args(argv)
     if args.count:
+        if args.target == "floor" and (args.count == "refused" or args.variant or args.managed
+                                       or args.no_request_start):
+            raise SystemExit("--target floor: small, ttfb or paced only, without fastgate's options "
+                             "(it refuses no key)")
         args.n = args.n or ("100,600" if args.count == "paced" else "300,1300")
         count(args)
         return 0

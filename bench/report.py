@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .analysis import median, spread
+from .targets import KEYLESS_TARGETS
 
 
 def _isnan(v: float) -> bool:
@@ -67,7 +68,7 @@ PAIRED_FIGURES = ("cpu_token_paced", "cpu_token_full", "cpu_request", "latency_p
 # The first of the candidates that ran is the base.
 PAIRED_BASE = {"fastgate-limited": ("fastgate",), "fastgate-3backends": ("fastgate",),
                "fastgate-workers1": ("fastgate",), "fastgate-workers2": ("fastgate-workers1", "fastgate"),
-               "fastgate-redis": ("fastgate-limited",)}
+               "fastgate-redis": ("fastgate-limited",), "floor": ("nginx",)}
 
 # A goal is judged from the per-round values of its comparison (fastgate/nginx in each round, measured
 # seconds apart), never from the ratio of the medians: the median of those, and their spread (min-max).
@@ -120,6 +121,15 @@ GOALS = [
          "fastgate-workers2", "fastgate-workers1|fastgate"),
     Goal("client_cpu_request", "report", math.nan, "workers = 2: load generator CPU/request, ratio", "10",
          "fastgate-workers2", "fastgate-workers1|fastgate"),
+    # issue 11: how far the design card itself (bench/floor.py) is from nginx, and fastgate from it
+    Goal("cpu_request", "report", math.nan, "design floor: CPU per small request, ratio to nginx", "11",
+         "floor", "nginx"),
+    Goal("ttfb_p50", "report", math.nan, "design floor: TTFB p50, ratio to nginx", "11", "floor", "nginx"),
+    Goal("cpu_token_paced", "report", math.nan, "design floor: CPU/token paced, ratio to nginx", "11",
+         "floor", "nginx"),
+    Goal("cpu_request", "report", math.nan, "fastgate vs design floor: CPU per small request", "11",
+         "fastgate", "floor"),
+    Goal("ttfb_p50", "report", math.nan, "fastgate vs design floor: TTFB p50", "11", "fastgate", "floor"),
 ]
 
 
@@ -351,7 +361,7 @@ def correctness(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any
                 c["crc_checked"] += r.get("crc_checked", 0)
                 c["failures"] += [f"{phase}: {f}" for f in r.get("failures", [])]
             for auth in (res.get("auth", {}), res.get("auth_restart", {})):
-                if "bad_key_401" in auth:
+                if "bad_key_401" in auth and n not in KEYLESS_TARGETS:
                     c["bad_key_401"] = bool(auth["bad_key_401"]) if c["bad_key_401"] is None else (
                         c["bad_key_401"] and bool(auth["bad_key_401"]))
                 if "good_key_ok" in auth:
@@ -568,6 +578,8 @@ def markdown(data: dict[str, Any]) -> str:
     for n in names:
         c = data["correctness"][n]
         auth = "n/a" if c["bad_key_401"] is None else ("yes" if c["bad_key_401"] else "NO")
+        if n in KEYLESS_TARGETS:
+            auth = "n/a (checks no key)"
         small = (f"{c['small_non_200']} non-200, "
                  f"{c['small_bodies_bad']}/{c['small_bodies_checked']} bad bodies")
         verdict = "" if c["ok"] else " (FAIL)"

@@ -200,3 +200,27 @@ async def test_floor_answers_502_without_an_upstream_and_400_to_garbage(scripted
             await _close(writer)
     finally:
         await proxy.stop()
+
+
+def test_report_puts_the_floor_beside_nginx_and_fastgate_figures_only() -> None:
+    from bench import report
+
+    def rnd(fg: float, ng: float, fl: float) -> dict[str, object]:
+        res = {n: {"small": {"cpu_per_request_us": v, "requests_per_s": 100.0},
+                   "auth": {"good_key_ok": True, "stream_ok": True, "bad_key_401": n != "floor"}}
+               for n, v in (("fastgate", fg), ("nginx", ng), ("floor", fl))}
+        res["direct"] = {"small": {"cpu_per_request_us": 0.0, "requests_per_s": 1000.0}}
+        return {"order": [], "calibration_ms": 1.0, "system": {}, "results": res}
+
+    names = ["direct", "fastgate", "floor", "nginx"]
+    data = report.build({"system": {}}, names, [rnd(80.0, 10.0, 40.0), rnd(60.0, 10.0, 30.0)] * 4)
+    by_text = {g["goal"]: g for g in data["goals"]}
+    floor_cpu = by_text["design floor: CPU per small request, ratio to nginx"]
+    assert floor_cpu["rounds"] == [4.0, 3.0] * 4 and floor_cpu["median"] == 3.5
+    assert floor_cpu["verdict"] == "reported" and "(figures only)" in report._goal_line(floor_cpu)
+    assert by_text["fastgate vs design floor: CPU per small request"]["rounds"] == [2.0, 2.0] * 4
+    # fastgate's own goal is still judged against nginx
+    assert [g["verdict"] for g in data["goals"] if g["goal"].startswith("CPU per small request")] == ["missed"]
+    # the floor answers any key: the auth phase's 200s to wrong keys are not a failure of its
+    assert data["correctness"]["floor"]["bad_key_401"] is None
+    assert data["correctness"]["fastgate"]["bad_key_401"] is True
