@@ -209,6 +209,12 @@ class ClientConnection:
         self.tls = self.transport.get_extra_info("sslcontext") is not None
         self.requests = 0
         self.has_body = False  # the current request has a body (Content-Length > 0, or chunked)
+        # A Content-Length body is counted here, not by h11: h11 parses heads (and chunked bodies), and asking it
+        # for a small body's Data and EndOfMessage cost a third of parsing the head. -1: h11 frames the body.
+        self._length_left = -1
+        self._received = b""  # bytes after the head not yet taken, while this connection frames the body
+        self._body_started = False  # body bytes were taken (the client no longer waits for 100 Continue)
+        self._eof = False  # the client closed its side (seen while this connection framed the body)
         self.linger = False  # close with linger_close(): an error answer may race the client's bytes
         self.metrics_only = False  # a connection to the separate metrics listener
         sock = self.transport.get_extra_info("socket")
@@ -275,7 +281,11 @@ class ClientConnection:
         if self.requests:
             # A new cycle gets a fresh parser fed with what the client already sent (pipelining). The
             # caller only asks for another request once the previous body was read to its end.
-            leftover, closed = conn.trailing_data
+            if self._length_left >= 0:  # this connection read the last body: what follows it is its own
+                leftover, closed = self._received, self._eof
+                self._length_left, self._received, self._body_started = -1, b"", False
+            else:
+                leftover, closed = conn.trailing_data
             conn = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
             if leftover:
                 conn.receive_data(leftover)
@@ -298,7 +308,11 @@ class ClientConnection:
                 # Until it is identified (key found, in the head or its body), the whole request must arrive
                 # within the header timeout of its first byte: a slow body is a slowloris too.
                 self.identify_deadline = deadline if deadline is not None else self.loop.time() + self.header_timeout
-                self.has_body = _check_head(event, self.max_header_bytes)
+                length = _check_head(event, self.max_header_bytes)
+                self.has_body = length != 0
+                if length > 0:
+                    self._length_left = length
+                    self._received, self._eof = conn.trailing_data
                 # A request without a body is complete with its head: h11 still holds the (empty) end of the
                 # message, which is not asked for (a next_event is a sixth of the cost of parsing the head);
                 # body_complete says so instead, and the next cycle's fresh parser starts from the same
@@ -328,6 +342,10 @@ class ClientConnection:
     async def body_events(self, deadline: float | None = None):  # type: ignore[no-untyped-def]
         """Yield the request body piece by piece (h11 Data payloads) until its end: each read within
         body_timeout, and all of it by `deadline` (loop time) when one is given."""
+        if self._length_left >= 0:
+            async for data in self._length_body(deadline):
+                yield data
+            return
         conn = self.h11
         while True:
             try:
@@ -354,12 +372,48 @@ class ClientConnection:
             else:  # pragma: no cover
                 raise BadRequest("unexpected data")
 
+    async def _length_body(self, deadline: float | None):  # type: ignore[no-untyped-def]
+        """body_events for a Content-Length body: the pieces as they arrive, none past its end (what follows
+        is the next request's)."""
+        while self._length_left > 0:
+            if self._received:
+                yield self._take_received()
+                continue
+            if self._eof:  # as h11 answers a body cut short by the client closing
+                raise BadRequest("malformed request")
+            timeout = self.body_timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - self.loop.time())
+                if timeout <= 0:
+                    raise RequestTimeout("the request was not complete in time")
+            try:
+                data = await self._read(timeout)
+            except ReadTimeout:
+                raise RequestTimeout("timed out reading the request body") from None
+            if data:
+                self._received = data
+            else:
+                self._eof = True
+
+    def _take_received(self) -> bytes:
+        data, left = self._received, self._length_left
+        if len(data) > left:
+            data, self._received = data[:left], data[left:]
+        else:
+            self._received = b""
+        self._length_left = left - len(data)
+        self._body_started = True
+        return data
+
     def take_buffered_body(self) -> tuple[list[bytes], bool]:
         """The body bytes already received, without waiting for more, and whether that is all of it.
 
         A small request body usually arrives with its head; taking it here lets it go to Ollama in the same
         write as the head, with no task to pump it.
         """
+        if self._length_left >= 0:
+            parts = [self._take_received()] if self._received and self._length_left else []
+            return parts, self._length_left == 0
         parts: list[bytes] = []
         while True:
             try:
@@ -407,11 +461,14 @@ class ClientConnection:
 
     @property
     def body_complete(self) -> bool:
+        if self._length_left >= 0:
+            return self._length_left == 0
         return not self.has_body or self.h11.their_state is h11.DONE
 
     @property
     def waiting_for_100_continue(self) -> bool:
-        return self.has_body and self.h11.they_are_waiting_for_100_continue
+        # h11 stops waiting once it handed over body bytes; for a body counted here, once any were taken.
+        return self.has_body and not self._body_started and self.h11.they_are_waiting_for_100_continue
 
     async def drain_small_body(self, content_length: int | None) -> bool:
         """Read and discard a small unread body so the connection can be kept. False: close instead."""
@@ -560,18 +617,20 @@ def header_lists(request: h11.Request) -> tuple[list[tuple[bytes, bytes]], list[
     return [(name, value) for _, name, value in fields], [(raw, value) for raw, _, value in fields]
 
 
-def _check_head(request: h11.Request, max_header_bytes: int) -> bool:
-    """What h11 lets through but fastgate must not pass on. Returns whether the request has a body."""
+def _check_head(request: h11.Request, max_header_bytes: int) -> int:
+    """What h11 lets through but fastgate must not pass on. Returns the body's length: 0 for none, -1 for a
+    chunked one."""
     size = len(request.target)
-    has_body = transfer_encoding = False
+    length = 0
+    transfer_encoding = False
     values = []
     for _, name, value in header_fields(request):
         size += len(name) + len(value) + 4
         values.append(value)
         if name == b"transfer-encoding":
-            has_body = transfer_encoding = True
-        elif name == b"content-length" and int(value) != 0:  # h11 checked it is digits
-            has_body = True
+            transfer_encoding = True
+        elif name == b"content-length":  # h11 checked it is digits, and one value
+            length = int(value)
     # h11 bounds only heads that arrive in pieces; one that came whole in a single read is measured here.
     if size > max_header_bytes:
         raise HeadersTooLarge()
@@ -581,7 +640,8 @@ def _check_head(request: h11.Request, max_header_bytes: int) -> bool:
     # RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
     if transfer_encoding and request.http_version == b"1.0":
         raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-    return has_body
+    # Both framings: refused by the proxy (a smuggling attempt), after h11, which frames by Transfer-Encoding.
+    return -1 if transfer_encoding else length
 
 
 def _plain_ip(ip: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 from fastgate import logs
 from fastgate.logs import LOGGER_NAME, LineHandler, log
 from tests.conftest import KEY1, MakeGateway
+from tests.fake_ollama import FakeOllama
 from tests.rawhttp import Client
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,6 +65,62 @@ async def test_bodyless_requests_pipelined_with_one_with_a_body(make_gateway: Ma
         assert b'"models"' in answers[2].body and b'"version"' in answers[3].body
         # A bodyless request that asks for 100 Continue gets none: there is nothing to send after the head.
         assert not any(a.raw.startswith(b"HTTP/1.1 100") for a in answers)
+
+
+@pytest.mark.parametrize("key_in_body", [False, True])
+async def test_content_length_bodies_in_pieces_keep_what_follows_for_the_next_request(
+        make_gateway: MakeGateway, ollama: FakeOllama, key_in_body: bool) -> None:
+    # A Content-Length body is counted by the connection, not by h11: cut anywhere, in pieces that arrive
+    # apart, it reaches Ollama whole, and the bytes after it (a pipelined request, here in the same read as
+    # the body's end) are the next request. With the key in the body the gate buffers the body first.
+    gw = await make_gateway()
+    fields = f'"api_key":"{KEY1}",' if key_in_body else ""
+    body = ('{%s"model":"llama3.2","prompt":"%s","stream":false}' % (fields, "x" * 300)).encode()
+    auth = "" if key_in_body else f"X-API-Key: {KEY1}\r\n"
+    head = f"POST /api/generate HTTP/1.1\r\nHost: gateway.example.com\r\n{auth}Content-Length: {len(body)}\r\n\r\n"
+    follow = f"GET /api/version HTTP/1.1\r\nHost: gateway.example.com\r\nX-API-Key: {KEY1}\r\n\r\n".encode()
+    async with await Client.connect(gw.port) as c:
+        for cut in (0, 1, 150, len(body) - 1):
+            c.send(head.encode() + body[:cut])
+            await asyncio.sleep(0.05)
+            c.send(body[cut:] + follow)
+            first, second = await c.response(), await c.response()
+            assert (first.status, second.status) == (200, 200), (cut, first.body)
+            assert b'"done":true' in first.body and b'"version"' in second.body
+            got = ollama.received[-2]
+            assert got.path == "/api/generate"
+            sent = got.json()
+            assert sent["prompt"] == "x" * 300 and "api_key" not in sent
+
+
+async def test_content_length_body_cut_short_by_the_client_is_a_400(make_gateway: MakeGateway,
+                                                                    ollama: FakeOllama) -> None:
+    gw = await make_gateway()
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+    async with await Client.connect(gw.port) as c:
+        c.send((f"POST /api/generate HTTP/1.1\r\nHost: gateway.example.com\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body) + 10}\r\n\r\n").encode() + body)
+        c.writer.write_eof()  # the promised body never comes whole
+        resp = await c.response()
+    assert resp.status == 400 and "error" in resp.json()
+    assert ollama.received == []
+
+
+async def test_expect_100_with_a_content_length_body_gets_continue_then_the_answer(
+        make_gateway: MakeGateway, ollama: FakeOllama) -> None:
+    gw = await make_gateway()
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+    async with await Client.connect(gw.port) as c:
+        c.send((f"POST /api/generate HTTP/1.1\r\nHost: gateway.example.com\r\nX-API-Key: {KEY1}\r\n"
+                f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+        interim = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        c.send(body)
+        resp = await c.response()
+        assert resp.status == 200 and b'"done":true' in resp.body
+        again = await c.request("GET", "/api/version", headers={"X-API-Key": KEY1})
+        assert again.status == 200
+    assert ollama.received[-2].json()["prompt"] == "hi"
 
 
 async def test_bodyless_expect_100_on_auth_is_answered_without_continue(make_gateway: MakeGateway) -> None:
