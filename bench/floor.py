@@ -10,7 +10,8 @@ fastgate is from the design:
 - one keep-alive upstream connection per client connection, an `asyncio.Protocol`, opened at the first
   request and again after the upstream closed it;
 - the request head rebuilt from h11's headers without X-API-Key and Authorization (dropped, never checked:
-  any key or none is forwarded) and without Connection / Keep-Alive (the upstream connection is always kept);
+  any key or none is forwarded) and without Connection / Keep-Alive (the upstream connection is always kept),
+  Host set to the upstream's (Ollama refuses Hosts it does not know: its DNS-rebinding guard);
   a Content-Length body forwarded as h11 hands it over, a chunked body re-chunked piece by piece;
   `Expect: 100-continue` answered here;
 - the response written to the client as each upstream read arrives, unchanged; its end found by counting a
@@ -248,6 +249,7 @@ class Upstream(asyncio.Protocol):
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream_addr: tuple[str, int],
                  ups: list[Upstream]) -> None:
     loop = asyncio.get_running_loop()
+    upstream_host = f"{upstream_addr[0]}:{upstream_addr[1]}".encode()
     _nodelay(writer.transport)
     up: Upstream | None = None
     conn = h11.Connection(h11.SERVER)
@@ -271,7 +273,9 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
                 elif name == b"expect" and value.lower() == b"100-continue":
                     expect = True
                 continue
-            if name == b"transfer-encoding":
+            if name == b"host":
+                value = upstream_host
+            elif name == b"transfer-encoding":
                 chunked = True
             lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")

@@ -73,7 +73,7 @@ async def test_floor_forwards_to_ollama_without_the_key(ollama: FakeOllama) -> N
     port = await proxy.start(ollama.port)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        host = f"127.0.0.1:{port}"
+        host = "gateway.example.com"  # a name Ollama's DNS-rebinding guard refuses: the floor sends its own
         writer.write(f"GET /api/version HTTP/1.1\r\nHost: {host}\r\nX-API-Key: secret-key\r\n"
                      f"Authorization: Bearer other\r\n\r\n".encode())
         head, body = await asyncio.wait_for(_read_response(reader), DEADLINE_S)
@@ -91,6 +91,7 @@ async def test_floor_forwards_to_ollama_without_the_key(ollama: FakeOllama) -> N
     assert len(generate) == 1 and generate[0].body == payload
     for r in ollama.received:
         assert r.header("x-api-key") is None and r.header("authorization") is None
+        assert r.header("host") == f"127.0.0.1:{ollama.port}"
     assert ollama.connections_opened == 1  # one keep-alive upstream connection for both requests
 
 
@@ -150,7 +151,8 @@ async def test_floor_relays_a_chunked_stream_byte_for_byte_as_it_arrives(scripte
     up = Scripted([pieces, [second]])
     scripted.append(up)
     proxy = Floor()
-    port = await proxy.start(await up.start())
+    up_port = await up.start()
+    port = await proxy.start(up_port)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = b"chunked request body"
@@ -169,7 +171,7 @@ async def test_floor_relays_a_chunked_stream_byte_for_byte_as_it_arrives(scripte
     assert up.connections == 1
     forwarded = up.requests[0]
     assert b"x-api-key" not in forwarded.lower()
-    assert forwarded.startswith(b"POST /api/generate HTTP/1.1\r\n")
+    assert forwarded.startswith(b"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n" % up_port)
     # the body re-chunked: the same bytes once the chunk framing is taken off
     data = forwarded.split(b"\r\n\r\n", 1)[1]
     out = b""
