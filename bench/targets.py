@@ -375,8 +375,14 @@ def start_nginx(run_dir: str, upstream_port: int, cpus: set[int] | None) -> Targ
         f.write(nginx_config(prefix, port, upstream_port))
     argv = [binary, "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "logs", "nginx-error.log")]
     proc = spawn("nginx", argv, log_path=os.path.join(run_dir, "logs", "nginx.log"), cpus=cpus)
-    wait_port(HOST, port, 20, proc.proc)
-    proc.refresh()
+    try:
+        wait_port(HOST, port, 20, proc.proc)
+        # The master listens before it forks the worker: a tree read too early holds the master alone, and
+        # the worker's CPU (all of it) would go uncounted for the round.
+        _wait_processes(proc, 2, 20)
+    except BaseException:
+        proc.stop()
+        raise
     return Target("nginx", port, proc)
 
 
