@@ -25,7 +25,7 @@ from .access import (
     Principal, Role, judges_models, missing_scope, model_refusal, web_tools_refusal,
 )
 from .limits import KeyLimits
-from .keys import KeyRing, PresentedKey, key_from_headers, split_body_key, split_query_key
+from .keys import KeyRing, KeySource, PresentedKey, key_from_headers, split_body_key, split_query_key
 from .messages import forwardable_headers, json_body, origin_form, upstream_request_head
 from .requested import NOTHING, BufferedBody, Requested, Route, Unreadable, read_requested, route_for
 from .routing.aggregate import FanOut, fan_out_for
@@ -144,6 +144,51 @@ def normalize_path(path: bytes) -> bytes:
     return posixpath.normpath(decoded).replace(b"//", b"/")
 
 
+def _split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of an origin-form target: what `target.partition(b"?")` gives either side of the `?`."""
+    if 63 in target:  # b"?"; an int's membership test is a memchr, a bytes needle's costs far more (3.11)
+        path, _, query = target.partition(b"?")
+        return path, query
+    return target, b""
+
+
+_USER = Principal("", "", Role.USER)  # asks `missing_scope` what a path needs of a non-admin
+
+
+class PathFacts:
+    """What the policy reads from a request path alone: a pure function of the path, so kept per path."""
+
+    __slots__ = ("local", "blob", "normal", "account", "user_needs", "route", "runs_model", "manages")
+
+    def __init__(self, path: bytes) -> None:
+        self.local = path in LOCAL_PATHS  # answered (or, for /metrics, maybe answered) by fastgate itself
+        self.blob = path.startswith(BLOB_PREFIX)  # the raw path, as the body-key rule reads it
+        normal = self.normal = normalize_path(path)
+        self.account = _is_account_path(normal)
+        self.user_needs = missing_scope(_USER, normal)  # an admin needs nothing more, whatever the path
+        self.route = route_for(normal)
+        self.runs_model = normal in RUNS_MODEL_PATHS
+        self.manages = _manages_models(normal)
+
+
+LOCAL_PATHS = frozenset({b"/", b"/health", b"/auth", b"/metrics"})
+# Paths seen are few (Ollama's routes); each one's facts are worked out once. Bounded in count and in path
+# length, so a client sending endless distinct paths costs memory only up to the bound, and later paths are
+# worked out each time instead; nothing a client sends changes the facts of another path.
+_PATH_FACTS: dict[bytes, PathFacts] = {}
+_PATH_FACTS_MAX = 512
+_PATH_FACTS_MAX_LENGTH = 200
+
+
+def path_facts(path: bytes) -> PathFacts:
+    facts = _PATH_FACTS.get(path)
+    if facts is None:
+        facts = PathFacts(path)
+        if len(_PATH_FACTS) < _PATH_FACTS_MAX and len(path) <= _PATH_FACTS_MAX_LENGTH:
+            _PATH_FACTS[path] = facts
+    return facts
+
+
 class Gate:
     def __init__(self, config: Config, *, trust: TrustTable | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -172,6 +217,12 @@ class Gate:
         self._base_path = upstream.base_path.encode()
         self._origin = f"http://{upstream.host_header}"
         self._trusted_proxies = config.server.trusted_proxies
+        # Read for every request: kept here rather than looked up through three attributes each time.
+        self._cors_origins = config.cors.allow_origins
+        self._allow_account_endpoints = config.auth.allow_account_endpoints
+        self._allow_cloud = config.auth.allow_cloud
+        self._forward_origin = config.upstream.forward_origin
+        self._session_ttl = config.auth.session_ttl
         self._info = json_body({"name": "fastgate", "version": __version__, "status": "running"})
 
     def set_managed_keys(self, managed: dict[bytes, Principal]) -> None:
@@ -185,28 +236,33 @@ class Gate:
         """Decide on the head alone. Raises GateError for requests to refuse."""
         # Policy is decided on paths only: an absolute-form target becomes its path first, so
         # `POST http://localhost/api/me` is judged (and forwarded) as `/api/me`.
-        req.target = origin_form(req.target)
-        path = req.path
-        if path == b"/":
-            self._allow(req, (b"GET", b"HEAD"))
-            return LocalReply(200, self._info, head_only=req.method == b"HEAD")
-        if path == b"/health":
-            self._allow(req, (b"GET", b"HEAD"))
-            return ProbeHealth(head_only=req.method == b"HEAD", detailed=self._is_admin(req))
-        if path == b"/auth":
-            self._allow(req, (b"POST",))
-            return ReadBody(AUTH_BODY_LIMIT_BYTES, for_key=True)
-        if self.config.cors.allow_origins and is_preflight(req.method, req.headers):
+        target = req.target
+        if target[:1] != b"/":
+            req.target = target = origin_form(target)
+        path, query = _split_target(target)
+        facts = path_facts(path)
+        local = facts.local
+        if local:
+            if path == b"/":
+                self._allow(req, (b"GET", b"HEAD"))
+                return LocalReply(200, self._info, head_only=req.method == b"HEAD")
+            if path == b"/health":
+                self._allow(req, (b"GET", b"HEAD"))
+                return ProbeHealth(head_only=req.method == b"HEAD", detailed=self._is_admin(req))
+            if path == b"/auth":
+                self._allow(req, (b"POST",))
+                return ReadBody(AUTH_BODY_LIMIT_BYTES, for_key=True)
+        if self._cors_origins and is_preflight(req.method, req.headers):
             # Browsers never send credentials on a preflight: answer it here, without a key.
-            origin = allowed_origin(self.config.cors.allow_origins, _header(req, b"origin"))
+            origin = allowed_origin(self._cors_origins, _header(req, b"origin"))
             if origin is None:
                 raise Forbidden("this origin is not allowed to call this gateway")
             return LocalReply(204, b"", headers=preflight_headers(
                 origin, _header(req, b"access-control-request-headers"), self.config.cors.max_age),
                 cors_included=True)
-        if path == b"/metrics" and self.config.metrics.enabled:
+        if local and path == b"/metrics" and self.config.metrics.enabled:
             self._allow(req, (b"GET", b"HEAD"))
-            key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
+            key = key_from_headers(req.headers) or split_query_key(query)[0]
             principal, label = self._identify(key, self.client_ip(req))
             if principal.role is not Role.ADMIN:
                 error = Forbidden("metrics need a key with the admin role")
@@ -214,21 +270,23 @@ class Gate:
                 raise error
             return ServeMetrics(head_only=req.method == b"HEAD")
 
-        return self._decide_forward(req, request_id, None)
+        return self._decide_forward(req, request_id, None, path, query, facts)
 
     def decide_with_body(self, req: IncomingRequest, body: bytes | BufferedBody, request_id: bytes) -> Decision:
         """Decide again once the body asked for by `ReadBody` is in (raw, or already read by `read_body`)."""
         if isinstance(body, bytes):
             body = self.buffered_body(req, body)
-        if req.path == b"/auth":
+        path, query = _split_target(req.target)
+        if path == b"/auth":
             return self._authenticate(req, body.raw)
-        return self._decide_forward(req, request_id, body)
+        return self._decide_forward(req, request_id, body, path, query, path_facts(path))
 
     @staticmethod
     def buffered_body(req: IncomingRequest, raw: bytes) -> BufferedBody:
         """The body as `decide_with_body` will read it; `read_all()` on it may run on another thread."""
-        query_key = split_query_key(req.target.partition(b"?")[2])[0]
-        return BufferedBody(raw, key_search=key_from_headers(req.headers) is None and query_key is None)
+        if key_from_headers(req.headers) is not None:
+            return BufferedBody(raw, key_search=False)
+        return BufferedBody(raw, key_search=split_query_key(_split_target(req.target)[1])[0] is None)
 
     def client_ip(self, req: IncomingRequest) -> str:
         if not self._trusted_proxies:
@@ -243,43 +301,42 @@ class Gate:
         if req.method not in methods:
             raise MethodNotAllowed(headers=((b"Allow", b", ".join(methods)),))
 
-    def _body_may_carry_key(self, req: IncomingRequest) -> bool:
-        # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
-        return req.has_body and req.method in BODY_METHODS and not req.path.startswith(BLOB_PREFIX)
-
-    def _decide_forward(self, req: IncomingRequest, request_id: bytes, body: BufferedBody | None) -> Decision:
+    def _decide_forward(self, req: IncomingRequest, request_id: bytes, body: BufferedBody | None, path: bytes,
+                        query: bytes, facts: PathFacts) -> Decision:
         """Identify the caller, check what it may do, and build the request for Ollama.
 
         `body` is None until read; the body is asked for (`ReadBody`) only when the head has no key and
-        the body may hold one, or when the policy must read the models the body names.
+        the body may hold one, or when the policy must read the models the body names. `path` and `query`
+        are the target's two parts (`_split_target`), `facts` what the path alone says (`path_facts`).
         """
-        query = req.target.partition(b"?")[2]
         key = key_from_headers(req.headers)
-        query_key, query = split_query_key(query)
-        key = key or query_key
+        if query:
+            query_key, query = split_query_key(query)  # api_key is removed from the query in any case
+            if key is None:
+                key = query_key
         if key is None:
             if body is None:
-                if self._body_may_carry_key(req):
+                # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
+                if req.has_body and req.method in BODY_METHODS and not facts.blob:
                     return ReadBody(self.config.auth.max_body_bytes, for_key=True)
             else:
                 key = body.split()[0]
         forward_body = body.forwarded if body is not None else None
-        ip = self.client_ip(req)
-        principal, label = self._identify(key, ip)
+        ip = self.client_ip(req) if self._trusted_proxies else req.peer_ip
+        principal, label, ambient = self._who(key, ip)
         try:
-            if label.startswith(AMBIENT_LABELS):
+            if ambient:
                 self._refuse_drive_by(req)
-            normal = normalize_path(req.path)
-            if not self.config.auth.allow_account_endpoints and _is_account_path(normal):
+            normal = facts.normal
+            if facts.account and not self._allow_account_endpoints:
                 raise Forbidden("Ollama account endpoints are disabled on this gateway")
-            needed = missing_scope(principal, normal)
-            if needed is not None:
+            if facts.user_needs is not None and principal.role is not Role.ADMIN:
                 raise Forbidden(f"this key's role ({principal.role.value}) does not allow "
                                 f"{req.method.decode()} {normal.decode('latin-1')}: "
-                                f"it needs the {needed.value} role")
+                                f"it needs the {facts.user_needs.value} role")
             requested = NOTHING
-            route = route_for(normal)
-            judged = judges_models(principal, self.config.auth.allow_cloud)
+            route = facts.route
+            judged = judges_models(principal, self._allow_cloud)
             if judged:
                 if route is None:
                     if principal.models:
@@ -303,15 +360,18 @@ class Gate:
                 pinned = _header(req, BACKEND_HEADER)
                 if pinned is not None:
                     pin = pinned.strip().decode("latin-1")
-            fan_out = fan_out_for(normal, req.method) if pin is None and self._route_models else None
-            if pin is None and self._route_models and fan_out is None and _manages_models(normal):
-                # Pull, delete and copy go to every backend (fan_out); which Ollama should get a new model
-                # made from blobs, push one, or hold a blob is the admin's to name.
-                raise BadRequest(f"with several backends, {normal.decode('latin-1')} needs an "
-                                 f"X-Fastgate-Backend: NAME header (an admin key's) naming the Ollama to act on")
-            forward = self._forward(req, request_id, principal, label, query, forward_body, ip, requested,
-                                    trim_listing=judged and route is not None and route.listing, pin=pin,
-                                    runs_model=normal in RUNS_MODEL_PATHS, fan_out=fan_out)
+            fan_out = None
+            if pin is None and self._route_models:
+                fan_out = fan_out_for(normal, req.method)
+                if fan_out is None and facts.manages:
+                    # Pull, delete and copy go to every backend (fan_out); which Ollama should get a new model
+                    # made from blobs, push one, or hold a blob is the admin's to name.
+                    raise BadRequest(f"with several backends, {normal.decode('latin-1')} needs an "
+                                     f"X-Fastgate-Backend: NAME header (an admin key's) naming the Ollama to "
+                                     f"act on")
+            forward = self._forward(req, request_id, principal, label, path, query, forward_body, ip,
+                                    requested, judged and route is not None and route.listing, pin,
+                                    facts.runs_model, fan_out)
             if principal.limited:
                 # Last, so a request refused for any other reason never uses up the key's allowance.
                 self.limits.admit(principal, self.clock(), self.wall_clock())
@@ -333,7 +393,7 @@ class Gate:
             if exc.status == 415:
                 raise UnsupportedMediaType(str(exc)) from None
             raise BadRequest(str(exc)) from None
-        allow_cloud = self.config.auth.allow_cloud
+        allow_cloud = self._allow_cloud
         for model in requested.models:
             refusal = model_refusal(principal, model, allow_cloud)
             if refusal is not None:
@@ -367,9 +427,9 @@ class Gate:
 
     def cors_headers(self, req: IncomingRequest) -> tuple[tuple[bytes, bytes], ...]:
         """CORS headers for every answer to this request (none unless its Origin is allowed)."""
-        if not self.config.cors.allow_origins:
+        if not self._cors_origins:
             return ()
-        origin = allowed_origin(self.config.cors.allow_origins, _header(req, b"origin"))
+        origin = allowed_origin(self._cors_origins, _header(req, b"origin"))
         return response_headers(origin) if origin is not None else ()
 
     def finished(self, forward: Forward) -> None:
@@ -379,20 +439,26 @@ class Gate:
 
     def _identify(self, key: PresentedKey | None, ip: str) -> tuple[Principal, str]:
         """Who the request acts as, and the log label saying how that was established."""
+        principal, label, _ = self._who(key, ip)
+        return principal, label
+
+    def _who(self, key: PresentedKey | None, ip: str) -> tuple[Principal, str, bool]:
+        """`_identify`, and whether the credential is ambient (AMBIENT_LABELS: IP trust, Basic credentials a
+        browser may add by itself), which the label says too, without reading it back."""
         now = self.clock()
         if key is not None:
             principal = self._check_key(key, ip, now)
             if principal is not None:
-                return principal, key.label
+                return principal, key.label, key.source is KeySource.BASIC
         # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
         # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
-        grant = self.trust.lookup(ip, now) if self.config.auth.session_ttl else None
+        grant = self.trust.lookup(ip, now) if self._session_ttl else None
         if grant is not None and grant.key_id:
             # Scoped to the key it was granted with; a grant naming no key (fastgate never makes one: it could
             # only come from a forged shared-state record) grants nothing, rather than Principal's defaults.
             principal = self.keyring.by_id(grant.key_id, self.wall_clock())
             if principal is not None:
-                return principal, f"ip-trust:{grant.key_label}"
+                return principal, f"ip-trust:{grant.key_label}", True
         if key is not None:
             raise self._refuse_key(key, ip, now)
         raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer, "
@@ -401,7 +467,7 @@ class Gate:
     def _is_admin(self, req: IncomingRequest) -> bool:
         """Whether a request that needs no key carries an admin's (or comes from an admin's trusted address).
         A wrong key counts toward the guessing limit here as anywhere: this must not become a free oracle."""
-        key = key_from_headers(req.headers) or split_query_key(req.target.partition(b"?")[2])[0]
+        key = key_from_headers(req.headers) or split_query_key(_split_target(req.target)[1])[0]
         try:
             principal, _ = self._identify(key, self.client_ip(req))
         except Unauthorized:
@@ -445,24 +511,24 @@ class Gate:
                                           "expires_in": ttl}),
                           note=f"trusted {ip} as {user} ({key.source.value}:{key.masked}) for {ttl} s")
 
-    def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str,
-                 query: bytes, body: bytes | None, ip: str, requested: Requested, *,
-                 trim_listing: bool, pin: str | None = None, runs_model: bool = False,
-                 fan_out: FanOut | None = None) -> Forward:
-        path = req.path
+    def _forward(self, req: IncomingRequest, request_id: bytes, principal: Principal, label: str, path: bytes,
+                 query: bytes, body: bytes | None, ip: str, requested: Requested, trim_listing: bool,
+                 pin: str | None, runs_model: bool, fan_out: FanOut | None) -> Forward:
         # A trimmed listing's length is only known after trimming: a HEAD for one is sent as GET, so the
         # answer's head can carry the trimmed body's length.
-        method = b"GET" if trim_listing and req.method == b"HEAD" else req.method
-        rest = path + (b"?" + query if query else b"")
-        target = self._base_path + rest
-        trusted_peer = bool(self._trusted_proxies) and in_networks(req.peer_ip, self._trusted_proxies)
-        forwarded_for = ip.encode()
-        forwarded_proto = b"https" if req.tls else b"http"
-        if trusted_peer:
+        method = req.method
+        if trim_listing and method == b"HEAD":
+            method = b"GET"
+        rest = path + b"?" + query if query else path
+        target = self._base_path + rest if self._base_path else rest
+        if self._trusted_proxies and in_networks(req.peer_ip, self._trusted_proxies):
             prior = b", ".join(v for n, v in req.headers if n == b"x-forwarded-for")
             forwarded_for = prior + b", " + req.peer_ip.encode() if prior else req.peer_ip.encode()
-            forwarded_proto = next((v for n, v in req.headers if n == b"x-forwarded-proto"), forwarded_proto)
-        host = _header(req, b"host")
+            forwarded_proto = next((v for n, v in req.headers if n == b"x-forwarded-proto"),
+                                   b"https" if req.tls else b"http")
+        else:
+            forwarded_for = ip.encode()
+            forwarded_proto = b"https" if req.tls else b"http"
         if body is not None:
             content_length: int | None = len(body)
             chunked = False
@@ -470,14 +536,13 @@ class Gate:
             content_length, chunked = req.content_length, req.chunked
         head = upstream_request_head(
             method=method, target=target,
-            headers=forwardable_headers(req.raw_headers, forward_origin=self.config.upstream.forward_origin),
+            headers=forwardable_headers(req.raw_headers, forward_origin=self._forward_origin),
             host_header=self._host_header, forwarded_for=forwarded_for, forwarded_proto=forwarded_proto,
-            forwarded_host=host, request_id=request_id, content_length=content_length, chunked=chunked,
-            http10=req.http_version == b"1.0")
+            forwarded_host=_header(req, b"host"), request_id=request_id, content_length=content_length,
+            chunked=chunked, http10=req.http_version == b"1.0")
         return Forward(head, body, principal, label, self._origin + target.decode("latin-1"), ip,
-                       model=requested.model, trim_listing=trim_listing,
-                       upstream_method=method if method != req.method else b"", target=rest, pin=pin,
-                       runs_model=runs_model, fan_out=fan_out)
+                       requested.model, trim_listing, method if method != req.method else b"", rest, pin,
+                       runs_model, fan_out)
 
 
 def _header(req: IncomingRequest, name: bytes) -> bytes | None:

@@ -1,0 +1,101 @@
+"""The gate's shortcuts (issue 11) decide exactly as the general way: per-path facts kept in a bounded table,
+and the ambient-credential flag read from the key's source instead of from its log label."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgate import gate as gate_module
+from fastgate.access import Principal, Role, missing_scope
+from fastgate.config import build_config
+from fastgate.errors import Unauthorized
+from fastgate.gate import (
+    AMBIENT_LABELS, BLOB_PREFIX, LOCAL_PATHS, RUNS_MODEL_PATHS, Gate, PathFacts, _is_account_path,
+    _manages_models, _split_target, normalize_path, path_facts,
+)
+from fastgate.keys import KeySource, PresentedKey
+from fastgate.requested import route_for
+
+KEY = "api-20250312000101"
+PEER = "203.0.113.9"
+
+# Path pieces that reach every branch: Ollama's routes, account and blob prefixes, dot segments, escapes.
+_PIECES = st.sampled_from([
+    b"/", b"api", b"v1", b"generate", b"chat", b"models", b"blobs", b"user", b"keys", b"me", b"signout",
+    b"pull", b"version", b"metrics", b"health", b"auth", b"..", b".", b"%2e", b"%2F", b"%6de", b"//", b"?",
+    b"sha256-ab", b"llama3", b"x",
+])
+PATHS = st.lists(_PIECES, max_size=8).map(lambda parts: b"/" + b"/".join(parts))
+
+
+def _facts_the_general_way(path: bytes) -> dict[str, object]:
+    normal = normalize_path(path)
+    return {
+        "local": path in (b"/", b"/health", b"/auth", b"/metrics"),
+        "blob": path.startswith(BLOB_PREFIX),
+        "normal": normal,
+        "account": _is_account_path(normal),
+        "user_needs": missing_scope(Principal("u", "k", Role.USER), normal),
+        "route": route_for(normal),
+        "runs_model": normal in RUNS_MODEL_PATHS,
+        "manages": _manages_models(normal),
+    }
+
+
+def _as_dict(facts: PathFacts) -> dict[str, object]:
+    return {name: getattr(facts, name) for name in PathFacts.__slots__}
+
+
+@settings(max_examples=400)
+@given(PATHS)
+def test_path_facts_are_what_the_general_way_finds(path: bytes) -> None:
+    expected = _facts_the_general_way(path)
+    assert _as_dict(PathFacts(path)) == expected
+    assert _as_dict(path_facts(path)) == expected  # first sight (maybe kept)
+    assert _as_dict(path_facts(path)) == expected  # from the table, if kept
+    assert LOCAL_PATHS == {b"/", b"/health", b"/auth", b"/metrics"}
+
+
+@given(st.binary(max_size=40))
+def test_split_target_is_partition(target: bytes) -> None:
+    path, _, query = target.partition(b"?")
+    assert _split_target(target) == (path, query)
+
+
+def test_the_path_table_is_bounded_in_count_and_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    table: dict[bytes, PathFacts] = {}
+    monkeypatch.setattr(gate_module, "_PATH_FACTS", table)
+    for i in range(gate_module._PATH_FACTS_MAX + 100):
+        path_facts(b"/api/x%d" % i)
+    assert len(table) == gate_module._PATH_FACTS_MAX
+    long_path = b"/api/" + b"a" * gate_module._PATH_FACTS_MAX_LENGTH
+    table.clear()
+    assert path_facts(long_path).normal == long_path
+    assert long_path not in table
+    # A path seen once the table is full is still judged right, each time.
+    for i in range(gate_module._PATH_FACTS_MAX):
+        path_facts(b"/v1/x%d" % i)
+    assert path_facts(b"/api/%6de").normal == b"/api/me"
+    assert path_facts(b"/api/%6de").account
+
+
+@pytest.mark.parametrize("source", list(KeySource))
+def test_ambient_flag_is_what_the_label_says(source: KeySource) -> None:
+    gate = Gate(build_config({"keys": {KEY: "alice"}}))
+    principal, label, ambient = gate._who(PresentedKey(source, KEY), PEER)
+    assert principal.user == "alice"
+    assert ambient == label.startswith(AMBIENT_LABELS)
+    assert ambient == (source is KeySource.BASIC)
+
+
+def test_ambient_flag_for_ip_trust() -> None:
+    gate = Gate(build_config({"keys": {KEY: "alice"}, "auth": {"session_ttl": 60}}))
+    principal = gate.keyring.principal_for(KEY)
+    assert principal is not None
+    gate.trust.grant(PEER, "alice", "x-api-key:api-****0101", 60, gate.clock(), principal.key_id)
+    principal, label, ambient = gate._who(None, PEER)
+    assert label.startswith(AMBIENT_LABELS) and ambient
+    with pytest.raises(Unauthorized):
+        gate._who(None, "198.51.100.1")
