@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -157,8 +158,21 @@ def _parse_base(s: str) -> tuple[str, str, str, str]:
     return host or DEFAULT_HOST, namespace or DEFAULT_NAMESPACE, model, tag or DEFAULT_TAG
 
 
+# The answers below are pure functions of their (immutable) arguments, asked again for every request that
+# names the same model: the answers for names up to this long are kept (a bounded table each, least recently
+# used out first), so a client can make them be worked out again but never change one.
+_CACHED_NAME_LENGTH = 256
+_CACHE_SIZE = 1024
+
+
 def parse_model_name(text: str) -> ModelName | None:
     """The model Ollama's inference routes resolve `text` to, or None when Ollama rejects the name."""
+    if len(text) <= _CACHED_NAME_LENGTH:
+        return _parse_model_name_cached(text)
+    return _parse_model_name(text)
+
+
+def _parse_model_name(text: str) -> ModelName | None:
     ref = _source(text)
     if ref is None:
         return None
@@ -170,10 +184,22 @@ def parse_model_name(text: str) -> ModelName | None:
     return ModelName(host, namespace, model, tag, source == "cloud")
 
 
+_parse_model_name_cached = lru_cache(maxsize=_CACHE_SIZE)(_parse_model_name)
+
+
 def is_cloud_model(text: str) -> bool:
     """modelref.HasExplicitCloudSource: the name asks for ollama.com (valid or not; Ollama then refuses)."""
+    if len(text) <= _CACHED_NAME_LENGTH:
+        return _is_cloud_model_cached(text)
+    return _is_cloud_model(text)
+
+
+def _is_cloud_model(text: str) -> bool:
     ref = _source(text)
     return ref is not None and ref[1] == "cloud"
+
+
+_is_cloud_model_cached = lru_cache(maxsize=_CACHE_SIZE)(_is_cloud_model)
 
 
 def _forms(name: ModelName, slashes: int) -> list[str]:
@@ -213,11 +239,20 @@ def pattern_allows(pattern: str, name: ModelName) -> bool:
 
 def models_allowed(patterns: Iterable[str], text: str) -> bool:
     """Whether the model named `text` passes the allow-list. Empty list: everything; invalid name: refused."""
-    patterns = list(patterns)
+    patterns = tuple(patterns)
     if not patterns:
         return True
+    if len(text) <= _CACHED_NAME_LENGTH:
+        return _models_allowed_cached(patterns, text)
+    return _models_allowed(patterns, text)
+
+
+def _models_allowed(patterns: tuple[str, ...], text: str) -> bool:
     name = parse_model_name(text)
     return name is not None and any(pattern_allows(pattern, name) for pattern in patterns)
+
+
+_models_allowed_cached = lru_cache(maxsize=_CACHE_SIZE)(_models_allowed)
 
 
 def pattern_error(pattern: str) -> str | None:

@@ -1,5 +1,6 @@
-"""The gate's shortcuts (issue 11) decide exactly as the general way: per-path facts kept in a bounded table,
-and the ambient-credential flag read from the key's source instead of from its log label."""
+"""The policy's shortcuts (issue 11) decide exactly as the general way: per-path facts kept in a bounded table,
+the ambient-credential flag read from the key's source instead of from its log label, model-name answers
+kept per name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgate import gate as gate_module
+from fastgate import models
 from fastgate.access import Principal, Role, missing_scope
 from fastgate.config import build_config
 from fastgate.errors import Unauthorized
@@ -99,3 +101,31 @@ def test_ambient_flag_for_ip_trust() -> None:
     assert label.startswith(AMBIENT_LABELS) and ambient
     with pytest.raises(Unauthorized):
         gate._who(None, "198.51.100.1")
+
+
+_NAME_PARTS = st.sampled_from(["llama3", "LLAMA3", "qwen2.5", "gpt-oss", "me", "registry.ollama.ai", "library",
+                               "host.example:5000", "x" * 81, "", " ", "\u017f", "\u212a"])
+_NAME_SEPARATORS = st.sampled_from(["/", ":", ":cloud", "-cloud", ":local", ":latest", ":8b", "://", "@"])
+NAMES = st.lists(st.one_of(_NAME_PARTS, _NAME_SEPARATORS), max_size=7).map("".join)
+PATTERNS = st.lists(st.sampled_from(["llama3*", "llama3", "qwen2.5:*", "*:cloud", "*-cloud", "me/*", "*",
+                                     "gpt-oss:120b-cloud", "host.example:5000/*/*", "LLAMA3:8B"]),
+                    min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=400)
+@given(NAMES, PATTERNS)
+def test_kept_model_answers_are_the_answers(name: str, patterns: tuple[str, ...]) -> None:
+    for _ in range(2):  # worked out, then (if kept) from the table
+        assert models.parse_model_name(name) == models._parse_model_name(name)
+        assert models.is_cloud_model(name) == models._is_cloud_model(name)
+        assert models.models_allowed(patterns, name) == models._models_allowed(patterns, name)
+        assert models.models_allowed(list(patterns), name) == models._models_allowed(patterns, name)
+
+
+def test_long_model_names_are_not_kept() -> None:
+    name = "llama3:" + "a" * models._CACHED_NAME_LENGTH
+    before = models._models_allowed_cached.cache_info().currsize
+    assert not models.models_allowed(("llama3*",), name)  # a tag over 80 bytes: Ollama refuses the name
+    assert models.parse_model_name(name) is None
+    assert models._models_allowed_cached.cache_info().currsize == before
+    assert models._models_allowed_cached.cache_info().maxsize == models._CACHE_SIZE
