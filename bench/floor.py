@@ -12,7 +12,8 @@ fastgate is from the design:
 - the request head rebuilt from h11's headers without X-API-Key and Authorization (dropped, never checked:
   any key or none is forwarded) and without Connection / Keep-Alive (the upstream connection is always kept),
   Host set to the upstream's (Ollama refuses Hosts it does not know: its DNS-rebinding guard);
-  a Content-Length body forwarded as h11 hands it over, a chunked body re-chunked piece by piece;
+  a Content-Length body counted here and forwarded as it arrives (h11 parses heads), a chunked body decoded
+  by h11 and re-chunked piece by piece;
   `Expect: 100-continue` answered here;
 - the response written to the client as each upstream read arrives, unchanged; its end found by counting a
   Content-Length body or by following the chunk framing (sizes, data, trailer); no body for HEAD, 1xx, 204
@@ -288,8 +289,14 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
             return  # ConnectionClosed, or a client that is no longer speaking HTTP
         keep = event.http_version == b"1.1"
         chunked = expect = False
+        length = 0
         lines = [event.method, b" ", event.target, b" HTTP/1.1\r\n"]
-        for name, value in event.headers:
+        # h11 keeps each field as (name as sent, lowercased name, value); iterating its Headers rebuilds a pair
+        # per field through Sequence.__iter__, a Python call each, so the list is read as it is when it is there.
+        fields = getattr(event.headers, "_full_items", None)
+        if fields is None:
+            fields = [(raw, name, value) for (raw, value), (name, _) in zip(event.headers.raw_items(), event.headers)]
+        for raw, name, value in fields:
             if name in DROP:
                 if name == b"connection" and b"close" in value.lower():
                     keep = False
@@ -300,7 +307,9 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
                 value = upstream_host
             elif name == b"transfer-encoding":
                 chunked = True
-            lines += (name, b": ", value, b"\r\n")
+            elif name == b"content-length":
+                length = int(value)  # h11 has checked it
+            lines += (raw, b": ", value, b"\r\n")
         lines.append(b"\r\n")
         if up is None or not up.open or up.transport.is_closing():  # type: ignore[union-attr]
             try:
@@ -313,7 +322,23 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
         up.transport.write(b"".join(lines))  # type: ignore[union-attr]
         if expect:
             writer.write(CONTINUE)
-        while True:  # the body, forwarded as h11 hands it over
+        # A Content-Length body is counted here and passed on as it arrives: h11's Data and EndOfMessage for it
+        # would cost about what parsing the head does (and for no body, EndOfMessage consumes nothing). A chunked
+        # body is decoded by h11 and re-chunked.
+        leftover = conn.trailing_data[0]
+        while length:
+            if len(leftover) >= length:
+                up.transport.write(leftover[:length])  # type: ignore[union-attr]
+                leftover = leftover[length:]
+                break
+            if leftover:
+                up.transport.write(leftover)  # type: ignore[union-attr]
+                length -= len(leftover)
+            leftover = await reader.read(READ_SIZE)
+            if not leftover:
+                up.transport.close()  # type: ignore[union-attr]
+                return
+        while chunked:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await reader.read(READ_SIZE)
@@ -322,13 +347,10 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
                     return
                 conn.receive_data(data)
             elif type(event) is h11.Data:
-                if chunked:
-                    up.transport.write(b"%x\r\n%b\r\n" % (len(event.data), event.data))  # type: ignore[union-attr]
-                else:
-                    up.transport.write(event.data)  # type: ignore[union-attr]
+                up.transport.write(b"%x\r\n%b\r\n" % (len(event.data), event.data))  # type: ignore[union-attr]
             elif type(event) is h11.EndOfMessage:
-                if chunked:
-                    up.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+                up.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+                leftover = conn.trailing_data[0]
                 break
             else:
                 up.transport.close()  # type: ignore[union-attr]
@@ -343,10 +365,12 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ups
             return
         if not keep:
             return
-        leftover = conn.trailing_data[0]
         conn = h11.Connection(h11.SERVER)
-        if leftover:
-            conn.receive_data(leftover)
+        if not leftover:  # the usual case: wait for the next request here, not through a NEED_DATA from h11
+            leftover = await reader.read(READ_SIZE)
+            if not leftover:
+                return
+        conn.receive_data(leftover)
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream_addr: tuple[str, int]
