@@ -4,6 +4,8 @@ kept per name."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +19,7 @@ from fastgate.gate import (
     AMBIENT_LABELS, BLOB_PREFIX, LOCAL_PATHS, RUNS_MODEL_PATHS, Gate, PathFacts, _is_account_path,
     _manages_models, _split_target, normalize_path, path_facts,
 )
-from fastgate.keys import KeySource, PresentedKey
+from fastgate.keys import KeySource, PresentedKey, _digest, _presented, mask
 from fastgate.requested import route_for
 
 KEY = "api-20250312000101"
@@ -129,3 +131,16 @@ def test_long_model_names_are_not_kept() -> None:
     assert models.parse_model_name(name) is None
     assert models._models_allowed_cached.cache_info().currsize == before
     assert models._models_allowed_cached.cache_info().maxsize == models._CACHE_SIZE
+
+
+@given(st.text())
+def test_key_digest_is_sha256_of_the_utf8_with_surrogates_passed(secret: str) -> None:
+    assert _digest(secret) == hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+@given(st.sampled_from(list(KeySource)), st.text(min_size=1))
+def test_presented_keys_built_directly_are_presented_keys(source: KeySource, secret: str) -> None:
+    built, made = _presented(source, secret), PresentedKey(source, secret)
+    assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
+    assert type(built) is PresentedKey and built.source is source and built.secret is secret
+    assert built.label == made.label == f"{source.value}:{mask(secret)}"
