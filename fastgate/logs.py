@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import sys
@@ -29,11 +30,18 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 log = logging.getLogger(LOGGER_NAME)
 
 _random = random.Random()
+_IDS_PER_DRAW = 256
+# Drawn ahead and split in C: formatting one id at a time cost 2k instructions per request, this 0.7k.
+_ids: list[bytes] = []
+# A forked worker must not hand out the ids its parent drew (worker.after_fork reseeds the generator).
+os.register_at_fork(after_in_child=_ids.clear)
 
 
 def new_request_id() -> bytes:
     """8 hex digits: short enough to grep, random enough not to collide within a day's logs."""
-    return b"%08x" % _random.getrandbits(32)
+    if not _ids:
+        _ids[:] = _random.randbytes(4 * _IDS_PER_DRAW).hex(" ", 4).encode().split()
+    return _ids.pop()
 
 
 # What must never reach a log line raw: anything a client sends (a masked key from a query or JSON body, a
@@ -276,7 +284,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         self._flush_on = None
-        super().flush()
+        # StreamHandler.flush, without its acquire() and release() calls (a flush per loop iteration).
+        with self.lock:  # type: ignore[union-attr]
+            stream = self.stream
+            if stream and hasattr(stream, "flush"):
+                stream.flush()
 
 
 _direct: list[LineHandler] = []  # the handler setup_logging made (at most one)
