@@ -145,6 +145,7 @@ def warm_up() -> None:
 
 _KEY = re.compile(rb"(" + _STRING + rb")" + _WS + rb":" + _WS)
 _SPACE = re.compile(_WS)
+_SPACE_BYTES = frozenset(b" \t\r\n")  # what _WS takes
 # Error reporting only: whether a string token is whole, and how far a malformed one got.
 _STRING_TOKEN = re.compile(_STRING)
 _STRING_PREFIX = re.compile(rb'"' + _STRING_BODY)
@@ -262,7 +263,9 @@ def _diagnose(body: bytes, pos: int, end: int, closer: int, just_opened: bool,
 def _first_value(body: bytes, start: int, end: int | None) -> tuple[int, int]:
     """(start of the first value, end of the span), refusing an empty body as Go does (io.EOF)."""
     end = len(body) if end is None else end
-    pos = _SPACE.match(body, start, end).end()  # type: ignore[union-attr]
+    pos = start
+    if pos < end and body[pos] in _SPACE_BYTES:  # a regex call costs more than this test: skip it when it can
+        pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
     if pos >= end:
         raise UnreadableBody("request body is empty: expected a JSON object")
     return pos, end
@@ -271,7 +274,7 @@ def _first_value(body: bytes, start: int, end: int | None) -> tuple[int, int]:
 def _check_rest(body: bytes, pos: int, end: int, trailing_ok: bool) -> None:
     # Go's Decoder stops after the first value and ignores the rest, so a second value could carry a model
     # fastgate never judged (or judged instead): only whitespace may follow.
-    if trailing_ok:
+    if trailing_ok or pos >= end:
         return
     pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
     if pos < end:
@@ -284,14 +287,20 @@ def _check_rest(body: bytes, pos: int, end: int, trailing_ok: bool) -> None:
 # Escapes, with a surrogate pair first so it combines into one character as Go's unquote does.
 _ESCAPE = re.compile(r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"  # high, low
                      r"|u([0-9a-fA-F]{4})|(.))")
+_SLICED_STRING = 4096
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 def string_text(body: bytes, start: int, end: int) -> str | None:
     """The text of the valid JSON string token body[start:end] (quotes included); None where Go would put
     U+FFFD (invalid UTF-8, an unpaired surrogate escape), since that is not the text the client wrote."""
+    # Escapes are ASCII: decoding first is safe. A long string is decoded through a memoryview (not copied
+    # first); a short one's slice costs less than making the view.
     try:
-        text = str(memoryview(body)[start + 1:end - 1], "utf-8")  # escapes are ASCII: decoding first is safe
+        if end - start <= _SLICED_STRING:
+            text = body[start + 1:end - 1].decode()
+        else:
+            text = str(memoryview(body)[start + 1:end - 1], "utf-8")
     except UnicodeDecodeError:
         return None
     if "\\" not in text:
@@ -391,11 +400,15 @@ def scan_object(body: bytes, start: int = 0, end: int | None = None, *,
         _check_rest(body, _value_end(body, pos, end, 0), end, trailing_ok)
         return None
     members: list[Member] = []
-    pos = _SPACE.match(body, pos + 1, end).end()  # type: ignore[union-attr]
+    pos += 1
+    if pos < end and body[pos] in _SPACE_BYTES:
+        pos = _SPACE.match(body, pos, end).end()  # type: ignore[union-attr]
     if pos < end and body[pos] == _CLOSE_OBJECT:
         pos += 1
     else:
-        member_at = _patterns(1).member.match  # values sit inside the object: one level open
+        # Values sit inside the object: one level open, so _patterns(1), the full allowance (looked up
+        # directly once compiled).
+        member_at = (_PATTERNS.get(_FAST_LEVELS) or _patterns(1)).member.match
         append = members.append
         kind_of = _KIND_BY_FIRST_BYTE
         more = True
@@ -415,7 +428,7 @@ def scan_object(body: bytes, start: int = 0, end: int | None = None, *,
                 value_end = _value_end(body, value_start, end, 1, whole_item_failed=True)
                 pos, more = _separator(body, value_end, end, _CLOSE_OBJECT, "after object key:value pair")
             raw_key = body[key_start + 1:key_end - 1]
-            if b"\\" in raw_key:
+            if 92 in raw_key:  # a backslash: an int's membership is a memchr; a bytes needle's costs ~10x (3.11)
                 name = string_text(body, key_start, key_end)
             else:
                 try:
@@ -483,8 +496,11 @@ def go_string_field(members: Sequence[Member], field_name: str) -> str | None:
     with U+FFFD cannot be judged: both raise UnreadableBody. None when nothing assigned.
     """
     value: str | None = None
+    size = len(field_name)
     for member in members:
-        if member.name is None or not go_key_matches(member.name, field_name):
+        name = member.name
+        # go_key_matches's own first tests, before calling it: most members are other fields.
+        if name is None or (name != field_name and (len(name) != size or not go_key_matches(name, field_name))):
             continue
         if member.kind == "null":
             continue

@@ -55,9 +55,11 @@ class PresentedKey:
     @property
     def label(self) -> str:
         """How logs name this key: `x-api-key:api-****0101`. Never the full key."""
-        secret = self.secret  # masked as `mask` does, written out: this runs for every request with a key
+        # Masked as `mask` does, written out: this runs for every request with a key. _value_, as
+        # Enum.value is a descriptor call.
+        secret = self.secret
         if len(secret) >= 16:
-            return f"{self.source._value_}:{secret[:4]}****{secret[-4:]}"  # _value_: .value is a descriptor call
+            return f"{self.source._value_}:{secret[:4]}****{secret[-4:]}"
         return f"{self.source._value_}:{mask(secret)}"
 
     def __repr__(self) -> str:
@@ -210,7 +212,9 @@ class KeyRing:
     def principal_for(self, secret: str, now: float | None = None) -> Principal | None:
         """The principal a key stands for; `now` (epoch seconds) also rules out expired managed keys."""
         principal = self._by_digest.get(_digest(secret))
-        if principal is None or (now is not None and principal.expires_at is not None and principal.expired(now)):
+        if principal is None:
+            return None
+        if now is not None and principal.expires_at is not None and principal.expired(now):
             return None
         return principal
 

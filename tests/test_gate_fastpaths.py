@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgate import gate as gate_module
-from fastgate import models
+from fastgate import gojson, models
 from fastgate.access import Principal, Role, missing_scope
 from fastgate.config import build_config
 from fastgate.errors import Unauthorized
@@ -144,3 +144,15 @@ def test_presented_keys_built_directly_are_presented_keys(source: KeySource, sec
     assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
     assert type(built) is PresentedKey and built.source is source and built.secret is secret
     assert built.label == made.label == f"{source.value}:{mask(secret)}"
+
+
+@given(st.binary(max_size=40).filter(lambda b: b'"' not in b and b"\\" not in b)
+       | st.sampled_from([b"\\u00e9", b"\\ud800", b"a\\n\\t\\\"", b"\\ud83d\\ude00", b"\\/"]))
+def test_short_strings_read_by_slice_as_by_view(inside: bytes) -> None:
+    token = b'x"' + inside + b'"y'
+    sliced = gojson.string_text(token, 1, len(token) - 1)
+    old, gojson._SLICED_STRING = gojson._SLICED_STRING, -1  # every string through the memoryview
+    try:
+        assert gojson.string_text(token, 1, len(token) - 1) == sliced
+    finally:
+        gojson._SLICED_STRING = old
