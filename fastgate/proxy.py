@@ -861,11 +861,13 @@ class Proxy:
                  elapsed: float) -> None:
         """Per-request bookkeeping after the fact: metrics, the key's daily tokens, the usage record."""
         principal = fwd.principal
-        self.metrics.request(principal.user, ctx.path, status)
+        raw_path = ctx.req.path  # a property that splits the target: read once
+        path = raw_path.decode("latin-1")
+        self.metrics.request(principal.user, path, status)
         if ctx.placement is not None and self.several:
             self.metrics.backend_request(ctx.placement.backend, status)
         tail = upstream.tail() if upstream is not None else b""
-        counts = token_counts(tail, openai=is_openai_path(ctx.req.path)) if tail else None
+        counts = token_counts(tail, openai=is_openai_path(raw_path)) if tail else None
         if counts is None and self.usage_sink is None:
             return
         # The model the policy read from the request (as Ollama reads it), else the one Ollama's own answer
@@ -878,7 +880,7 @@ class Proxy:
         if self.usage_sink is not None:
             self.usage_sink(UsageRecord(
                 at=self.gate.wall_clock(), user=principal.user, key_id=principal.key_id, model=model,
-                path=path_label(ctx.path), status=status, prompt_tokens=counts.prompt if counts else 0,
+                path=path_label(path), status=status, prompt_tokens=counts.prompt if counts else 0,
                 completion_tokens=counts.completion if counts else 0, duration_ms=round(elapsed * 1000, 3),
                 backend=ctx.placement.backend if ctx.placement is not None else ctx.backend or ""))
 
