@@ -11,7 +11,7 @@ import ipaddress
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import unquote_to_bytes
 
@@ -48,6 +48,9 @@ RUNS_MODEL_PATHS = frozenset({
 })
 
 
+_UNREAD = object()
+
+
 @dataclass(slots=True)
 class IncomingRequest:
     """What the gate needs to know about a parsed request head."""
@@ -61,6 +64,16 @@ class IncomingRequest:
     tls: bool
     content_length: int | None  # None: chunked, or no body
     chunked: bool
+    # The key its headers carry (`header_key`), read once: the gate asks up to three times per request.
+    _header_key: PresentedKey | None | object = field(default=_UNREAD, init=False, repr=False, compare=False)
+
+    @property
+    def header_key(self) -> PresentedKey | None:
+        """`key_from_headers(self.headers)`, worked out on first use (the headers do not change)."""
+        key = self._header_key
+        if key is _UNREAD:
+            key = self._header_key = key_from_headers(self.headers)
+        return key  # type: ignore[return-value]
 
     @property
     def path(self) -> bytes:
@@ -223,6 +236,9 @@ class Gate:
         self._allow_cloud = config.auth.allow_cloud
         self._forward_origin = config.upstream.forward_origin
         self._session_ttl = config.auth.session_ttl
+        # Decisions are immutable: the two ReadBody answers for requests to forward are made once.
+        self._read_body = ReadBody(config.auth.max_body_bytes)
+        self._read_body_for_key = ReadBody(config.auth.max_body_bytes, for_key=True)
         self._info = json_body({"name": "fastgate", "version": __version__, "status": "running"})
 
     def set_managed_keys(self, managed: dict[bytes, Principal]) -> None:
@@ -262,7 +278,7 @@ class Gate:
                 cors_included=True)
         if local and path == b"/metrics" and self.config.metrics.enabled:
             self._allow(req, (b"GET", b"HEAD"))
-            key = key_from_headers(req.headers) or split_query_key(query)[0]
+            key = req.header_key or split_query_key(query)[0]
             principal, label = self._identify(key, self.client_ip(req))
             if principal.role is not Role.ADMIN:
                 error = Forbidden("metrics need a key with the admin role")
@@ -284,7 +300,7 @@ class Gate:
     @staticmethod
     def buffered_body(req: IncomingRequest, raw: bytes) -> BufferedBody:
         """The body as `decide_with_body` will read it; `read_all()` on it may run on another thread."""
-        if key_from_headers(req.headers) is not None:
+        if req.header_key is not None:
             return BufferedBody(raw, key_search=False)
         return BufferedBody(raw, key_search=split_query_key(_split_target(req.target)[1])[0] is None)
 
@@ -309,7 +325,9 @@ class Gate:
         the body may hold one, or when the policy must read the models the body names. `path` and `query`
         are the target's two parts (`_split_target`), `facts` what the path alone says (`path_facts`).
         """
-        key = key_from_headers(req.headers)
+        key = req._header_key  # req.header_key, written out: once per request
+        if key is _UNREAD:
+            key = req._header_key = key_from_headers(req.headers)
         if query:
             query_key, query = split_query_key(query)  # api_key is removed from the query in any case
             if key is None:
@@ -318,7 +336,7 @@ class Gate:
             if body is None:
                 # Blob uploads are multi-GB model files: never buffered or parsed (wire doc section 7).
                 if req.has_body and req.method in BODY_METHODS and not facts.blob:
-                    return ReadBody(self.config.auth.max_body_bytes, for_key=True)
+                    return self._read_body_for_key
             else:
                 key = body.split()[0]
         forward_body = body.forwarded if body is not None else None
@@ -343,14 +361,14 @@ class Gate:
                         raise Forbidden(f"{normal.decode('latin-1')} is not an Ollama endpoint this gateway "
                                         "can check against this key's model list")
                 elif route.reads_body and body is None and req.has_body:
-                    return ReadBody(self.config.auth.max_body_bytes)
+                    return self._read_body
                 else:
                     requested = self._judge(req, route, normal, query, body, principal)
             elif self._route_models and route is not None and (route.reads_body or route.path_model):
                 # Not judged, but routed by model: read it the same way; what cannot be read is Ollama's to
                 # refuse (routed as naming no model), since this key was never limited by it.
                 if route.reads_body and body is None and req.has_body:
-                    return ReadBody(self.config.auth.max_body_bytes)
+                    return self._read_body
                 try:
                     requested = _read_requested(req, route, normal, query, body)
                 except Unreadable:
@@ -447,9 +465,9 @@ class Gate:
         browser may add by itself), which the label says too, without reading it back."""
         now = self.clock()
         if key is not None:
-            principal = self._check_key(key, ip, now)
-            if principal is not None:
-                return principal, key.label, key.source is KeySource.BASIC
+            known = self._check_key(key, ip, now)
+            if known is not None:
+                return known[0], known[1], key.source is KeySource.BASIC
         # A wrong key from a trusted address gains nothing a keyless request would not get, and clients that
         # must send some key (the OpenAI SDK with Ollama's documented api_key="ollama") keep working.
         grant = self.trust.lookup(ip, now) if self._session_ttl else None
@@ -467,22 +485,23 @@ class Gate:
     def _is_admin(self, req: IncomingRequest) -> bool:
         """Whether a request that needs no key carries an admin's (or comes from an admin's trusted address).
         A wrong key counts toward the guessing limit here as anywhere: this must not become a free oracle."""
-        key = key_from_headers(req.headers) or split_query_key(_split_target(req.target)[1])[0]
+        key = req.header_key or split_query_key(_split_target(req.target)[1])[0]
         try:
             principal, _ = self._identify(key, self.client_ip(req))
         except Unauthorized:
             return False
         return principal.role is Role.ADMIN
 
-    def _check_key(self, key: PresentedKey, ip: str, now: float) -> Principal | None:
-        """The key's principal, None for a wrong key. Addresses that guessed wrong too often get 429 first."""
+    def _check_key(self, key: PresentedKey, ip: str, now: float) -> tuple[Principal, str] | None:
+        """The key's principal and label, None for a wrong key. Addresses that guessed wrong too often get 429
+        first."""
         wait = self.failures.retry_after(ip, now)
         if wait:
             error = TooManyRequests(headers=((b"Retry-After", str(max(1, round(wait))).encode()),))
             error.key_label = key.label
             error.detail = f"{error.key_label} from {ip}"
             raise error
-        return self.keyring.principal_for(key.secret, self.wall_clock())
+        return self.keyring.identify(key, self.wall_clock())
 
     def _refuse_key(self, key: PresentedKey, ip: str, now: float) -> Unauthorized:
         self.failures.record_failure(ip, now)
@@ -491,14 +510,15 @@ class Gate:
         return error
 
     def _authenticate(self, req: IncomingRequest, body: bytes) -> LocalReply:
-        key = key_from_headers(req.headers) or split_body_key(body)[0]
+        key = req.header_key or split_body_key(body)[0]
         if key is None:
             raise Unauthorized('expected a JSON body {"api_key": "..."}')
         ip = self.client_ip(req)
         now = self.clock()
-        principal = self._check_key(key, ip, now)
-        if principal is None:
+        known = self._check_key(key, ip, now)
+        if known is None:
             raise self._refuse_key(key, ip, now)
+        principal = known[0]
         user = principal.user
         ttl = self.config.auth.session_ttl
         if not ttl:
@@ -561,8 +581,14 @@ def _read_requested(req: IncomingRequest, route: Route, normal: bytes, query: by
 
 
 def _joined_header(req: IncomingRequest, name: bytes) -> bytes | None:
-    values = [v for n, v in req.headers if n == name]
-    return b",".join(values) if values else None
+    values = None  # a loop, not a list comprehension: the field is nearly always absent
+    for n, v in req.headers:
+        if n == name:
+            if values is None:
+                values = [v]
+            else:
+                values.append(v)
+    return b",".join(values) if values is not None else None
 
 
 def _host_is_ours(host: bytes, hostnames: tuple[str, ...]) -> bool:

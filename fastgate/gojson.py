@@ -428,7 +428,7 @@ def scan_object(body: bytes, start: int = 0, end: int | None = None, *,
                 value_end = _value_end(body, value_start, end, 1, whole_item_failed=True)
                 pos, more = _separator(body, value_end, end, _CLOSE_OBJECT, "after object key:value pair")
             raw_key = body[key_start + 1:key_end - 1]
-            if 92 in raw_key:  # a backslash: an int's membership is a memchr; a bytes needle's costs ~10x (3.11)
+            if 92 in raw_key:  # a backslash (an int's membership is a memchr; a bytes needle's costs ~10x)
                 name = string_text(body, key_start, key_end)
             else:
                 try:
@@ -500,7 +500,8 @@ def go_string_field(members: Sequence[Member], field_name: str) -> str | None:
     for member in members:
         name = member.name
         # go_key_matches's own first tests, before calling it: most members are other fields.
-        if name is None or (name != field_name and (len(name) != size or not go_key_matches(name, field_name))):
+        if name is None or (name != field_name
+                             and (len(name) != size or not go_key_matches(name, field_name))):
             continue
         if member.kind == "null":
             continue

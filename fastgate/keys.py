@@ -197,7 +197,7 @@ class KeyRing:
     of the key store, already resolved to principals.
     """
 
-    __slots__ = ("_by_digest", "_by_id")
+    __slots__ = ("_by_digest", "_by_id", "_labels")
 
     def __init__(self, keys: Mapping[str, str], managed: Mapping[bytes, Principal] | None = None) -> None:
         by_digest: dict[bytes, Principal] = {}
@@ -208,6 +208,9 @@ class KeyRing:
         by_digest.update(managed or {})
         self._by_digest = by_digest
         self._by_id = {p.key_id: p for p in by_digest.values()}
+        # digest -> (source, label) of the last presentation of each valid key: a key's label is a function
+        # of its secret and source, and clients present a key the same way each time. At most one per key.
+        self._labels: dict[bytes, tuple[KeySource, str]] = {}
 
     def principal_for(self, secret: str, now: float | None = None) -> Principal | None:
         """The principal a key stands for; `now` (epoch seconds) also rules out expired managed keys."""
@@ -217,6 +220,22 @@ class KeyRing:
         if now is not None and principal.expires_at is not None and principal.expired(now):
             return None
         return principal
+
+    def identify(self, key: PresentedKey, now: float | None = None) -> tuple[Principal, str] | None:
+        """`principal_for(key.secret, now)` and `key.label`, or None for a wrong (or expired) key."""
+        digest = _digest(key.secret)
+        principal = self._by_digest.get(digest)
+        if principal is None:
+            return None
+        if now is not None and principal.expires_at is not None and principal.expired(now):
+            return None
+        labelled = self._labels.get(digest)
+        source = key.source
+        if labelled is not None and labelled[0] is source:
+            return principal, labelled[1]
+        label = key.label
+        self._labels[digest] = (source, label)
+        return principal, label
 
     def user_for(self, secret: str) -> str | None:
         principal = self._by_digest.get(_digest(secret))

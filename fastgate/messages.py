@@ -58,22 +58,28 @@ def forwardable_headers(raw_headers: list[tuple[bytes, bytes]], *, forward_origi
     # Ollama answers 403 to any Origin it does not list (wire doc section 2).
     dropped = _NOT_FORWARDED if forward_origin else _NOT_FORWARDED_NOR_ORIGIN
     kept: list[tuple[bytes, bytes]] = []
-    kept_names: list[bytes] = []
     named: set[bytes] = set()  # fields the client's Connection header names: for this hop only
     for name, value in raw_headers:
-        lname = name.lower()
+        lname = _LOWER_NAMES.get(name)
+        if lname is None:
+            lname = name.lower()
+            if len(_LOWER_NAMES) < _LOWER_NAMES_MAX and len(name) <= 64:
+                _LOWER_NAMES[name] = lname
         if lname in dropped:
             if lname == b"connection":
                 named.update(t.strip().lower() for t in value.split(b",") if t.strip())
             continue
         kept.append((name, value))
-        kept_names.append(lname)
-    if named:
-        kept = [field for field, lname in zip(kept, kept_names) if lname not in named]
+    if named:  # rare: named again rather than every kept field's lower case kept on the way
+        kept = [field for field in kept if field[0].lower() not in named]
     return kept
 
 
 _NOT_FORWARDED = HOP_BY_HOP | REPLACED_UPSTREAM
+# Field names as sent -> lower case: clients send few distinct names, and a dict lookup costs less than
+# bytes.lower() (a method call) for each field of each request. Bounded; a name's lower case is fixed.
+_LOWER_NAMES: dict[bytes, bytes] = {}
+_LOWER_NAMES_MAX = 512
 _NOT_FORWARDED_NOR_ORIGIN = _NOT_FORWARDED | {b"origin"}
 
 

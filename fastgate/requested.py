@@ -104,6 +104,18 @@ class Requested:
 
 
 NOTHING = Requested(())
+# A frozen dataclass's __init__ sets each field through object.__setattr__; the slots' own setters, called on
+# a bare instance, build the same object for less (once per judged request).
+_new_object = object.__new__
+_set_models = Requested.models.__set__  # type: ignore[attr-defined]
+_set_web_tools = Requested.web_tools.__set__  # type: ignore[attr-defined]
+
+
+def _requested(models: tuple[str, ...], web_tools: bool) -> Requested:
+    requested = _new_object(Requested)
+    _set_models(requested, models)
+    _set_web_tools(requested, web_tools)
+    return requested
 
 
 class BufferedBody:
@@ -169,7 +181,7 @@ def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_ty
     if not route.reads_body:
         return NOTHING
     data = body.forwarded if body is not None else b""
-    if data and (content_encoding or b"").strip().lower() not in IDENTITY_CODINGS:
+    if data and content_encoding is not None and content_encoding.strip().lower() not in IDENTITY_CODINGS:
         raise Unreadable("compressed request bodies cannot be checked by this gateway; send it uncompressed",
                          status=415)
     if route.form:
@@ -183,8 +195,11 @@ def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_ty
         members = body.members()
         if members is None:
             return NOTHING  # valid JSON that is not an object: Go's decode into a struct fails (400)
-        models = tuple(value for name in route.fields
-                       if (value := go_string_field(members, name)))
+        if len(route.fields) == 1:  # most routes: no generator for one field
+            value = go_string_field(members, route.fields[0])
+            models = (value,) if value else ()
+        else:
+            models = tuple(value for name in route.fields if (value := go_string_field(members, name)))
         if route.exact_model_too:
             exact = _exact_string_member(members, "model")
             if exact and exact not in models:
@@ -192,7 +207,7 @@ def read_requested(route: Route, normal_path: bytes, *, query: bytes, content_ty
         web = route.web_tools and _uses_web_tools(normal_path, data, members)
     except UnreadableBody as exc:
         raise Unreadable(str(exc)) from None
-    return Requested(models, web)
+    return _requested(models, web)
 
 
 def _exact_string_member(members: list, name: str) -> str | None:  # type: ignore[type-arg]

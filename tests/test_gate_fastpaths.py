@@ -1,6 +1,6 @@
-"""The policy's shortcuts (issue 11) decide exactly as the general way: per-path facts kept in a bounded table,
-the ambient-credential flag read from the key's source instead of from its log label, model-name answers
-kept per name."""
+"""The policy's shortcuts (issue 11) decide exactly as the general way: per-path facts kept in a bounded
+table, the ambient-credential flag read from the key's source instead of from its log label, model-name
+answers kept per name, keys built and hashed more cheaply, short JSON strings read by slice."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fastgate.gate import (
     _manages_models, _split_target, normalize_path, path_facts,
 )
 from fastgate.keys import KeySource, PresentedKey, _digest, _presented, mask
-from fastgate.requested import route_for
+from fastgate.requested import Requested, _requested, route_for
 
 KEY = "api-20250312000101"
 PEER = "203.0.113.9"
@@ -105,8 +105,8 @@ def test_ambient_flag_for_ip_trust() -> None:
         gate._who(None, "198.51.100.1")
 
 
-_NAME_PARTS = st.sampled_from(["llama3", "LLAMA3", "qwen2.5", "gpt-oss", "me", "registry.ollama.ai", "library",
-                               "host.example:5000", "x" * 81, "", " ", "\u017f", "\u212a"])
+_NAME_PARTS = st.sampled_from(["llama3", "LLAMA3", "qwen2.5", "gpt-oss", "me", "registry.ollama.ai",
+                               "library", "host.example:5000", "x" * 81, "", " ", "\u017f", "\u212a"])
 _NAME_SEPARATORS = st.sampled_from(["/", ":", ":cloud", "-cloud", ":local", ":latest", ":8b", "://", "@"])
 NAMES = st.lists(st.one_of(_NAME_PARTS, _NAME_SEPARATORS), max_size=7).map("".join)
 PATTERNS = st.lists(st.sampled_from(["llama3*", "llama3", "qwen2.5:*", "*:cloud", "*-cloud", "me/*", "*",
@@ -156,3 +156,63 @@ def test_short_strings_read_by_slice_as_by_view(inside: bytes) -> None:
         assert gojson.string_text(token, 1, len(token) - 1) == sliced
     finally:
         gojson._SLICED_STRING = old
+
+
+@given(st.lists(st.text(max_size=5), max_size=3).map(tuple), st.booleans())
+def test_requested_built_directly_is_requested(models: tuple[str, ...], web_tools: bool) -> None:
+    built, made = _requested(models, web_tools), Requested(models, web_tools)
+    assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
+    assert type(built) is Requested and built.model == made.model
+
+
+def test_the_header_key_is_read_once_and_is_key_from_headers() -> None:
+    from fastgate.gate import IncomingRequest
+    from fastgate.keys import key_from_headers
+
+    headers = [(b"host", b"h"), (b"x-api-key", b" " + KEY.encode()), (b"authorization", b"Bearer other")]
+    request = IncomingRequest(b"GET", b"/api/tags", headers, headers, b"1.1", PEER, False, None, False)
+    first = request.header_key
+    assert first == key_from_headers(headers) and request.header_key is first
+    assert "header_key" not in repr(request)
+    keyless = IncomingRequest(b"GET", b"/api/tags", [], [], b"1.1", PEER, False, None, False)
+    assert keyless.header_key is None and keyless.header_key is None
+
+
+def test_key_ring_identify_is_principal_for_and_label() -> None:
+    from fastgate.keys import KeyRing, _digest
+
+    managed = Principal("bob", "m1", Role.USER, expires_at=100.0)
+    ring = KeyRing({KEY: "alice", "short-key": "carol"}, {_digest("managed-key-0123456789"): managed})
+    for secret in (KEY, "short-key", "managed-key-0123456789", "wrong-key-0123456789"):
+        for source in [*KeySource, KeySource.X_API_KEY, KeySource.BEARER, KeySource.BEARER]:
+            key = PresentedKey(source, secret)
+            for now in (None, 50.0, 100.0):
+                principal = ring.principal_for(secret, now)
+                expected = None if principal is None else (principal, key.label)
+                assert ring.identify(key, now) == expected, (secret, source, now)
+    assert len(ring._labels) <= len(ring)
+
+
+def _forwardable_the_general_way(raw_headers: list[tuple[bytes, bytes]], forward_origin: bool) -> list:
+    from fastgate.messages import HOP_BY_HOP, REPLACED_UPSTREAM
+
+    dropped = HOP_BY_HOP | REPLACED_UPSTREAM | (set() if forward_origin else {b"origin"})
+    named = {t.strip().lower() for n, v in raw_headers if n.lower() == b"connection"
+             for t in v.split(b",") if t.strip()}
+    return [(n, v) for n, v in raw_headers if n.lower() not in dropped and n.lower() not in named]
+
+
+_FIELD_NAMES = st.sampled_from([b"Host", b"host", b"X-API-Key", b"Content-Type", b"content-type", b"Origin",
+                                b"Connection", b"CONNECTION", b"Keep-Alive", b"X-Kept", b"x-kept", b"TE",
+                                b"Authorization", b"Accept", b"X-Fastgate-Backend"])
+_FIELD_VALUES = st.sampled_from([b"1", b"close", b"x-kept, Accept", b" X-KEPT ,,te", b"keep-alive", b""])
+
+
+@given(st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=8), st.booleans())
+def test_forwardable_headers_as_the_general_way(raw_headers: list[tuple[bytes, bytes]],
+                                                forward_origin: bool) -> None:
+    from fastgate.messages import forwardable_headers
+
+    expected = _forwardable_the_general_way(raw_headers, forward_origin)
+    for _ in range(2):  # names seen for the first time, then known
+        assert forwardable_headers(raw_headers, forward_origin=forward_origin) == expected
