@@ -121,10 +121,13 @@ class Metrics:
                 model = "other"
             else:
                 self._models.add(model)
-        for kind, count in (("prompt", prompt), ("completion", completion)):
-            if count:
-                key = (user, model, kind)
-                self.tokens[key] = self.tokens.get(key, 0) + count
+        tokens = self.tokens  # written out: the loop over (kind, count) pairs built them on every response
+        if prompt:
+            key = (user, model, "prompt")
+            tokens[key] = tokens.get(key, 0) + prompt
+        if completion:
+            key = (user, model, "completion")
+            tokens[key] = tokens.get(key, 0) + completion
 
     def auth_failure(self, reason: str) -> None:
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
