@@ -357,20 +357,23 @@ class ClientConnection:
             elif type(event) is h11.EndOfMessage:
                 return
             elif event is h11.NEED_DATA:
-                timeout = self.body_timeout
-                if deadline is not None:
-                    timeout = min(timeout, deadline - self.loop.time())
-                    if timeout <= 0:
-                        raise RequestTimeout("the request was not complete in time")
-                try:
-                    data = await self._read(timeout)
-                except ReadTimeout:
-                    raise RequestTimeout("timed out reading the request body") from None
-                conn.receive_data(data)
+                conn.receive_data(await self._read_body_piece(deadline))
             elif type(event) is h11.ConnectionClosed:
                 raise ClientClosed()
             else:  # pragma: no cover
                 raise BadRequest("unexpected data")
+
+    async def _read_body_piece(self, deadline: float | None) -> bytes:
+        """One read of body bytes: within body_timeout, and before `deadline` (loop time) when one is given."""
+        timeout = self.body_timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - self.loop.time())
+            if timeout <= 0:
+                raise RequestTimeout("the request was not complete in time")
+        try:
+            return await self._read(timeout)
+        except ReadTimeout:
+            raise RequestTimeout("timed out reading the request body") from None
 
     async def _length_body(self, deadline: float | None):  # type: ignore[no-untyped-def]
         """body_events for a Content-Length body: the pieces as they arrive, none past its end (what follows
@@ -381,15 +384,7 @@ class ClientConnection:
                 continue
             if self._eof:  # as h11 answers a body cut short by the client closing
                 raise BadRequest("malformed request")
-            timeout = self.body_timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - self.loop.time())
-                if timeout <= 0:
-                    raise RequestTimeout("the request was not complete in time")
-            try:
-                data = await self._read(timeout)
-            except ReadTimeout:
-                raise RequestTimeout("timed out reading the request body") from None
+            data = await self._read_body_piece(deadline)
             if data:
                 self._received = data
             else:
