@@ -325,9 +325,7 @@ class Gate:
         the body may hold one, or when the policy must read the models the body names. `path` and `query`
         are the target's two parts (`_split_target`), `facts` what the path alone says (`path_facts`).
         """
-        key = req._header_key  # req.header_key, written out: once per request
-        if key is _UNREAD:
-            key = req._header_key = key_from_headers(req.headers)
+        key = req.header_key
         if query:
             query_key, query = split_query_key(query)  # api_key is removed from the query in any case
             if key is None:
